@@ -1,0 +1,5 @@
+import sys
+
+from lopt.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""`LoPTConfig`: every knob of the LoPT method in one validated, JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+CONFIG_NAME = "lopt_config.json"
+BACKWARD_MODES = ("local", "joint")
+
+
+@dataclass
+class LoPTConfig:
+    num_blocks: int = field(
+        default=2,
+        metadata={"help": "Number of contiguous layer blocks (k). k=2 puts the boundary at the midpoint."},
+    )
+    boundaries: list[int] | None = field(
+        default=None,
+        metadata={"help": "Layer indices where a new block starts, e.g. [4, 8]. Overrides num_blocks."},
+    )
+    aux_weight: float = field(
+        default=10.0,
+        metadata={"help": "lambda: objective = task_loss + lambda * mean over boundaries of aux_i."},
+    )
+    backward: str = field(
+        default="local",
+        metadata={
+            "help": "'local': each early block backpropagates its aux loss as soon as its forward ends "
+            "(frees its activations). 'joint': one backward over the whole objective (the authors' code)."
+        },
+    )
+    aux_head_ratio: int = field(
+        default=4, metadata={"help": "Bottleneck ratio of the auxiliary head: hidden -> hidden/ratio -> hidden."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 2:
+            raise ValueError(
+                f"num_blocks={self.num_blocks!r} is invalid: LoPT needs at least 2 blocks (use 2 for a midpoint cut)."
+            )
+        if self.boundaries is not None:
+            bounds = list(self.boundaries)
+            if not bounds or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+                raise ValueError(f"boundaries={self.boundaries!r} must be a non-empty list of layer indices.")
+            if any(b <= 0 for b in bounds) or bounds != sorted(set(bounds)):
+                raise ValueError(
+                    f"boundaries={bounds} must be strictly increasing layer indices > 0 "
+                    "(each is the first layer of a new block)."
+                )
+            self.boundaries = bounds
+            self.num_blocks = len(bounds) + 1
+        if not isinstance(self.aux_weight, (int, float)) or self.aux_weight < 0:
+            raise ValueError(f"aux_weight={self.aux_weight!r} must be a number >= 0.")
+        self.aux_weight = float(self.aux_weight)
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward={self.backward!r} is not one of {BACKWARD_MODES}.")
+        if isinstance(self.aux_head_ratio, bool) or not isinstance(self.aux_head_ratio, int) or self.aux_head_ratio < 1:
+            raise ValueError(f"aux_head_ratio={self.aux_head_ratio!r} must be an integer >= 1.")
+
+    def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """Contiguous (start, end) layer ranges; earlier blocks take the extra layer (9 layers, k=2 -> 5 + 4)."""
+        if self.boundaries is not None:
+            if self.boundaries[-1] >= num_layers:
+                raise ValueError(
+                    f"boundaries={self.boundaries} are out of range for a model with {num_layers} layers: "
+                    f"every boundary must be between 1 and {num_layers - 1}."
+                )
+            starts = [0, *self.boundaries]
+        else:
+            if self.num_blocks > num_layers:
+                raise ValueError(
+                    f"num_blocks={self.num_blocks} is larger than the model's {num_layers} layers: "
+                    f"choose num_blocks between 2 and {num_layers}."
+                )
+            base, extra = divmod(num_layers, self.num_blocks)
+            sizes = [base + (1 if i < extra else 0) for i in range(self.num_blocks)]
+            starts = [sum(sizes[:i]) for i in range(self.num_blocks)]
+        ends = [*starts[1:], num_layers]
+        return list(zip(starts, ends))
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        from lopt import __version__
+
+        return {**asdict(self), "lopt_version": __version__}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written config
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoPTConfig:
+        data = dict(data)
+        data.pop("lopt_version", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown LoPTConfig keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LoPTConfig:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No LoPT config at {path!r}: expected a {CONFIG_NAME} written by save_pretrained.")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,274 @@
+"""`LoPTModel`: the LoPT step, top to bottom, on an unchanged Hugging Face causal LM.
+
+A training forward (module in train mode, grad enabled) goes like this, for k blocks:
+
+    h_0 = embedding output            (captured by a pre-hook on block 0's first layer)
+    block 0:   h_1 = layers[b_0:b_1](h_0)
+    boundary:  aux_0 = MSE(head_0(h_1), h_0.detach())     (pre-hook on block 1's first layer)
+               local mode: backward(scale * lambda/(k-1) * aux_0) right now -> block 0's activations are freed
+               joint mode: keep aux_0's graph; it joins the task loss in one backward later
+               block 1 receives h_1.detach(): the gradient boundary
+    ...
+    last block -> final norm -> LM head -> task loss (computed by the model or by the trainer)
+
+Everything is done with forward pre-hooks on the first layer of each block, so the HF model keeps its module
+structure and parameter names, saves as a plain checkpoint, and can be handed to any trainer as it is.
+In eval mode or under `torch.no_grad()` the hooks do nothing: logits equal the base model's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lopt.architectures import DecoderParts, find_decoder_parts, unwrap_peft
+from lopt.config import LoPTConfig
+from lopt.heads import AuxHead, reconstruction_loss
+
+AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
+
+
+def _in_backward_pass() -> bool:
+    """True while the autograd engine runs, e.g. when activation checkpointing replays a layer's forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class LoPTModel(nn.Module):
+    """A causal LM trained with LoPT. Build it with `get_lopt_model(model, config)`.
+
+    Attributes:
+        model: the wrapped model (transformers or PEFT), structure and parameter names unchanged.
+        block_ranges: (start, end) decoder-layer indices of each block.
+        aux_heads: one reconstruction head per early block (training only, never in saved checkpoints).
+        loss_scale: the factor the caller will multiply the returned loss by before `backward()` (e.g.
+            1/gradient_accumulation_steps, times a fp16 grad-scaler's scale). The local backward uses it so that
+            early-block gradients scale exactly like the task gradient. Trainer integrations set it.
+        last_aux_losses: detached aux_i of the most recent training forward, one per boundary (for logging).
+    """
+
+    def __init__(self, model: nn.Module, config: LoPTConfig, parts: DecoderParts, block_ranges: list[tuple[int, int]]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.block_ranges = block_ranges
+        self._parts = parts
+        hidden_size = parts.embedding.weight.shape[-1]
+        device = parts.embedding.weight.device
+        self.aux_heads = nn.ModuleList(
+            AuxHead(hidden_size, config.aux_head_ratio).to(device) for _ in range(len(block_ranges) - 1)
+        )
+        self.loss_scale = 1.0
+        self.last_aux_losses: list[torch.Tensor] = []
+        self.last_task_loss: torch.Tensor | None = None
+        self._block_inputs: dict[int, torch.Tensor] = {}
+        self._pending_aux: torch.Tensor | None = None  # lambda * mean(aux) since the last take_aux_loss()
+        self._hook_handles = [
+            parts.layers[start].register_forward_pre_hook(self._make_block_start_hook(i), with_kwargs=True)
+            for i, (start, _) in enumerate(block_ranges)
+        ]
+
+    # --- the LoPT step ---------------------------------------------------------------------------
+    def _training_forward(self) -> bool:
+        return self.model.training and torch.is_grad_enabled()
+
+    def _make_block_start_hook(self, block_index: int):
+        def hook(module, args, kwargs):
+            if not self._training_forward():
+                return None  # eval / no_grad (generation, reference log-probs): the plain model, no aux work
+            hidden = _hidden_states_arg(args, kwargs)
+            if block_index == 0:
+                if not _in_backward_pass():
+                    self._begin_forward(hidden)
+                return None
+            if not _in_backward_pass():  # a checkpoint replay must not redo the aux work
+                self._end_early_block(block_index - 1, block_output=hidden)
+            boundary = hidden.detach()  # the gradient boundary: no later loss reaches earlier blocks
+            self._block_inputs[block_index] = boundary
+            return _replace_hidden_states(args, kwargs, boundary)
+
+        return hook
+
+    def _begin_forward(self, embedding_output: torch.Tensor) -> None:
+        self._check_checkpointing()
+        self._block_inputs = {0: embedding_output}
+        self.last_aux_losses = []
+        if next(self.aux_heads.parameters()).device != embedding_output.device:
+            self.aux_heads.to(embedding_output.device)  # in place: optimizer references stay valid
+
+    def _end_early_block(self, index: int, block_output: torch.Tensor) -> None:
+        aux = reconstruction_loss(self.aux_heads[index], block_output, self._block_inputs.pop(index))
+        self.last_aux_losses.append(aux.detach())
+        weighted = aux * (self.config.aux_weight / len(self.aux_heads))
+        if self.config.backward == "local":
+            # Backpropagate this block's objective now, so its activations are freed before the next block runs.
+            # Autocast is for forward ops only; the backward uses the dtypes the forward chose.
+            with torch.autocast(block_output.device.type, enabled=False):
+                (weighted * self.loss_scale).backward()
+            weighted = weighted.detach()
+        self._pending_aux = weighted if self._pending_aux is None else self._pending_aux + weighted
+
+    def _check_checkpointing(self) -> None:
+        for start, _ in self.block_ranges[1:]:
+            layer = self._parts.layers[start]
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+                raise ValueError(
+                    "LoPT needs non-reentrant activation checkpointing (the boundary input is detached, which "
+                    "reentrant checkpointing cannot backpropagate through): call gradient_checkpointing_enable("
+                    "gradient_checkpointing_kwargs={'use_reentrant': False})."
+                )
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """lambda * mean_i aux_i summed over the training forwards since the last call, then cleared.
+
+        Joint mode: it carries the graph; add it to the loss you backpropagate. Local mode: it is detached (its
+        gradients are already in .grad); add it only to report the full objective. None if there was no
+        training forward.
+        """
+        pending, self._pending_aux = self._pending_aux, None
+        return pending
+
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward. With labels, `loss` = task_loss + lambda * mean(aux), whose backward gives
+        exactly that objective's gradients in both modes; `task_loss` and `aux_loss` are detached copies."""
+        self._pending_aux = None
+        output = self.model(*args, **kwargs)
+        task_loss = getattr(output, "loss", None)
+        if task_loss is not None and self._pending_aux is not None:
+            aux = self.take_aux_loss()
+            output.loss = task_loss + aux
+            output["task_loss"] = task_loss.detach()
+            output["aux_loss"] = aux.detach()
+            self.last_task_loss = task_loss.detach()
+        return output
+
+    # --- parameters ------------------------------------------------------------------------------
+    def late_modules(self) -> list[nn.Module]:
+        """The modules trained by the task loss: the last block, the final norm and the LM head."""
+        start, end = self.block_ranges[-1]
+        return [*self._parts.layers[start:end], self._parts.final_norm, self._parts.lm_head]
+
+    def early_block_modules(self, index: int) -> list[nn.Module]:
+        start, end = self.block_ranges[index]
+        return list(self._parts.layers[start:end])
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self._parts.embedding
+
+    # --- the plain model back ------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """The wrapped model itself. While this LoPTModel is alive, training it still trains with LoPT."""
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Remove the hooks and return the plain model (aux heads are dropped)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        return self.model
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # --- saving ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """A standard HF checkpoint (safetensors, no aux keys), written atomically."""
+        kwargs.setdefault("safe_serialization", True)
+        _atomic_directory_write(save_directory, lambda tmp: self.model.save_pretrained(tmp, **kwargs))
+
+    def save_aux_heads(self, directory: str | os.PathLike) -> str:
+        """Aux heads and the LoPT config, for resuming training."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, AUX_HEADS_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.aux_heads.state_dict().items()}
+        tmp = path + ".tmp"
+        save_file(state, tmp, metadata={"num_heads": str(len(self.aux_heads))})
+        os.replace(tmp, path)
+        self.config.save_pretrained(directory)
+        return path
+
+    def load_aux_heads(self, directory: str | os.PathLike) -> None:
+        path = os.path.join(directory, AUX_HEADS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No aux heads at {path!r}: expected a file written by save_aux_heads().")
+        state = load_file(path)
+        try:
+            self.aux_heads.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"Aux heads in {path!r} do not fit this model ({len(self.aux_heads)} heads): {err}"
+            ) from err
+
+    def extra_repr(self) -> str:
+        return f"block_ranges={self.block_ranges}, backward={self.config.backward!r}, aux_weight={self.config.aux_weight}"
+
+
+def _atomic_directory_write(directory, write) -> None:
+    """Write into a temp sibling, then move into place: a kill never leaves a half-written checkpoint."""
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.exists(directory):
+            os.replace(tmp, directory)
+            return
+        for name in os.listdir(tmp):  # existing folder (e.g. an output_dir with logs): replace file by file
+            target = os.path.join(directory, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
+    """Give the LM head its own weight so the task gradient cannot reach the (early) embedding."""
+    if parts.lm_head.weight is not parts.embedding.weight:
+        return
+    tied = parts.embedding.weight
+    parts.lm_head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
+    for config in {id(c): c for c in (hf_model.config, hf_model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+
+
+def get_lopt_model(model: nn.Module, config: LoPTConfig | None = None) -> LoPTModel:
+    """Wrap a transformers causal LM (optionally already wrapped by PEFT) for LoPT training.
+
+    Everything is validated before the model is touched; the only change to the model itself is untying tied
+    input/output embeddings. Apply PEFT (`get_peft_model`) first, then LoPT.
+    """
+    config = config or LoPTConfig()
+    if isinstance(model, LoPTModel):
+        raise TypeError("This model is already a LoPTModel; call get_lopt_model on the plain model once.")
+    parts = find_decoder_parts(model)
+    block_ranges = config.block_ranges(parts.num_layers)
+    if not hasattr(parts.embedding, "weight") or not hasattr(parts.lm_head, "weight"):
+        raise TypeError(f"{type(model).__name__}: the embedding and LM head must have a `.weight`.")
+    _untie_embeddings(unwrap_peft(model), parts)
+    return LoPTModel(model, config, parts, block_ranges)
