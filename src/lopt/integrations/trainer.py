@@ -1,0 +1,151 @@
+"""LoPT inside transformers' Trainer and TRL's trainers: a thin mixin, not a fork.
+
+    class MyTrainer(LoPTTrainerMixin, SFTTrainer): ...          # or use lopt.integrations.LoPTSFTTrainer
+    trainer = MyTrainer(model=model, args=args, train_dataset=ds, lopt_config=LoPTConfig(num_blocks=2))
+
+The mixin
+- wraps the trainer's model with `get_lopt_model` after the base trainer has set it up (so PEFT, when the trainer
+  applies it, comes first); the trainer keeps training the plain HF model object, so saving, PEFT and TRL's own
+  model patches work unchanged;
+- builds the optimizer from `lopt.param_groups` (early group at `early_learning_rate`);
+- before each forward, sets `loss_scale` so the local backward scales exactly like the loss the trainer
+  backpropagates (gradient accumulation, fp16 grad scaler); in joint mode it adds the aux objective to the loss;
+- logs the task loss and each boundary's aux loss;
+- writes checkpoints atomically and keeps the aux heads in them for resuming.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from lopt.config import LoPTConfig
+from lopt.model import AUX_HEADS_NAME, get_lopt_model
+from lopt.optim import param_groups
+
+
+class LoPTTrainerMixin:
+    """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines)."""
+
+    def __init__(
+        self, *args, lopt_config: LoPTConfig | None = None, early_learning_rate: float | None = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.early_learning_rate = early_learning_rate
+        self.lopt_model = None
+        if lopt_config is not None:
+            self.lopt_model = get_lopt_model(self.model, lopt_config)
+            self.lopt_model.aux_heads.to(self.args.device)
+        self._lopt_sums: dict[str, float] = {}
+        self._lopt_micro_steps = 0
+
+    # --- optimizer: the two LoPT groups --------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.lopt_model is None:
+            if self.early_learning_rate is not None:
+                raise ValueError("early_learning_rate needs a lopt_config (it sets the LoPT early group's lr).")
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = param_groups(
+                self.lopt_model,
+                lr=self.args.learning_rate,
+                early_lr=self.early_learning_rate,
+                weight_decay=self.args.weight_decay,
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # --- the loss ------------------------------------------------------------------------------
+    def _loss_factor_applied_by_trainer(self, num_items_in_batch) -> float:
+        """What `Trainer.training_step` multiplies the returned loss by before backward (mirrors its rule)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        lopt_model = self.lopt_model
+        if lopt_model is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # aux_i is a per-micro-batch mean, so over an accumulated batch each micro-batch carries 1/GA of it.
+        aux_factor = 1.0 / self.current_gradient_accumulation_steps
+        grad_scaler = getattr(self.accelerator, "scaler", None)
+        amp_scale = grad_scaler.get_scale() if grad_scaler is not None and grad_scaler.is_enabled() else 1.0
+        lopt_model.loss_scale = aux_factor * amp_scale
+        lopt_model.take_aux_loss()  # drop anything left by a forward outside compute_loss
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        aux = lopt_model.take_aux_loss()
+        trainer_factor = self._loss_factor_applied_by_trainer(num_items_in_batch)
+        self._record(loss.detach() * trainer_factor, lopt_model.last_aux_losses)
+        if aux is not None:
+            # Joint mode: aux carries the graph and joins the backward here. Local mode: its gradients are already
+            # in .grad and aux is a detached value, added so the reported loss is the whole objective.
+            loss = loss + aux * (aux_factor / trainer_factor)
+        return (loss, outputs) if return_outputs else loss
+
+    # --- logging -------------------------------------------------------------------------------
+    def _record(self, task_loss: torch.Tensor, aux_losses: list[torch.Tensor]) -> None:
+        self._lopt_micro_steps += 1
+        values = {"task_loss": task_loss}
+        aux_factor = 1.0 / self.current_gradient_accumulation_steps
+        for boundary, aux in enumerate(aux_losses):
+            values[f"aux_loss_{boundary}"] = aux * aux_factor
+        for key, value in values.items():
+            self._lopt_sums[key] = self._lopt_sums.get(key, 0.0) + float(value)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._lopt_micro_steps:
+            optimizer_steps = self._lopt_micro_steps / self.current_gradient_accumulation_steps
+            logs.update({k: round(v / optimizer_steps, 6) for k, v in self._lopt_sums.items()})
+            self._lopt_sums, self._lopt_micro_steps = {}, 0
+        if "loss" in logs and self.optimizer is not None and self.lopt_model is not None:
+            for group in self.optimizer.param_groups:
+                logs[f"lr_{group.get('name', 'group')}"] = group["lr"]
+        return super().log(logs, *args, **kwargs)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into a hidden staging folder, add the aux heads, then rename it into place:
+        `checkpoint-N` either exists complete or not at all."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_run_dir = os.path.join(run_dir, ".lopt-staging")
+        get_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging_run_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = get_output_dir
+        if not self.args.should_save:
+            return
+        staged = os.path.join(staging_run_dir, name)
+        if self.lopt_model is not None:
+            self.lopt_model.save_aux_heads(staged)
+        final = os.path.join(run_dir, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        shutil.rmtree(staging_run_dir, ignore_errors=True)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.lopt_model is not None:
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, AUX_HEADS_NAME)):
+                raise FileNotFoundError(
+                    f"{resume_from_checkpoint!r} has no {AUX_HEADS_NAME}: it was not written by a LoPT run, so the "
+                    "aux heads cannot be restored. Resume from a LoPT checkpoint, or start a new run."
+                )
+            self.lopt_model.load_aux_heads(resume_from_checkpoint)
