@@ -14,8 +14,24 @@ _LLAMA_LIKE = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
 ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     **dict.fromkeys(
         [
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-            "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2", "smollm3", "helium",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "starcoder2",
+            "smollm3",
+            "helium",
         ],
         _LLAMA_LIKE,
     ),
@@ -24,7 +40,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     "gptj": ("transformer.wte", "transformer.h", "transformer.ln_f", "lm_head"),
     "falcon": ("transformer.word_embeddings", "transformer.h", "transformer.ln_f", "lm_head"),
     "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"),
-    "opt": ("model.decoder.embed_tokens", "model.decoder.layers", "model.decoder.final_layer_norm", "lm_head"),
+    "opt": (
+        "model.decoder.embed_tokens",
+        "model.decoder.layers",
+        "model.decoder.final_layer_norm",
+        "lm_head",
+    ),
 }
 _FALLBACK_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
 
@@ -82,13 +103,17 @@ def find_decoder_parts(model: nn.Module) -> DecoderParts:
     else:
         parts = _fallback(hf_model, model_type, supported)
     if not isinstance(parts.layers, nn.ModuleList) or len(parts.layers) == 0:
-        raise TypeError(f"{type(hf_model).__name__}: the decoder layers found are not a non-empty nn.ModuleList.")
+        raise TypeError(
+            f"{type(hf_model).__name__}: the decoder layers found are not a non-empty nn.ModuleList."
+        )
     return parts
 
 
 def _fallback(hf_model: nn.Module, model_type, supported: str) -> DecoderParts:
     """Structural search: input/output embeddings from the HF API, the decoder ModuleList by layer count."""
-    config = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    config = (
+        hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    )
     num_layers = getattr(config, "num_hidden_layers", None)
     embedding = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
     lm_head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
@@ -102,7 +127,9 @@ def _fallback(hf_model: nn.Module, model_type, supported: str) -> DecoderParts:
             break
     final_norm = None
     if layers_owner is not None:
-        final_norm = next((getattr(layers_owner, n) for n in _FALLBACK_NORM_NAMES if hasattr(layers_owner, n)), None)
+        final_norm = next(
+            (getattr(layers_owner, n) for n in _FALLBACK_NORM_NAMES if hasattr(layers_owner, n)), None
+        )
     if None in (embedding, lm_head, layers, final_norm):
         raise TypeError(
             f"Cannot apply LoPT to {type(hf_model).__name__} (model_type={model_type!r}): searched "

@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from lopt.io import atomic_write_json
+
 CONFIG_NAME = "lopt_config.json"
 BACKWARD_MODES = ("local", "joint")
 
@@ -32,7 +34,8 @@ class LoPTConfig:
         },
     )
     aux_head_ratio: int = field(
-        default=4, metadata={"help": "Bottleneck ratio of the auxiliary head: hidden -> hidden/ratio -> hidden."}
+        default=4,
+        metadata={"help": "Bottleneck ratio of the auxiliary head: hidden -> hidden/ratio -> hidden."},
     )
 
     def __post_init__(self):
@@ -56,7 +59,11 @@ class LoPTConfig:
         self.aux_weight = float(self.aux_weight)
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"backward={self.backward!r} is not one of {BACKWARD_MODES}.")
-        if isinstance(self.aux_head_ratio, bool) or not isinstance(self.aux_head_ratio, int) or self.aux_head_ratio < 1:
+        if (
+            isinstance(self.aux_head_ratio, bool)
+            or not isinstance(self.aux_head_ratio, int)
+            or self.aux_head_ratio < 1
+        ):
             raise ValueError(f"aux_head_ratio={self.aux_head_ratio!r} must be an integer >= 1.")
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
@@ -87,12 +94,8 @@ class LoPTConfig:
         return {**asdict(self), "lopt_version": __version__}
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written config
+        atomic_write_json(path, self.to_dict())
         return path
 
     @classmethod
@@ -111,6 +114,8 @@ class LoPTConfig:
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No LoPT config at {path!r}: expected a {CONFIG_NAME} written by save_pretrained.")
+            raise FileNotFoundError(
+                f"No LoPT config at {path!r}: expected a {CONFIG_NAME} written by save_pretrained."
+            )
         with open(path) as f:
             return cls.from_dict(json.load(f))

@@ -25,7 +25,9 @@ class AuxHead(nn.Module):
         return self.up(self.act(self.down(self.norm(hidden))))
 
 
-def reconstruction_loss(head: nn.Module, block_output: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(
+    head: nn.Module, block_output: torch.Tensor, block_input: torch.Tensor
+) -> torch.Tensor:
     """aux_i = MSE(head_i(block i output), block i input), in float32 with mean reduction.
 
     The target is detached: the block learns to keep what it was given recoverable, the input is not pulled

@@ -19,8 +19,6 @@ In eval mode or under `torch.no_grad()` the hooks do nothing: logits equal the b
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +27,7 @@ from torch import nn
 from lopt.architectures import DecoderParts, find_decoder_parts, unwrap_peft
 from lopt.config import LoPTConfig
 from lopt.heads import AuxHead, reconstruction_loss
+from lopt.io import atomic_directory_write
 
 AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
 
@@ -61,7 +60,9 @@ class LoPTModel(nn.Module):
         last_aux_losses: detached aux_i of the most recent training forward, one per boundary (for logging).
     """
 
-    def __init__(self, model: nn.Module, config: LoPTConfig, parts: DecoderParts, block_ranges: list[tuple[int, int]]):
+    def __init__(
+        self, model: nn.Module, config: LoPTConfig, parts: DecoderParts, block_ranges: list[tuple[int, int]]
+    ):
         super().__init__()
         self.model = model
         self.config = config
@@ -126,7 +127,9 @@ class LoPTModel(nn.Module):
         for start, _ in self.block_ranges[1:]:
             layer = self._parts.layers[start]
             func = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get(
+                "use_reentrant"
+            ):
                 raise ValueError(
                     "LoPT needs non-reentrant activation checkpointing (the boundary input is detached, which "
                     "reentrant checkpointing cannot backpropagate through): call gradient_checkpointing_enable("
@@ -198,7 +201,7 @@ class LoPTModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """A standard HF checkpoint (safetensors, no aux keys), written atomically."""
         kwargs.setdefault("safe_serialization", True)
-        _atomic_directory_write(save_directory, lambda tmp: self.model.save_pretrained(tmp, **kwargs))
+        atomic_directory_write(save_directory, lambda tmp: self.model.save_pretrained(tmp, **kwargs))
 
     def save_aux_heads(self, directory: str | os.PathLike) -> str:
         """Aux heads and the LoPT config, for resuming training."""
@@ -227,27 +230,7 @@ class LoPTModel(nn.Module):
         return f"block_ranges={self.block_ranges}, backward={self.config.backward!r}, aux_weight={self.config.aux_weight}"
 
 
-def _atomic_directory_write(directory, write) -> None:
-    """Write into a temp sibling, then move into place: a kill never leaves a half-written checkpoint."""
-    directory = os.fspath(directory)
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
-    try:
-        write(tmp)
-        if not os.path.exists(directory):
-            os.replace(tmp, directory)
-            return
-        for name in os.listdir(tmp):  # existing folder (e.g. an output_dir with logs): replace file by file
-            target = os.path.join(directory, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
+def untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
     """Give the LM head its own weight so the task gradient cannot reach the (early) embedding."""
     if parts.lm_head.weight is not parts.embedding.weight:
         return
@@ -270,5 +253,5 @@ def get_lopt_model(model: nn.Module, config: LoPTConfig | None = None) -> LoPTMo
     block_ranges = config.block_ranges(parts.num_layers)
     if not hasattr(parts.embedding, "weight") or not hasattr(parts.lm_head, "weight"):
         raise TypeError(f"{type(model).__name__}: the embedding and LM head must have a `.weight`.")
-    _untie_embeddings(unwrap_peft(model), parts)
+    untie_embeddings(unwrap_peft(model), parts)
     return LoPTModel(model, config, parts, block_ranges)

@@ -12,7 +12,9 @@ def param_groups(
     loss) at `lr`, and "early" (embedding, early blocks, aux heads: trained by the local objective) at `early_lr`
     (default `lr`). Frozen parameters and empty groups are left out."""
     if not isinstance(model, LoPTModel):
-        raise TypeError(f"param_groups expects a LoPTModel (from get_lopt_model), got {type(model).__name__}.")
+        raise TypeError(
+            f"param_groups expects a LoPTModel (from get_lopt_model), got {type(model).__name__}."
+        )
     late_ids = {id(p) for module in model.late_modules() for p in module.parameters()}
     early, late, seen = [], [], set()
     for param in model.parameters():  # the wrapped model's parameters, then the aux heads'
@@ -23,6 +25,11 @@ def param_groups(
     # The task-loss group comes first: trainers report param_groups[0]'s rate as "the" learning rate.
     groups = [
         {"params": late, "lr": lr, "weight_decay": weight_decay, "name": "late"},
-        {"params": early, "lr": lr if early_lr is None else early_lr, "weight_decay": weight_decay, "name": "early"},
+        {
+            "params": early,
+            "lr": lr if early_lr is None else early_lr,
+            "weight_decay": weight_decay,
+            "name": "early",
+        },
     ]
     return [g for g in groups if g["params"]]

@@ -15,7 +15,9 @@ COMMANDS = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lopt", description="LoPT: local-learning post-training for HF models.")
+    parser = argparse.ArgumentParser(
+        prog="lopt", description="LoPT: local-learning post-training for HF models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, help_text in COMMANDS.items():

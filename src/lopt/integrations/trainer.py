@@ -46,7 +46,9 @@ class LoPTTrainerMixin:
     def create_optimizer(self, model=None):
         if self.lopt_model is None:
             if self.early_learning_rate is not None:
-                raise ValueError("early_learning_rate needs a lopt_config (it sets the LoPT early group's lr).")
+                raise ValueError(
+                    "early_learning_rate needs a lopt_config (it sets the LoPT early group's lr)."
+                )
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
@@ -72,14 +74,18 @@ class LoPTTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         lopt_model = self.lopt_model
         if lopt_model is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         # aux_i is a per-micro-batch mean, so over an accumulated batch each micro-batch carries 1/GA of it.
         aux_factor = 1.0 / self.current_gradient_accumulation_steps
         grad_scaler = getattr(self.accelerator, "scaler", None)
         amp_scale = grad_scaler.get_scale() if grad_scaler is not None and grad_scaler.is_enabled() else 1.0
         lopt_model.loss_scale = aux_factor * amp_scale
         lopt_model.take_aux_loss()  # drop anything left by a forward outside compute_loss
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss, outputs = result if return_outputs else (result, None)
         aux = lopt_model.take_aux_loss()
         trainer_factor = self._loss_factor_applied_by_trainer(num_items_in_batch)
