@@ -39,7 +39,7 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     "gpt2": ("transformer.wte", "transformer.h", "transformer.ln_f", "lm_head"),
     "gptj": ("transformer.wte", "transformer.h", "transformer.ln_f", "lm_head"),
     "falcon": ("transformer.word_embeddings", "transformer.h", "transformer.ln_f", "lm_head"),
-    "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"),
+    "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),
     "opt": (
         "model.decoder.embed_tokens",
         "model.decoder.layers",
@@ -90,6 +90,11 @@ def find_decoder_parts(model: nn.Module) -> DecoderParts:
         )
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(sorted(ARCHITECTURES))
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{type(hf_model).__name__} (model_type={model_type!r}) is an encoder-decoder model; LoPT cuts the layer "
+            f"stack of a decoder-only causal LM. Supported model types: {supported}."
+        )
     if model_type in ARCHITECTURES:
         paths = ARCHITECTURES[model_type]
         found = [_get(hf_model, p) for p in paths]

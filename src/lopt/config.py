@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -54,8 +55,13 @@ class LoPTConfig:
                 )
             self.boundaries = bounds
             self.num_blocks = len(bounds) + 1
-        if not isinstance(self.aux_weight, (int, float)) or self.aux_weight < 0:
-            raise ValueError(f"aux_weight={self.aux_weight!r} must be a number >= 0.")
+        if (
+            isinstance(self.aux_weight, bool)
+            or not isinstance(self.aux_weight, (int, float))
+            or not math.isfinite(self.aux_weight)
+            or self.aux_weight < 0
+        ):
+            raise ValueError(f"aux_weight={self.aux_weight!r} must be a finite number >= 0.")
         self.aux_weight = float(self.aux_weight)
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"backward={self.backward!r} is not one of {BACKWARD_MODES}.")

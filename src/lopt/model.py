@@ -52,6 +52,7 @@ class LoPTModel(nn.Module):
 
     Attributes:
         model: the wrapped model (transformers or PEFT), structure and parameter names unchanged.
+        lopt_config: the LoPTConfig. (`config` and other unknown attributes pass through to the wrapped model.)
         block_ranges: (start, end) decoder-layer indices of each block.
         aux_heads: one reconstruction head per early block (training only, never in saved checkpoints).
         loss_scale: the factor the caller will multiply the returned loss by before `backward()` (e.g.
@@ -65,7 +66,7 @@ class LoPTModel(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.config = config
+        self.lopt_config = config
         self.block_ranges = block_ranges
         self._parts = parts
         hidden_size = parts.embedding.weight.shape[-1]
@@ -114,8 +115,8 @@ class LoPTModel(nn.Module):
     def _end_early_block(self, index: int, block_output: torch.Tensor) -> None:
         aux = reconstruction_loss(self.aux_heads[index], block_output, self._block_inputs.pop(index))
         self.last_aux_losses.append(aux.detach())
-        weighted = aux * (self.config.aux_weight / len(self.aux_heads))
-        if self.config.backward == "local":
+        weighted = aux * (self.lopt_config.aux_weight / len(self.aux_heads))
+        if self.lopt_config.backward == "local":
             # Backpropagate this block's objective now, so its activations are freed before the next block runs.
             # Autocast is for forward ops only; the backward uses the dtypes the forward chose.
             with torch.autocast(block_output.device.type, enabled=False):
@@ -211,7 +212,7 @@ class LoPTModel(nn.Module):
         tmp = path + ".tmp"
         save_file(state, tmp, metadata={"num_heads": str(len(self.aux_heads))})
         os.replace(tmp, path)
-        self.config.save_pretrained(directory)
+        self.lopt_config.save_pretrained(directory)
         return path
 
     def load_aux_heads(self, directory: str | os.PathLike) -> None:
@@ -219,15 +220,18 @@ class LoPTModel(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No aux heads at {path!r}: expected a file written by save_aux_heads().")
         state = load_file(path)
+        saved_heads = len({key.split(".")[0] for key in state})
         try:
             self.aux_heads.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(
-                f"Aux heads in {path!r} do not fit this model ({len(self.aux_heads)} heads): {err}"
+                f"Aux heads in {path!r} ({saved_heads} heads) do not fit this model ({len(self.aux_heads)} heads, "
+                f"block_ranges={self.block_ranges}): resume with the num_blocks/boundaries of that run."
             ) from err
 
     def extra_repr(self) -> str:
-        return f"block_ranges={self.block_ranges}, backward={self.config.backward!r}, aux_weight={self.config.aux_weight}"
+        c = self.lopt_config
+        return f"block_ranges={self.block_ranges}, backward={c.backward!r}, aux_weight={c.aux_weight}"
 
 
 def untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
@@ -246,7 +250,11 @@ def get_lopt_model(model: nn.Module, config: LoPTConfig | None = None) -> LoPTMo
     Everything is validated before the model is touched; the only change to the model itself is untying tied
     input/output embeddings. Apply PEFT (`get_peft_model`) first, then LoPT.
     """
-    config = config or LoPTConfig()
+    config = LoPTConfig() if config is None else config
+    if not isinstance(config, LoPTConfig):
+        raise TypeError(
+            f"config must be a LoPTConfig, got {type(config).__name__}: use LoPTConfig(**your_dict)."
+        )
     if isinstance(model, LoPTModel):
         raise TypeError("This model is already a LoPTModel; call get_lopt_model on the plain model once.")
     parts = find_decoder_parts(model)
