@@ -1,0 +1,192 @@
+"""Pieces shared by the training commands (sft, and later grpo/dpo): flags, model loading, final outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lopt.data import ensure_pad_token
+from lopt.errors import UserError
+from lopt.io import atomic_directory_write, atomic_write_json
+from lopt.methods import METHODS
+
+# Defaults that depend on whether the built-in model is used: the built-in recipe is sized for 2 CPU cores.
+# Flags left unset (None) are filled from here; flags and YAML values always win.
+USER_MODEL_DEFAULTS = {
+    "learning_rate": 2e-5,
+    "per_device_train_batch_size": 8,
+    "max_seq_length": 1024,
+    "max_steps": -1,
+    "logging_steps": 10,
+}
+BUILTIN_DEFAULTS = {
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 16,
+    "max_seq_length": 128,
+    "max_steps": 300,
+    "logging_steps": 25,
+}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="HF hub id or local path of a causal LM. Default: the built-in pretrained model (no download).",
+    )
+    g.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Allow custom model code from the hub (off by default).",
+    )
+    g.add_argument("--config", default=None, help="YAML file with defaults for any flag; flags override it.")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("method (flag names follow the LoPT authors' scripts)")
+    g.add_argument("--method", default="lopt", choices=METHODS, help="ll is an alias of lopt. Default: lopt.")
+    g.add_argument("--num_blocks", type=int, default=2, help="LoPT blocks k (2 = cut at the midpoint).")
+    g.add_argument("--lambda_aux", type=float, default=10.0, help="Weight of the local aux loss (lambda).")
+    g.add_argument(
+        "--lr_k1",
+        type=float,
+        default=None,
+        help="LR of the early group (embedding, early blocks, aux heads).",
+    )
+    g.add_argument("--lora_r", type=int, default=16)
+    g.add_argument("--lora_alpha", type=int, default=32)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora_target_modules", default="all-linear", help="Comma-separated module names, or all-linear."
+    )
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument(
+        "--learning_rate", type=float, default=None, help="Default 1e-3 built-in / 2e-5 user model."
+    )
+    g.add_argument("--per_device_train_batch_size", type=int, default=None, help="Default 16 built-in / 8.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--num_train_epochs", type=float, default=1.0)
+    g.add_argument("--max_steps", type=int, default=None, help="Default 300 built-in / -1 (use epochs).")
+    g.add_argument("--warmup_ratio", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--seed", type=int, default=42)
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", default=None, help="Default: runs/<command>-<method>.")
+    g.add_argument("--logging_steps", type=int, default=None)
+    g.add_argument(
+        "--save_steps", type=int, default=None, help="Checkpoint every N steps (default: no checkpoints)."
+    )
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint-N folder, or 'last' for the newest in output_dir.",
+    )
+    g.add_argument("--no_progress", action="store_true", help="Disable progress bars.")
+
+
+def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
+    """Fill the flags left unset with the built-in or user-model recipe, and check flag combinations."""
+    builtin = args.model_name_or_path is None
+    for key, value in (BUILTIN_DEFAULTS if builtin else USER_MODEL_DEFAULTS).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{command}-{args.method}")
+    if args.bf16 and args.fp16:
+        raise UserError("--bf16 and --fp16 are exclusive: choose one.")
+    if args.num_blocks < 2:
+        raise UserError(f"--num_blocks {args.num_blocks} is invalid: LoPT needs at least 2 blocks.")
+    for name in (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+    ):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
+            raise UserError(f"--{name} {getattr(args, name)} must be positive.")
+    if args.lr_k1 is not None and args.method not in ("lopt", "ll", "lopt_joint"):
+        raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
+    return args
+
+
+def load_model_and_tokenizer(model_name_or_path: str | None, trust_remote_code: bool = False, progress=True):
+    """The user's model (safetensors only, no remote code unless asked) or the built-in one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_name_or_path is None:
+        from lopt.builtin import builtin_model_path
+
+        model_name_or_path = str(builtin_model_path(progress=progress))
+    elif _looks_like_path(model_name_or_path) and not os.path.exists(model_name_or_path):
+        raise UserError(
+            f"--model_name_or_path {model_name_or_path!r} does not exist: give a local model folder or a hub id."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {model_name_or_path!r}: {first_line}") from err
+    ensure_pad_token(tokenizer)
+    return model, tokenizer, model_name_or_path
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else with a slash, or starting like a path, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    if resume is None:
+        return None
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint last: no checkpoint-N folder in {output_dir!r}.")
+        return last
+    if not os.path.isdir(resume):
+        raise UserError(
+            f"--resume_from_checkpoint {resume!r} is not a folder: give a checkpoint-N folder or 'last'."
+        )
+    return resume
+
+
+def save_final_model(trainer, prepared, tokenizer, output_dir: str, args: argparse.Namespace) -> None:
+    """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, and the run's arguments."""
+    model = trainer.model
+    lopt_config = prepared.lopt_config
+
+    def write(tmp: str) -> None:
+        if prepared.method == "lora":
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if lopt_config is not None:
+            lopt_config.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training_args.json"), "w") as f:
+            f.write(trainer.args.to_json_string())
+        with open(os.path.join(tmp, "lopt_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+
+    atomic_directory_write(output_dir, write)
+
+
+def write_summary(output_dir: str, summary: dict) -> None:
+    atomic_write_json(os.path.join(output_dir, "summary.json"), summary)

@@ -1,0 +1,157 @@
+"""`lopt sft`: supervised post-training with LoPT or a baseline, through TRL's SFTTrainer.
+
+Without --model_name_or_path it uses the built-in pretrained model; without data flags, the built-in task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lopt.cli import common
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    common.add_model_args(parser)
+    common.add_method_args(parser)
+    g = parser.add_argument_group("data (default: the built-in task)")
+    g.add_argument(
+        "--train_file", default=None, help="JSONL, JSON or Parquet rows (see README for row formats)."
+    )
+    g.add_argument("--dataset_name", default=None, help="A datasets hub id or local dataset folder.")
+    g.add_argument("--dataset_config", default=None)
+    g.add_argument("--split", default="train")
+    g.add_argument("--max_samples", type=int, default=None)
+    g.add_argument("--max_seq_length", type=int, default=None, help="Default 128 built-in / 1024.")
+    g.add_argument(
+        "--eval_samples",
+        type=int,
+        default=200,
+        help="Built-in task only: held-out rows scored after training.",
+    )
+    common.add_training_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from lopt.data import load_rows, tokenize_rows
+    from lopt.errors import UserError
+    from lopt.integrations import LoPTSFTTrainer, MetricsLogCallback
+    from lopt.methods import prepare_model
+
+    common.fill_defaults(args, "sft")
+    builtin_data = args.train_file is None and args.dataset_name is None
+    if builtin_data and args.model_name_or_path is not None:
+        raise UserError(
+            "the built-in task is made for the built-in model: give --train_file or --dataset_name."
+        )
+    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    set_seed(args.seed)
+    progress = not args.no_progress
+
+    # Data rows first: a bad file fails fast, before a model is loaded.
+    if builtin_data:
+        from lopt.builtin import builtin_task_rows
+
+        rows = builtin_task_rows("train", n=args.max_samples)
+    else:
+        rows = load_rows(
+            train_file=args.train_file,
+            dataset_name=args.dataset_name,
+            dataset_config=args.dataset_config,
+            split=args.split,
+            max_samples=args.max_samples,
+            trust_remote_code=args.trust_remote_code,
+        )
+    model, tokenizer, model_path = common.load_model_and_tokenizer(
+        args.model_name_or_path, args.trust_remote_code, progress=progress
+    )
+    train_dataset = tokenize_rows(rows, tokenizer, args.max_seq_length)
+    prepared = prepare_model(
+        model,
+        args.method,
+        num_blocks=args.num_blocks,
+        aux_weight=args.lambda_aux,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_target_modules=args.lora_target_modules,
+    )
+    training_args = SFTConfig(
+        output_dir=args.output_dir,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoPT's boundary needs non-reentrant
+        bf16=args.bf16,
+        fp16=args.fp16,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        max_length=args.max_seq_length,
+        report_to=[],
+        disable_tqdm=not progress,
+        include_num_input_tokens_seen=True,
+        use_cpu=not torch.cuda.is_available(),
+        save_only_model=False,
+    )
+    trainer = LoPTSFTTrainer(
+        model=prepared.model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        lopt_config=prepared.lopt_config,
+        early_learning_rate=args.lr_k1,
+        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+    )
+    print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
+    result = trainer.train(resume_from_checkpoint=resume)
+    common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
+
+    summary = {
+        "method": prepared.method,
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+    }
+    if builtin_data and args.eval_samples > 0:
+        summary["heldout_exact_match"] = _builtin_task_accuracy(trainer.model, tokenizer, args.eval_samples)
+    common.write_summary(args.output_dir, summary)
+    print(f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
+    for key, value in summary.items():
+        print(f"  {key}: {value}", file=sys.stderr)
+    return 0
+
+
+def _builtin_task_accuracy(model, tokenizer, n: int) -> float:
+    from lopt.builtin import builtin_task_rows, exact_match
+    from lopt.data import encode_prompt, to_prompt_completion
+    from lopt.evaluate import task_accuracy
+
+    rows = builtin_task_rows("test", n=n)
+    prompt_ids = [encode_prompt(to_prompt_completion(row, i).prompt, tokenizer) for i, row in enumerate(rows)]
+    answers = [row["completion"] for row in rows]
+    return task_accuracy(model, tokenizer, prompt_ids, answers, match=exact_match)["accuracy"]
+
+
+def _describe(args, prepared, model_path: str, num_rows: int) -> str:
+    lopt = ""
+    if prepared.lopt_config is not None:
+        c = prepared.lopt_config
+        lopt = f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
+    return (
+        f"lopt sft: method={prepared.method}{lopt}, model={model_path}, rows={num_rows}, "
+        f"lr={args.learning_rate}, batch={args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
+        f"max_steps={args.max_steps}, output_dir={args.output_dir}"
+    )
