@@ -1,0 +1,125 @@
+"""`lopt bench`: the saved-for-backward meter counts what autograd really keeps, and a tiny end-to-end run
+prints every configuration with LoPT's activation peak below E2E's (a real property, not a timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lopt.bench import (
+    CONFIGS,
+    BenchSpec,
+    SavedTensorMeter,
+    check_targets,
+    format_table,
+    measure_saved_tensor_peak,
+    run_benchmark,
+)
+from lopt.cli.main import main
+
+# one thread: tiny matmuls gain nothing from more, and on a busy machine spinning threads cost seconds
+TINY = dict(
+    num_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    vocab_size=128,
+    seq_len=32,
+    batch_size=2,
+    threads=1,
+)
+TINY_ARGS = [x for key, value in TINY.items() for x in (f"--{key}", str(value))]
+
+
+def _leaf(n: int = 1000) -> torch.Tensor:
+    return torch.randn(n, requires_grad=True)
+
+
+def test_meter_counts_a_saved_output_and_subtracts_it_when_freed():
+    x = _leaf()  # 1000 fp32 = 4000 bytes; a leaf requiring grad, so x itself is never counted
+    with SavedTensorMeter() as meter:
+        y = x.exp()  # exp saves its output for backward
+        assert meter.live == 4000
+        y.sum().backward()  # the backward frees the saved output
+        assert meter.live == 0
+        z = x.exp()  # a second graph after the first was freed: the peak does not add up
+        del z  # dropping a graph without backward frees its saved tensors too
+        assert meter.live == 0
+    assert meter.peak == 4000
+    assert measure_saved_tensor_peak(lambda: x.exp().sum().backward()) == 4000
+
+
+def test_meter_counts_a_shared_storage_once_while_any_saver_lives():
+    x = _leaf()
+    with SavedTensorMeter() as meter:
+        y = x.exp()  # saves y (its output)
+        w = y.sin()  # saves y again (its input): same storage, counted once
+        v = y[:10].cos()  # saves a view of y: still y's storage
+        assert meter.live == 4000
+        del w, v  # y is still saved by exp
+        assert meter.live == 4000
+        y.sum().backward()
+    assert meter.peak == 4000
+    assert meter.live == 0
+    # without deduplication the same storage counts once per saver: exp, sin and cos each save y
+    naive = measure_saved_tensor_peak(lambda: (x.exp().sin() + x.exp().cos()).sum().backward(), dedup=False)
+    assert naive == 4 * 4000  # two exp outputs, each saved twice (by exp itself, then by sin or cos)
+
+
+def test_meter_excludes_parameters_and_their_views():
+    layer = nn.Linear(100, 50, bias=False)  # linear saves weight.t(), a view of the parameter
+    # a non-leaf activation [8, 100] (view and *2 save nothing), so linear saves it and the weight
+    fn = lambda: layer(_leaf(800).view(8, 100) * 2).sum().backward()  # noqa: E731
+    assert measure_saved_tensor_peak(fn) == 3200
+    assert measure_saved_tensor_peak(fn, include_parameters=True) == 3200 + layer.weight.nbytes
+
+
+def test_run_benchmark_api_and_targets():
+    spec = BenchSpec(**TINY, steps=1, warmup=0, peak_memory="off")
+    rows = run_benchmark(spec, configs=["e2e", "lopt-k2"])
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["e2e"]["act_ratio"] == 1.0
+    assert 0 < by_name["lopt-k2"]["act_ratio"] < 1.0
+    assert all(row["act_live_after"] == 0 for row in rows)  # nothing stays saved after the backward
+    assert len(by_name["lopt-k2"]["step_times"]) == 1
+    statuses = {t["config"]: t["status"] for t in check_targets(rows) if t["config"] in by_name}
+    assert set(statuses.values()) <= {"PASS", "MISS"}
+    assert "LoPT k=2" in format_table(rows, markdown=True)
+
+
+def test_bench_cli_prints_every_config(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", *TINY_ARGS, "--steps", "1", "--warmup", "0", "--peak_memory", "off"]
+                + ["--json", str(out), "--quiet"])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    for label, *_ in CONFIGS.values():
+        assert label in text
+    assert "PASS" in text or "MISS" in text
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(CONFIGS)
+    # Local backward frees block 1's activations before block 2 runs; the joint backward keeps them.
+    assert rows["lopt-k2"]["act_peak_bytes"] < rows["e2e"]["act_peak_bytes"]
+    assert rows["lopt-k4"]["act_peak_bytes"] < rows["lopt-k2"]["act_peak_bytes"]
+    assert rows["lopt-joint-k2"]["act_peak_bytes"] >= rows["e2e"]["act_peak_bytes"]
+
+
+def test_bench_rejects_unknown_config(capsys):
+    assert main(["bench", *TINY_ARGS, "--configs", "e2e,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--num_heads", "3"], ["--steps", "0"]])
+def test_bench_rejects_bad_shapes(bad, capsys):
+    assert main(["bench", *TINY_ARGS, *bad]) == 2
+
+
+def test_peak_process_memory_runs_in_a_fresh_process():
+    spec = BenchSpec(**TINY, steps=1, warmup=0)  # peak_memory="auto": one `python -m lopt.bench --one` each
+    (row,) = run_benchmark(spec, configs=["lopt-k2"])
+    assert row["peak_mem_kind"] == "rss_fresh_process"
+    assert row["peak_mem_bytes"] > 0 and row["rss_before"] > 0
+    assert "peak RSS of a fresh process" in format_table([row])
