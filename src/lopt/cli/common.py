@@ -114,6 +114,8 @@ def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
     ):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             raise UserError(f"--{name} {getattr(args, name)} must be positive.")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise UserError(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1).")
     if args.lr_k1 is not None and args.method not in ("lopt", "ll", "lopt_joint"):
         raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
     return args

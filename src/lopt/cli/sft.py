@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -135,14 +135,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _builtin_task_accuracy(model, tokenizer, n: int) -> float:
-    from lopt.builtin import builtin_task_rows, exact_match
-    from lopt.data import encode_prompt, to_prompt_completion
-    from lopt.evaluate import task_accuracy
+    from lopt.evaluate import evaluate_checkpoint, load_task_rows
 
-    rows = builtin_task_rows("test", n=n)
-    prompt_ids = [encode_prompt(to_prompt_completion(row, i).prompt, tokenizer) for i, row in enumerate(rows)]
-    answers = [row["completion"] for row in rows]
-    return task_accuracy(model, tokenizer, prompt_ids, answers, match=exact_match)["accuracy"]
+    rows, match = load_task_rows(None, None, None, "test", n)
+    return evaluate_checkpoint(model, tokenizer, rows, None, match=match)["task_accuracy"]
 
 
 def _describe(args, prepared, model_path: str, num_rows: int) -> str:

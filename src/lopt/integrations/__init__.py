@@ -1,7 +1,7 @@
 """Trainer integrations. `LoPTTrainerMixin` works with any transformers/TRL trainer; ready-made classes below."""
 
 from transformers import Trainer
-from trl import SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from lopt.integrations.callbacks import MetricsLogCallback, peak_memory_bytes
 from lopt.integrations.trainer import LoPTTrainerMixin
@@ -15,4 +15,23 @@ class LoPTSFTTrainer(LoPTTrainerMixin, SFTTrainer):
     """TRL SFTTrainer with LoPT (pass `lopt_config=`, optionally `early_learning_rate=`)."""
 
 
-__all__ = ["LoPTSFTTrainer", "LoPTTrainer", "LoPTTrainerMixin", "MetricsLogCallback", "peak_memory_bytes"]
+class LoPTGRPOTrainer(LoPTTrainerMixin, GRPOTrainer):
+    """TRL GRPOTrainer with LoPT. The reward, generation and reference forwards run without grad: no aux work."""
+
+
+class LoPTDPOTrainer(LoPTTrainerMixin, DPOTrainer):
+    """TRL DPOTrainer with LoPT. With ref_model=None (and no PEFT), TRL loads the reference model as a separate object
+    from the policy's checkpoint (`config._name_or_path`) inside its __init__, before the mixin wraps the policy: it
+    is the frozen initial model and carries no LoPT hooks. Its forwards (and every other no-grad forward) do no aux
+    work."""
+
+
+__all__ = [
+    "LoPTDPOTrainer",
+    "LoPTGRPOTrainer",
+    "LoPTSFTTrainer",
+    "LoPTTrainer",
+    "LoPTTrainerMixin",
+    "MetricsLogCallback",
+    "peak_memory_bytes",
+]

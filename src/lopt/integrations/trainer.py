@@ -20,6 +20,7 @@ import os
 import shutil
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lopt.config import LoPTConfig
@@ -39,8 +40,11 @@ class LoPTTrainerMixin:
         if lopt_config is not None:
             self.lopt_model = get_lopt_model(self.model, lopt_config)
             self.lopt_model.aux_heads.to(self.args.device)
+            # The trainer zeroes and clips only its model's gradients; the aux heads live beside it.
+            self.add_callback(_ZeroAuxHeadGrads(self.lopt_model))
         self._lopt_sums: dict[str, float] = {}
         self._lopt_micro_steps = 0
+        self._lopt_group_lrs: dict[str, float] = {}
 
     # --- optimizer: the two LoPT groups --------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -60,6 +64,13 @@ class LoPTTrainerMixin:
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """One global norm over the model and the aux heads (all that the optimizer steps), as in plain training."""
+        if self.lopt_model is None:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.lopt_model.aux_heads.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     # --- the loss ------------------------------------------------------------------------------
     def _loss_factor_applied_by_trainer(self, num_items_in_batch) -> float:
@@ -90,6 +101,10 @@ class LoPTTrainerMixin:
         aux = lopt_model.take_aux_loss()
         trainer_factor = self._loss_factor_applied_by_trainer(num_items_in_batch)
         self._record(loss.detach() * trainer_factor, lopt_model.last_aux_losses)
+        if self.optimizer is not None:  # the rates this step uses (the scheduler moves them after the step)
+            self._lopt_group_lrs = {
+                f"lr_{g.get('name', 'group')}": g["lr"] for g in self.optimizer.param_groups
+            }
         if aux is not None:
             # Joint mode: aux carries the graph and joins the backward here. Local mode: its gradients are already
             # in .grad and aux is a detached value, added so the reported loss is the whole objective.
@@ -111,9 +126,8 @@ class LoPTTrainerMixin:
             optimizer_steps = self._lopt_micro_steps / self.current_gradient_accumulation_steps
             logs.update({k: round(v / optimizer_steps, 6) for k, v in self._lopt_sums.items()})
             self._lopt_sums, self._lopt_micro_steps = {}, 0
-        if "loss" in logs and self.optimizer is not None and self.lopt_model is not None:
-            for group in self.optimizer.param_groups:
-                logs[f"lr_{group.get('name', 'group')}"] = group["lr"]
+        if "loss" in logs and self.lopt_model is not None:
+            logs.update(self._lopt_group_lrs)
         return super().log(logs, *args, **kwargs)
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -155,3 +169,13 @@ class LoPTTrainerMixin:
                     "aux heads cannot be restored. Resume from a LoPT checkpoint, or start a new run."
                 )
             self.lopt_model.load_aux_heads(resume_from_checkpoint)
+
+
+class _ZeroAuxHeadGrads(TrainerCallback):
+    """Zero the aux heads' gradients after every optimizer step, as the trainer does for its model."""
+
+    def __init__(self, lopt_model):
+        self.lopt_model = lopt_model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.lopt_model.aux_heads.zero_grad(set_to_none=True)
