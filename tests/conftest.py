@@ -122,3 +122,25 @@ def llama() -> PreTrainedModel:
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return make_batch()
+
+
+# --- the built-in model, "tiny" preset, built once per test session --------------------------------------------
+@pytest.fixture(scope="session")
+def builtin_tiny(tmp_path_factory):
+    """Environment for subprocesses that use the built-in default (tiny preset, session cache), and its path."""
+    import os
+
+    from lopt.builtin import builtin_model_path
+
+    cache = os.environ.get("LOPT_TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("lopt-cache"))
+    path = builtin_model_path(preset="tiny", cache_dir=cache, progress=False)
+    env = {
+        **os.environ,
+        "LOPT_BUILTIN_PRESET": "tiny",
+        "LOPT_CACHE_DIR": cache,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("LOPT_DEBUG", None)
+    return {"env": env, "path": str(path), "cache": cache}

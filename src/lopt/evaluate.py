@@ -88,3 +88,57 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+def load_task_rows(train_file, dataset_name, dataset_config, split: str, max_samples: int | None):
+    """Held-out task rows and their match function: the built-in task's test split unless data flags are given."""
+    if train_file is None and dataset_name is None:
+        from lopt.builtin import builtin_task_rows, exact_match
+
+        return builtin_task_rows("test", n=max_samples), exact_match
+    from lopt.data import load_rows
+
+    rows = load_rows(train_file, dataset_name, dataset_config, split=split, max_samples=max_samples)
+    return rows, None
+
+
+def read_retention_file(path: str) -> list[str]:
+    """Plain text, documents separated by blank lines."""
+    import os
+
+    from lopt.errors import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"--retention_file {path!r} does not exist: give a plain-text file.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError(f"--retention_file {path!r} is empty.")
+    return docs
+
+
+def evaluate_checkpoint(
+    model,
+    tokenizer,
+    rows: list[dict],
+    retention: list[str] | None,
+    match=None,
+    max_new_tokens: int = 32,
+    retention_seq_len: int = 256,
+    progress: bool = False,
+) -> dict:
+    """{"task_accuracy", "task_n", "examples", "retention_ppl"} for rows in any `lopt.data` format."""
+    from lopt.data import encode_prompt, to_prompt_completion
+
+    pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
+    prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
+    answers = [p.completion for p in pairs]
+    task = task_accuracy(
+        model, tokenizer, prompt_ids, answers, max_new_tokens=max_new_tokens, match=match, progress=progress
+    )
+    result = {"task_accuracy": task["accuracy"], "task_n": task["n"], "examples": task["examples"]}
+    result["retention_ppl"] = (
+        perplexity(model, tokenizer, retention, seq_len=retention_seq_len) if retention is not None else None
+    )
+    return result

@@ -1,0 +1,114 @@
+"""`lopt eval` and `lopt compare` on the built-in tiny preset (the CI-sized quick path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from lopt.compare import format_report, summarize
+
+
+def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lopt", *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_eval_scores_task_and_retention(builtin_tiny, tmp_path):
+    out = tmp_path / "eval.json"
+    args = [
+        "eval",
+        "--model_name_or_path",
+        builtin_tiny["path"],
+        "--max_samples",
+        "8",
+        "--output_file",
+        str(out),
+    ]
+    proc = lopt([*args, "--no_progress"], builtin_tiny["env"])
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    assert result["task_n"] == 8 and 0.0 <= result["task_accuracy"] <= 1.0
+    assert 1.0 < result["retention_ppl"] < 2048 / 5  # far below a uniform guess over the vocabulary
+
+
+def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
+    out = tmp_path / "compare"
+    args = [
+        "compare",
+        "--quick",
+        "--methods",
+        "e2e,lopt,lopt_joint",
+        "--max_steps",
+        "3",
+        "--eval_samples",
+        "8",
+    ]
+    args += ["--sft_args", "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32"]
+    lopt([*args, "--output_dir", str(out), "--no_progress"], builtin_tiny["env"])
+    results = json.loads((out / "results.json").read_text())
+    for key in ("model", "vocab_size", "num_layers", "steps", "seeds", "device", "torch", "transformers"):
+        assert key in results["setup"], key
+    assert set(results["methods"]) == {"e2e", "lopt", "lopt_joint"}
+    for name, entry in results["methods"].items():
+        for key in (
+            "activation_peak_bytes",
+            "peak_memory_bytes",
+            "step_time_s",
+            "tokens_per_s",
+            "task_accuracy",
+        ):
+            assert entry[key] is not None and entry[key] >= 0, (name, key)
+        assert entry["retention_ppl"] > 1 and entry["retention_ppl_before"] > 1
+        assert [step for step, _ in entry["curve"]] == [1, 2, 3]
+    methods = results["methods"]
+    # Real properties of the engine, not timing: local LoPT keeps fewer activations than E2E; joint does not.
+    assert methods["lopt"]["activation_peak_bytes"] < methods["e2e"]["activation_peak_bytes"]
+    assert methods["lopt_joint"]["activation_peak_bytes"] >= methods["e2e"]["activation_peak_bytes"] * 0.9
+    report = (out / "report.md").read_text()
+    assert "| lopt |" in report and "What the numbers show" in report
+    for png in ("loss_curves.png", "memory_time.png", "accuracy_retention.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+def test_report_states_missed_targets_plainly():
+    def entry(act, time, acc, ppl):
+        curve = [[1, 1.0]]
+        return {
+            "activation_peak_bytes": act,
+            "step_time_s": time,
+            "task_accuracy": acc,
+            "retention_ppl": ppl,
+            "retention_ppl_before": 50.0,
+            "curve": curve,
+            "peak_memory_bytes": 1,
+            "tokens_per_s": 1.0,
+            "final_task_loss": 1.0,
+        }
+
+    results = {
+        "setup": {
+            "model": "m",
+            "num_layers": 8,
+            "vocab_size": 10,
+            "data": "d",
+            "steps": 1,
+            "seeds": 1,
+            "device": "cpu",
+            "torch": "x",
+            "transformers": "y",
+        },
+        "methods": {
+            "e2e": entry(100, 1.0, 0.8, 60.0),
+            "lopt": entry(70, 1.2, 0.5, 70.0),
+            "freeze": entry(60, 0.6, 0.6, 55.0),
+        },
+    }
+    lines = "\n".join(summarize(results))
+    assert "0.70x e2e (target ≤ 0.56): MISSED" in lines
+    assert "step time is 1.20x e2e" in lines and "-30.0 points" in lines
+    assert "above freeze): MISSED" in lines and "Fewer than 3 seeds" in lines
+    assert "| lopt | 0.0 (0.70x)" in format_report(results)
