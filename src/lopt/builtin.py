@@ -377,7 +377,11 @@ def builtin_model_path(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         try:
-            _build(name, tmp, progress=progress)
+            import torch
+
+            with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+                _build(name, tmp, progress=progress)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
             if final.exists():  # leftover without metadata: an interrupted, non-atomic copy
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -433,11 +437,11 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     p = PRESETS[preset]
     start = time.time()
-    random.seed(p.seed)
-    torch.manual_seed(p.seed)
+    torch.manual_seed(p.seed)  # weight init; the caller's RNG state is restored afterwards
 
     train_texts, heldout_texts = _split_corpus()
     tokenizer = train_tokenizer(train_texts, vocab_size=p.vocab_size, model_max_length=p.seq_len)
@@ -489,7 +493,14 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out_dir)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:  # save_pretrained shows its own bar; honour progress=False there too
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
     meta = {
         "preset": preset,
@@ -541,7 +552,7 @@ def builtin_task_rows(split: str = "train", n: int | None = None, seed: int = 0)
     """Rows ``{"prompt": "What number comes after 41?", "completion": "42"}`` of the built-in task.
 
     The 1000 problems (N = 0..999) are split once and for all by a stable hash of the prompt:
-    ~80% ``"train"`` (811 rows), ~20% ``"test"`` (189 rows); the splits are disjoint.  ``seed``
+    ~80% ``"train"`` (809 rows), ~20% ``"test"`` (191 rows); the splits are disjoint.  ``seed``
     only shuffles the order, and ``n`` keeps the first ``n`` rows after shuffling (all if
     ``None`` or larger than the split).  Same arguments, same rows.
 
@@ -551,9 +562,10 @@ def builtin_task_rows(split: str = "train", n: int | None = None, seed: int = 0)
     followed by ``{completion}<|im_end|><|endoftext|>``, with the loss on the completion part
     only.  Score greedy generations of the test prompts with :func:`exact_match`.
 
-    Measured learnability (plain PyTorch, all parameters, AdamW, batch 16, 300 steps, linear
-    warm-up/decay, completion-only loss, "default" preset v1): exact match on the test split
-    0.87 at lr 1e-3 and 0.55 at lr 3e-4.
+    Measured learnability (plain PyTorch, all parameters, AdamW without weight decay, batch
+    16, 300 steps, 10 warm-up steps then linear decay, completion-only loss, greedy decoding,
+    "default" preset v1 on Python 3.11.7): exact match on the 191 test rows 0.885 / 0.874
+    (seeds 0 / 1) at lr 1e-3 and 0.806 at lr 3e-4.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")

@@ -19,7 +19,9 @@ COMMANDS = {
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="lopt", description="LoPT: local-learning post-training for HF models.")
+    parser = argparse.ArgumentParser(
+        prog="lopt", description="LoPT: local-learning post-training for HF models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     subparsers = {}

@@ -124,7 +124,7 @@ class LoPTTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._lopt_micro_steps:
             optimizer_steps = self._lopt_micro_steps / self.current_gradient_accumulation_steps
-            logs.update({k: round(v / optimizer_steps, 6) for k, v in self._lopt_sums.items()})
+            logs.update({k: float(f"{v / optimizer_steps:.6g}") for k, v in self._lopt_sums.items()})
             self._lopt_sums, self._lopt_micro_steps = {}, 0
         if "loss" in logs and self.lopt_model is not None:
             logs.update(self._lopt_group_lrs)

@@ -1,0 +1,309 @@
+"""`lopt grpo` and `lopt dpo` end to end, in subprocesses, on the built-in model's tiny preset.
+
+The training runs are started together when the module's first test needs them (they are independent), so the file
+takes about as long as its slowest run rather than their sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli_sft import assert_hf_checkpoint, read_metrics
+
+GRPO_FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2"]
+GRPO_FAST += ["--max_completion_length", "6", "--max_samples", "16", "--eval_samples", "4"]
+GRPO_FAST += ["--logging_steps", "1", "--no_progress"]
+DPO_FAST = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_samples",
+    "8",
+    "--eval_samples",
+    "4",
+]
+DPO_FAST += ["--logging_steps", "1", "--no_progress"]
+
+GRPO_ROWS = [
+    {"prompt": "What is 2 plus 3?", "answer": "5"},
+    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
+    {"problem": "Compute 10 - 4.", "solution": "10 - 4 = $\\boxed{6}$."},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"}],
+        "answer": 2,
+    },
+]
+DPO_ROWS = [
+    {"prompt": "What is 2 plus 3?", "chosen": "5", "rejected": "6"},
+    {
+        "prompt": [{"role": "user", "content": "1 + 1?"}],
+        "chosen": [{"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    },
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon", "system": "One word."},
+]
+
+
+def start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lopt", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=600)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{proc.args[3:]} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    return result
+
+
+def lopt(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return finish(start(args, env), check=check)
+
+
+@pytest.fixture(scope="module")
+def runs(builtin_tiny, tmp_path_factory):
+    """Start every independent training run at once; tests wait for the one they check."""
+    root = tmp_path_factory.mktemp("rl-runs")
+    grpo_file, dpo_file = root / "grpo.jsonl", root / "dpo.jsonl"
+    grpo_file.write_text("".join(json.dumps(r) + "\n" for r in GRPO_ROWS * 2))
+    dpo_file.write_text("".join(json.dumps(r) + "\n" for r in DPO_ROWS * 2))
+    user_model = ["--model_name_or_path", builtin_tiny["path"]]
+    e2e = ["--method", "e2e"]
+    specs = {  # embedded default with LoPT; the user's JSONL with --method e2e
+        "grpo": ["grpo", *GRPO_FAST, "--save_steps", "1", "--plot"],
+        "grpo_file_e2e": [
+            "grpo",
+            *GRPO_FAST,
+            *user_model,
+            "--train_file",
+            str(grpo_file),
+            *e2e,
+            "--beta",
+            "0.05",
+        ],
+        "dpo": ["dpo", *DPO_FAST],
+        "dpo_file_e2e": ["dpo", *DPO_FAST, *user_model, "--train_file", str(dpo_file), *e2e],
+    }
+    jobs = {}
+    for name, args in specs.items():
+        out = root / name
+        jobs[name] = (start([*args, "--output_dir", str(out)], builtin_tiny["env"]), out)
+    yield {name: _Lazy(proc, out) for name, (proc, out) in jobs.items()}
+    for proc, _ in jobs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+class _Lazy:
+    def __init__(self, proc, out):
+        self.proc, self.out, self._result = proc, out, None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._result is None:
+            self._result = finish(self.proc)
+        return self._result
+
+
+def changed_keys(base_dir, out) -> set[str]:
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    trained = load_file(os.path.join(out, "model.safetensors"))
+    return {k for k in base if not torch.equal(base[k], trained[k])}
+
+
+def assert_lopt_metrics(metrics: list[dict]) -> None:
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in (
+        "loss",
+        "task_loss",
+        "aux_loss_0",
+        "lr_late",
+        "lr_early",
+        "tokens_per_s",
+        "peak_memory_bytes",
+    ):
+        assert key in metrics[0], key
+    assert metrics[0]["aux_loss_0"] > 0
+
+
+# --- grpo --------------------------------------------------------------------------------------------------------
+def test_grpo_default_run(runs, builtin_tiny):
+    run = runs["grpo"]
+    proc = run.result()
+    assert "task=builtin, reward=exact_match_reward" in proc.stderr
+    assert_hf_checkpoint(run.out)
+    metrics = read_metrics(run.out)
+    assert_lopt_metrics(metrics)
+    assert all(0.0 <= m["reward"] <= 1.0 for m in metrics)
+    assert metrics[0]["tokens_per_s"] > 0
+    assert metrics[0]["lr_early"] == pytest.approx(
+        metrics[0]["lr_late"] / 20
+    )  # the built-in recipe's --lr_k1
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["method"] == "lopt" and summary["steps"] == 2 and summary["task"] == "builtin"
+    assert 0.0 <= summary["heldout_exact_match"] <= 1.0 and "reward_last_log" in summary
+    assert (run.out / "reward_curve.png").stat().st_size > 1000
+    assert (run.out / "checkpoint-1" / "lopt_aux_heads.safetensors").is_file()
+    assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+
+
+def assert_trained(base_dir, out, metrics, early: bool) -> None:
+    """Early blocks change with LoPT (aux loss) or E2E when there is a task gradient; the late ones change when
+    the task gradient is not zero (for GRPO: some prompt's completions got different rewards)."""
+    changed = changed_keys(base_dir, out)
+    if early:
+        assert "model.embed_tokens.weight" in changed and any(
+            k.startswith("model.layers.0.") for k in changed
+        )
+    if any(m.get("reward_std", 1.0) > 0 for m in metrics):
+        assert "lm_head.weight" in changed
+
+
+def test_grpo_resume_continues_from_the_checkpoint(runs, builtin_tiny, tmp_path):
+    run = runs["grpo"]
+    run.result()
+    out = tmp_path / "resumed"
+    resume = ["--resume_from_checkpoint", str(run.out / "checkpoint-1")]
+    lopt(["grpo", *GRPO_FAST, *resume, "--eval_samples", "0", "--output_dir", str(out)], builtin_tiny["env"])
+    assert [m["step"] for m in read_metrics(out)] == [2]
+    assert_hf_checkpoint(out)
+    # Optimizer, scheduler, aux heads and RNG (sampling) restored: the same weights as the uninterrupted run.
+    expected, resumed = load_file(run.out / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_grpo_user_file_with_every_row_format_and_e2e(runs, builtin_tiny):
+    run = runs["grpo_file_e2e"]
+    proc = run.result()
+    assert "method=e2e, model=" in proc.stderr and "task=custom, reward=math_reward, rows=8" in proc.stderr
+    assert_hf_checkpoint(run.out)
+    metrics = read_metrics(run.out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert "aux_loss_0" not in metrics[0] and "kl" in metrics[0]  # beta > 0: a reference model was used
+    assert not (run.out / "lopt_config.json").exists()
+    assert "heldout_exact_match" not in json.loads((run.out / "summary.json").read_text())
+    assert_trained(builtin_tiny["path"], run.out, metrics, early=False)
+
+
+# --- dpo ---------------------------------------------------------------------------------------------------------
+def test_dpo_default_run(runs, builtin_tiny):
+    run = runs["dpo"]
+    run.result()
+    assert_hf_checkpoint(run.out)
+    metrics = read_metrics(run.out)
+    assert_lopt_metrics(metrics)
+    assert "rewards/margins" in metrics[-1]
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["method"] == "lopt" and summary["steps"] == 2
+    assert 0.0 <= summary["heldout_exact_match"] <= 1.0
+    assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+
+
+def test_dpo_user_file_with_strings_and_chat_messages_and_e2e(runs, builtin_tiny):
+    run = runs["dpo_file_e2e"]
+    proc = run.result()
+    assert "method=e2e, model=" in proc.stderr and "pairs=6" in proc.stderr
+    assert_hf_checkpoint(run.out)
+    metrics = read_metrics(run.out)
+    assert [m["step"] for m in metrics] == [1, 2] and "aux_loss_0" not in metrics[0]
+    assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+
+
+# --- errors and help -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "command, rows, extra, expected, in_subprocess",
+    [
+        ("grpo", [{"text": "no answer"}], [], "prompt/answer", True),
+        ("grpo", [{"prompt": "2+2?", "answer": ""}], [], "reference answer) is empty", False),
+        (
+            "grpo",
+            [{"prompt": [{"role": "assistant", "content": "4"}], "answer": "4"}],
+            [],
+            "assistant",
+            False,
+        ),
+        ("grpo", [{"prompt": "2+2?", "answer": "4"}], ["--num_generations", "1"], "at least 2", False),
+        ("dpo", [{"prompt": "2+2?", "chosen": "4"}], [], "missing field(s) rejected", True),
+        ("dpo", [{"prompt": "2+2?", "chosen": [{"role": "user"}], "rejected": "5"}], [], "chosen[0]", False),
+        ("dpo", [{"prompt": "2+2?", "chosen": "4", "rejected": " "}], [], "'rejected' is empty", False),
+    ],
+)
+def test_bad_data_is_one_line_and_exit_code_2(
+    builtin_tiny, tmp_path, capsys, command, rows, extra, expected, in_subprocess
+):
+    """One case per command end to end in a subprocess; the others through the same entry point in-process."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [command, "--train_file", str(data), "--model_name_or_path", builtin_tiny["path"], *extra]
+    args += ["--output_dir", str(tmp_path / "out")]
+    if in_subprocess:
+        proc = lopt(args, builtin_tiny["env"], check=False)
+        returncode, stderr = proc.returncode, proc.stderr
+    else:
+        from lopt.cli.main import main
+
+        returncode, stderr = main(args), capsys.readouterr().err
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith(f"lopt {command}: error:")]
+    assert len(errors) == 1 and expected in errors[0], stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["grpo", "dpo"])
+def test_builtin_data_with_a_user_model_needs_task_builtin(builtin_tiny, tmp_path, capsys, command):
+    from lopt.cli.main import main
+
+    args = [command, "--model_name_or_path", builtin_tiny["path"], "--output_dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--task builtin" in capsys.readouterr().err
+    assert main([*args, "--task", "builtin", "--train_file", "x.jsonl"]) == 2
+    assert "drop --train_file" in capsys.readouterr().err
+
+
+def test_hub_task_offline_is_one_line(builtin_tiny, tmp_path):
+    proc = lopt(
+        ["grpo", "--task", "gsm8k", "--output_dir", str(tmp_path / "out")], builtin_tiny["env"], check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "lopt grpo: error: could not load dataset 'openai/gsm8k' (config 'main'" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["grpo", "dpo"])
+def test_help(builtin_tiny, command):
+    proc = lopt([command, "--help"], builtin_tiny["env"])
+    for flag in (
+        "--method",
+        "--num_blocks",
+        "--lambda_aux",
+        "--lr_k1",
+        "--train_file",
+        "--beta",
+        "--loss_type",
+    ):
+        assert flag in proc.stdout, flag
+    if command == "grpo":
+        for flag in (
+            "--task",
+            "--num_generations",
+            "--max_prompt_length",
+            "--max_completion_length",
+            "--temperature",
+        ):
+            assert flag in proc.stdout, flag
+        for flag in ("--top_p", "--num_iterations", "--steps_per_generation", "--plot"):
+            assert flag in proc.stdout, flag
