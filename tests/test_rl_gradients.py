@@ -271,7 +271,9 @@ def _assert_both_halves_changed(before: dict, after: dict):
     )
 
 
-def run_grpo_step(path, tmp_path, mode, monkeypatch, name=None, dtype=torch.float32, **overrides):
+def run_grpo_step(
+    path, tmp_path, mode, monkeypatch, name=None, dtype=torch.float32, resume=None, **overrides
+):
     import datasets
     from transformers import set_seed
     from trl import GRPOConfig
@@ -291,7 +293,7 @@ def run_grpo_step(path, tmp_path, mode, monkeypatch, name=None, dtype=torch.floa
         temperature=1.0,
         loss_type="grpo",
     )
-    args = GRPOConfig(**_common_args(tmp_path, name or mode), **{**config, **overrides})
+    args = GRPOConfig(**{**_common_args(tmp_path, name or mode), **config, **overrides})
     trainer = LoPTGRPOTrainer(
         model=model,
         reward_funcs=char_sum_reward,
@@ -304,7 +306,7 @@ def run_grpo_step(path, tmp_path, mode, monkeypatch, name=None, dtype=torch.floa
     _assert_hookless(trainer.ref_model)
     assert trainer.model.model.layers[2]._forward_pre_hooks  # the policy has them
     spy = ForwardSpy(trainer.model.model.layers[0], monkeypatch)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     after = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     return before, after, spy, trainer
 
@@ -323,7 +325,7 @@ def run_dpo_step(path, tmp_path, mode, monkeypatch, name=None, dtype=torch.float
         {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in [(1, 2), (3, 4)]
     ]
     config = {"per_device_train_batch_size": 2, "beta": 0.1, "max_length": 32, **overrides}
-    args = DPOConfig(**_common_args(tmp_path, name or mode), **config)
+    args = DPOConfig(**{**_common_args(tmp_path, name or mode), **config})
     trainer = LoPTDPOTrainer(
         model=model,
         args=args,
@@ -400,3 +402,29 @@ def test_gradient_accumulation_equals_the_full_batch(kind, mode, tiny_checkpoint
     _, after_full, _, _ = runner(tiny_checkpoint, tmp_path, mode, monkeypatch, name=f"{mode}-full", **full)
     for key in after_full:
         torch.testing.assert_close(after_ga[key], after_full[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_grpo_resume_from_a_checkpoint_is_exact(tiny_checkpoint, tmp_path, monkeypatch):
+    """Run A: 2 steps, a checkpoint after each (aux heads inside). Run B resumes from A's checkpoint-1 (optimizer,
+    scheduler, aux heads, RNG for sampling): both end with the same weights. (`lopt grpo --resume_from_checkpoint`
+    hands the folder to this same `train()`.)"""
+    # One generation per step: a checkpoint inside a generation cycle (steps_per_generation > 1) cannot be resumed
+    # exactly, since TRL regenerates the rest of the cycle's completions with the resumed model.
+    steps = dict(max_steps=2, save_strategy="steps", save_steps=1, steps_per_generation=1)
+    _, after_a, _, trainer_a = run_grpo_step(
+        tiny_checkpoint, tmp_path, "local", monkeypatch, name="a", **steps
+    )
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    assert (checkpoint / "lopt_aux_heads.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert not (tmp_path / "a" / ".lopt-staging").exists()
+    trainer_b = run_grpo_step(
+        tiny_checkpoint, tmp_path, "local", monkeypatch, name="b", resume=str(checkpoint), **steps
+    )[3]
+    assert trainer_b.state.global_step == 2
+    after_b = {k: v.detach() for k, v in trainer_b.model.state_dict().items()}
+    for key in after_a:
+        torch.testing.assert_close(after_b[key], after_a[key], atol=1e-6, rtol=1e-5, msg=key)
+    for head_a, head_b in zip(
+        trainer_a.lopt_model.aux_heads.parameters(), trainer_b.lopt_model.aux_heads.parameters()
+    ):
+        torch.testing.assert_close(head_b, head_a, atol=1e-6, rtol=1e-5)

@@ -192,3 +192,50 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, args: argpar
 
 def write_summary(output_dir: str, summary: dict) -> None:
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+
+
+def prepare_from_args(model, args: argparse.Namespace):
+    """`lopt.methods.prepare_model` with the shared method flags."""
+    from lopt.methods import prepare_model
+
+    return prepare_model(
+        model,
+        args.method,
+        num_blocks=args.num_blocks,
+        aux_weight=args.lambda_aux,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_target_modules=args.lora_target_modules,
+    )
+
+
+def training_kwargs(args: argparse.Namespace) -> dict:
+    """TrainingArguments fields shared by every training command (each adds its trainer's own fields)."""
+    import torch
+
+    return dict(
+        output_dir=args.output_dir,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoPT's boundary needs non-reentrant
+        bf16=args.bf16,
+        fp16=args.fp16,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        report_to=[],
+        disable_tqdm=args.no_progress,
+        use_cpu=not torch.cuda.is_available(),
+        save_only_model=False,
+        include_num_input_tokens_seen=True,  # MetricsLogCallback's tokens/s
+    )

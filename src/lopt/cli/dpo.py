@@ -215,52 +215,19 @@ def run(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows):
         to_preference(row, i)
 
-    import torch
     from transformers import set_seed
     from trl import DPOConfig
 
     from lopt.integrations import LoPTDPOTrainer, MetricsLogCallback
-    from lopt.methods import prepare_model
 
     set_seed(args.seed)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
         args.model_name_or_path, args.trust_remote_code, progress=progress
     )
     train_dataset = build_dataset(rows, tokenizer)
-    prepared = prepare_model(
-        model,
-        args.method,
-        num_blocks=args.num_blocks,
-        aux_weight=args.lambda_aux,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
-    )
+    prepared = common.prepare_from_args(model, args)
     training_args = DPOConfig(
-        output_dir=args.output_dir,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoPT's boundary needs non-reentrant
-        bf16=args.bf16,
-        fp16=args.fp16,
-        seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        save_total_limit=args.save_total_limit,
-        report_to=[],
-        disable_tqdm=not progress,
-        include_num_input_tokens_seen=True,
-        use_cpu=not torch.cuda.is_available(),
-        save_only_model=False,
+        **common.training_kwargs(args),
         max_length=args.max_seq_length,
         beta=args.beta,
         loss_type=args.loss_type,
