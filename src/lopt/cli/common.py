@@ -239,3 +239,28 @@ def training_kwargs(args: argparse.Namespace) -> dict:
         save_only_model=False,
         include_num_input_tokens_seen=True,  # MetricsLogCallback's tokens/s
     )
+
+
+def lopt_trainer_kwargs(prepared, args: argparse.Namespace) -> dict:
+    """The LoPT mixin's arguments and the metrics log, identical for every training command."""
+    from lopt.integrations import MetricsLogCallback
+
+    return dict(
+        lopt_config=prepared.lopt_config,
+        early_learning_rate=args.lr_k1,
+        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+    )
+
+
+def load_user_rows(args: argparse.Namespace, dataset_name=None, dataset_config=None) -> list[dict]:
+    """Rows from --train_file or a dataset (the shared data flags)."""
+    from lopt.data import load_rows
+
+    return load_rows(
+        train_file=args.train_file,
+        dataset_name=dataset_name if dataset_name is not None else args.dataset_name,
+        dataset_config=dataset_config if dataset_config is not None else args.dataset_config,
+        split=args.split,
+        max_samples=args.max_samples,
+        trust_remote_code=args.trust_remote_code,
+    )

@@ -8,7 +8,6 @@ answer, rejected = a plausible wrong one).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -202,23 +201,14 @@ def run(args: argparse.Namespace) -> int:
 
         rows = builtin_preference_rows("train", n=args.max_samples)
     else:
-        from lopt.data import load_rows
-
-        rows = load_rows(
-            train_file=args.train_file,
-            dataset_name=args.dataset_name,
-            dataset_config=args.dataset_config,
-            split=args.split,
-            max_samples=args.max_samples,
-            trust_remote_code=args.trust_remote_code,
-        )
+        rows = common.load_user_rows(args)
     for i, row in enumerate(rows):
         to_preference(row, i)
 
     from transformers import set_seed
     from trl import DPOConfig
 
-    from lopt.integrations import LoPTDPOTrainer, MetricsLogCallback
+    from lopt.integrations import LoPTDPOTrainer
 
     set_seed(args.seed)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
@@ -237,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        lopt_config=prepared.lopt_config,
-        early_learning_rate=args.lr_k1,
-        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+        **common.lopt_trainer_kwargs(prepared, args),
     )
     if len(trainer.train_dataset) == 0:
         raise DataError(

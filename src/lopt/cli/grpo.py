@@ -285,7 +285,6 @@ def build_dataset(rows: list, tokenizer, max_prompt_length: int, instruction: st
 
 
 def load_task_rows(args: argparse.Namespace, task: str | None) -> list:
-    from lopt.data import load_rows
 
     if task == "builtin":
         from lopt.builtin import builtin_grpo_rows
@@ -295,14 +294,7 @@ def load_task_rows(args: argparse.Namespace, task: str | None) -> list:
     if args.train_file is None and dataset_name is None:
         dataset_name, default_config = TASK_DATASETS[task]
         dataset_config = dataset_config or default_config
-    return load_rows(
-        train_file=args.train_file,
-        dataset_name=dataset_name,
-        dataset_config=dataset_config,
-        split=args.split,
-        max_samples=args.max_samples,
-        trust_remote_code=args.trust_remote_code,
-    )
+    return common.load_user_rows(args, dataset_name, dataset_config)
 
 
 def reward_function(args: argparse.Namespace, task: str | None):
@@ -332,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
     from trl import GRPOConfig
 
-    from lopt.integrations import LoPTGRPOTrainer, MetricsLogCallback
+    from lopt.integrations import LoPTGRPOTrainer
 
     set_seed(args.seed)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
@@ -358,9 +350,7 @@ def run(args: argparse.Namespace) -> int:
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        lopt_config=prepared.lopt_config,
-        early_learning_rate=args.lr_k1,
-        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+        **common.lopt_trainer_kwargs(prepared, args),
     )
     print(_describe(args, prepared, model_path, task, reward.__name__, len(train_dataset)), file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -6,7 +6,6 @@ Without --model_name_or_path it uses the built-in pretrained model; without data
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lopt.cli import common
@@ -37,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
     from trl import SFTConfig
 
-    from lopt.data import load_rows, tokenize_rows
+    from lopt.data import tokenize_rows
     from lopt.errors import UserError
-    from lopt.integrations import LoPTSFTTrainer, MetricsLogCallback
+    from lopt.integrations import LoPTSFTTrainer
 
     common.fill_defaults(args, "sft")
     builtin_data = args.train_file is None and args.dataset_name is None
@@ -57,14 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
         rows = builtin_task_rows("train", n=args.max_samples)
     else:
-        rows = load_rows(
-            train_file=args.train_file,
-            dataset_name=args.dataset_name,
-            dataset_config=args.dataset_config,
-            split=args.split,
-            max_samples=args.max_samples,
-            trust_remote_code=args.trust_remote_code,
-        )
+        rows = common.load_user_rows(args)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
         args.model_name_or_path, args.trust_remote_code, progress=progress
     )
@@ -79,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        lopt_config=prepared.lopt_config,
-        early_learning_rate=args.lr_k1,
-        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+        **common.lopt_trainer_kwargs(prepared, args),
     )
     print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)
