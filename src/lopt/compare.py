@@ -398,6 +398,7 @@ def write_plots(results: dict, output_dir: str) -> None:
             label=name,
         )
     ax.set(xlabel="task exact match (%)", ylabel="retention perplexity (lower = kept more)")
+    ax.set_yscale("log")  # a collapsing method can sit orders of magnitude above the rest
     ax.set_title("Accuracy vs retention")
     ax.legend()
     _save(fig, output_dir, "accuracy_retention.png")
