@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from lopt.data import ensure_pad_token
 from lopt.errors import UserError
@@ -190,8 +191,30 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, args: argpar
     atomic_directory_write(output_dir, write)
 
 
-def write_summary(output_dir: str, summary: dict) -> None:
+def finish(command: str, output_dir: str, summary: dict) -> int:
+    """Write summary.json and print it: the last thing every training command does."""
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+    print(f"lopt {command}: saved a Hugging Face checkpoint to {output_dir}", file=sys.stderr)
+    for key, value in summary.items():
+        print(f"  {key}: {value}", file=sys.stderr)
+    return 0
+
+
+def builtin_task_accuracy(model, tokenizer, n: int) -> float:
+    """Held-out exact match of the built-in task on its first n test rows."""
+    from lopt.evaluate import evaluate_checkpoint, load_task_rows
+
+    rows, match = load_task_rows(None, None, None, "test", n)
+    return evaluate_checkpoint(model, tokenizer, rows, None, match=match)["task_accuracy"]
+
+
+def describe_method(args: argparse.Namespace, prepared) -> str:
+    """ "method=lopt, k=2, lambda=10.0, ..." for the start-of-run line."""
+    text = f"method={prepared.method}"
+    if prepared.lopt_config is not None:
+        c = prepared.lopt_config
+        text += f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
+    return text
 
 
 def prepare_from_args(model, args: argparse.Namespace):

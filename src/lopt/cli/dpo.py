@@ -248,23 +248,15 @@ def run(args: argparse.Namespace) -> int:
         summary["reward_accuracy_last_log"] = logged[-1]["rewards/accuracies"]
         summary["reward_margin_last_log"] = logged[-1].get("rewards/margins")
     if builtin_data and args.eval_samples > 0:
-        from lopt.cli.sft import _builtin_task_accuracy
-
-        summary["heldout_exact_match"] = _builtin_task_accuracy(trainer.model, tokenizer, args.eval_samples)
-    common.write_summary(args.output_dir, summary)
-    print(f"lopt dpo: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
-    return 0
+        summary["heldout_exact_match"] = common.builtin_task_accuracy(
+            trainer.model, tokenizer, args.eval_samples
+        )
+    return common.finish("dpo", args.output_dir, summary)
 
 
 def _describe(args, prepared, model_path: str, num_rows: int) -> str:
-    lopt = ""
-    if prepared.lopt_config is not None:
-        c = prepared.lopt_config
-        lopt = f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
     return (
-        f"lopt dpo: method={prepared.method}{lopt}, model={model_path}, pairs={num_rows}, beta={args.beta}, "
+        f"lopt dpo: {common.describe_method(args, prepared)}, model={model_path}, pairs={num_rows}, beta={args.beta}, "
         f"loss_type={','.join(args.loss_type)}, lr={args.learning_rate}, "
         f"batch={args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
         f"max_steps={args.max_steps}, output_dir={args.output_dir}"

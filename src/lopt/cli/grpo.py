@@ -365,16 +365,12 @@ def run(args: argparse.Namespace) -> int:
         **reward_summary(os.path.join(args.output_dir, "metrics.jsonl")),
     }
     if task == "builtin" and args.eval_samples > 0:
-        from lopt.cli.sft import _builtin_task_accuracy
-
-        summary["heldout_exact_match"] = _builtin_task_accuracy(trainer.model, tokenizer, args.eval_samples)
+        summary["heldout_exact_match"] = common.builtin_task_accuracy(
+            trainer.model, tokenizer, args.eval_samples
+        )
     if args.plot:
         summary["reward_curve"] = plot_reward_curve(args.output_dir)
-    common.write_summary(args.output_dir, summary)
-    print(f"lopt grpo: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
-    return 0
+    return common.finish("grpo", args.output_dir, summary)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -439,12 +435,8 @@ def plot_reward_curve(output_dir: str, filename: str = "reward_curve.png", windo
 
 
 def _describe(args, prepared, model_path: str, task: str | None, reward: str, num_rows: int) -> str:
-    lopt = ""
-    if prepared.lopt_config is not None:
-        c = prepared.lopt_config
-        lopt = f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
     return (
-        f"lopt grpo: method={prepared.method}{lopt}, model={model_path}, task={task or 'custom'}, reward={reward}, "
+        f"lopt grpo: {common.describe_method(args, prepared)}, model={model_path}, task={task or 'custom'}, reward={reward}, "
         f"rows={num_rows}, lr={args.learning_rate}, batch={args.per_device_train_batch_size}x"
         f"{args.gradient_accumulation_steps} completions ({args.num_generations} per prompt), "
         f"max_steps={args.max_steps}, output_dir={args.output_dir}"

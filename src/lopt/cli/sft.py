@@ -83,28 +83,15 @@ def run(args: argparse.Namespace) -> int:
         "steps": trainer.state.global_step,
     }
     if builtin_data and args.eval_samples > 0:
-        summary["heldout_exact_match"] = _builtin_task_accuracy(trainer.model, tokenizer, args.eval_samples)
-    common.write_summary(args.output_dir, summary)
-    print(f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
-    return 0
-
-
-def _builtin_task_accuracy(model, tokenizer, n: int) -> float:
-    from lopt.evaluate import evaluate_checkpoint, load_task_rows
-
-    rows, match = load_task_rows(None, None, None, "test", n)
-    return evaluate_checkpoint(model, tokenizer, rows, None, match=match)["task_accuracy"]
+        summary["heldout_exact_match"] = common.builtin_task_accuracy(
+            trainer.model, tokenizer, args.eval_samples
+        )
+    return common.finish("sft", args.output_dir, summary)
 
 
 def _describe(args, prepared, model_path: str, num_rows: int) -> str:
-    lopt = ""
-    if prepared.lopt_config is not None:
-        c = prepared.lopt_config
-        lopt = f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
     return (
-        f"lopt sft: method={prepared.method}{lopt}, model={model_path}, rows={num_rows}, "
+        f"lopt sft: {common.describe_method(args, prepared)}, model={model_path}, rows={num_rows}, "
         f"lr={args.learning_rate}, batch={args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
         f"max_steps={args.max_steps}, output_dir={args.output_dir}"
     )
