@@ -108,8 +108,13 @@ def reference_gradients(
     aux_weight: float,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
+    anchor_states: Sequence[torch.Tensor] | None = None,
+    anchor_weight: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor | None], list[torch.Tensor | None], torch.Tensor, list[torch.Tensor]]:
     """Gradients of the LoPT objective for `model` (a plain HF causal LM, possibly inside PEFT) in train mode.
+
+    With `anchor_states` (the pretrained model's block outputs, see `pretrained_block_outputs`), aux_i gains
+    `anchor_weight * MSE(block i output, anchor_states[i])`; with `heads=None` aux_i is that anchor term alone.
 
     Returns (model grads by parameter name, one list of grads per head in parameters() order, task loss, aux
     losses). A gradient is None where the objective does not reach the parameter. Only parameters with
@@ -118,7 +123,9 @@ def reference_gradients(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers_path, norm_path, head_path = PARTS[model_type]
     layers = _get(base, layers_path)
-    assert len(heads) == len(block_ranges) - 1
+    num_boundaries = len(block_ranges) - 1
+    assert heads is None or len(heads) == num_boundaries
+    assert heads is not None or anchor_states is not None
 
     block_inputs: dict[int, torch.Tensor] = {}
     block_outputs: dict[int, torch.Tensor] = {}
@@ -144,11 +151,15 @@ def reference_gradients(
         block_inputs[index] = block_outputs[index - 1]
 
     task = causal_lm_loss(logits, labels)
-    auxes = [
-        F.mse_loss(head(block_outputs[i]).float(), block_inputs[i].detach().float())
-        for i, head in enumerate(heads)
-    ]
-    scale = aux_weight / len(heads)
+    auxes = []
+    for i in range(num_boundaries):
+        aux = torch.zeros((), dtype=torch.float32)
+        if heads is not None:
+            aux = aux + F.mse_loss(heads[i](block_outputs[i]).float(), block_inputs[i].detach().float())
+        if anchor_states is not None:
+            aux = aux + anchor_weight * F.mse_loss(block_outputs[i].float(), anchor_states[i].float())
+        auxes.append(aux)
+    scale = aux_weight / num_boundaries
 
     # Partition the parameters by the one term of the objective that reaches each of them.
     block_of_layer = {layer: b for b, (s, e) in enumerate(block_ranges) for layer in range(s, e)}
@@ -167,7 +178,7 @@ def reference_gradients(
     head_grads: list[list[torch.Tensor | None]] = []
     for block, term in enumerate(terms):
         names = [n for n, b in owner.items() if b == block and named[n].requires_grad]
-        extra = list(heads[block].parameters()) if block < len(heads) else []
+        extra = list(heads[block].parameters()) if heads is not None and block < num_boundaries else []
         found = torch.autograd.grad(
             term, [named[n] for n in names] + extra, retain_graph=True, allow_unused=True
         )
@@ -175,3 +186,32 @@ def reference_gradients(
         if extra:
             head_grads.append(list(found[len(names) :]))
     return grads, head_grads, task.detach(), [aux.detach() for aux in auxes]
+
+
+@torch.no_grad()
+def pretrained_block_outputs(
+    model: nn.Module, model_type: str, block_ranges: Sequence[tuple[int, int]], input_ids: torch.Tensor
+) -> list[torch.Tensor]:
+    """The output of every early block (the last layer of blocks 0..k-2) of a plain model, in eval mode."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = _get(base, PARTS[model_type][0])
+    outputs: dict[int, torch.Tensor] = {}
+
+    def record(index):
+        def hook(module, args, output):
+            outputs[index] = _hidden_out(output)
+
+        return hook
+
+    handles = [
+        layers[end - 1].register_forward_hook(record(i)) for i, (_, end) in enumerate(block_ranges[:-1])
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=input_ids)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [outputs[i] for i in range(len(block_ranges) - 1)]

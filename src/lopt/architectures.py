@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # model_type -> (embedding, decoder layer list, final norm, LM head), as attribute paths from the CausalLM.
@@ -146,3 +147,8 @@ def _fallback(hf_model: nn.Module, model_type, supported: str) -> DecoderParts:
             f"Supported model types: {supported}. Add an entry to lopt.architectures.ARCHITECTURES to support it."
         )
     return DecoderParts(embedding, layers, final_norm, lm_head, source="fallback")
+
+
+def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer is called with (first positional argument or `hidden_states=`)."""
+    return args[0] if args else kwargs["hidden_states"]

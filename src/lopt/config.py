@@ -11,6 +11,8 @@ from lopt.io import atomic_write_json
 
 CONFIG_NAME = "lopt_config.json"
 BACKWARD_MODES = ("local", "joint")
+AUX_OBJECTIVES = ("recon", "anchor", "recon+anchor")
+ANCHOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,6 +39,25 @@ class LoPTConfig:
     aux_head_ratio: int = field(
         default=4,
         metadata={"help": "Bottleneck ratio of the auxiliary head: hidden -> hidden/ratio -> hidden."},
+    )
+    aux_objective: str = field(
+        default="recon",
+        metadata={
+            "help": "Local objective of each early block. 'recon': the paper's (an aux head reconstructs the "
+            "block's input from its output). 'anchor': MSE between the block's output and the pretrained model's "
+            "hidden state at the same boundary for the same input. 'recon+anchor': recon + anchor_weight * anchor."
+        },
+    )
+    anchor_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the anchor term inside aux_i ('anchor' and 'recon+anchor')."},
+    )
+    anchor_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the frozen pretrained copy used by the anchor (e.g. 'bfloat16' halves its memory "
+            "for a float32 model). None: the model's dtype."
+        },
     )
 
     def __post_init__(self):
@@ -71,6 +92,26 @@ class LoPTConfig:
             or self.aux_head_ratio < 1
         ):
             raise ValueError(f"aux_head_ratio={self.aux_head_ratio!r} must be an integer >= 1.")
+        if self.aux_objective not in AUX_OBJECTIVES:
+            raise ValueError(f"aux_objective={self.aux_objective!r} is not one of {AUX_OBJECTIVES}.")
+        if (
+            isinstance(self.anchor_weight, bool)
+            or not isinstance(self.anchor_weight, (int, float))
+            or not math.isfinite(self.anchor_weight)
+            or self.anchor_weight < 0
+        ):
+            raise ValueError(f"anchor_weight={self.anchor_weight!r} must be a finite number >= 0.")
+        self.anchor_weight = float(self.anchor_weight)
+        if self.anchor_dtype is not None and self.anchor_dtype not in ANCHOR_DTYPES:
+            raise ValueError(f"anchor_dtype={self.anchor_dtype!r} is not one of {ANCHOR_DTYPES} (or None).")
+
+    @property
+    def uses_reconstruction(self) -> bool:
+        return "recon" in self.aux_objective
+
+    @property
+    def uses_anchor(self) -> bool:
+        return "anchor" in self.aux_objective
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """Contiguous (start, end) layer ranges; earlier blocks take the extra layer (9 layers, k=2 -> 5 + 4)."""

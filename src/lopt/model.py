@@ -4,7 +4,8 @@ A training forward (module in train mode, grad enabled) goes like this, for k bl
 
     h_0 = embedding output            (captured by a pre-hook on block 0's first layer)
     block 0:   h_1 = layers[b_0:b_1](h_0)
-    boundary:  aux_0 = MSE(head_0(h_1), h_0.detach())     (pre-hook on block 1's first layer)
+    boundary:  aux_0 = MSE(head_0(h_1), h_0.detach())     (pre-hook on block 1's first layer; "recon")
+                     [+ anchor_weight * MSE(h_1, h_1 of the pretrained model)]   ("anchor", see lopt.anchor)
                local mode: backward(scale * lambda/(k-1) * aux_0) right now -> block 0's activations are freed
                joint mode: keep aux_0's graph; it joins the task loss in one backward later
                block 1 receives h_1.detach(): the gradient boundary
@@ -24,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lopt.architectures import DecoderParts, find_decoder_parts, unwrap_peft
+from lopt.architectures import DecoderParts, find_decoder_parts, hidden_states_arg, unwrap_peft
+from lopt.anchor import ANCHOR_REFERENCE_NAME, PretrainedAnchor, anchor_loss
 from lopt.config import LoPTConfig
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.io import atomic_directory_write
@@ -35,10 +37,6 @@ AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
 def _in_backward_pass() -> bool:
     """True while the autograd engine runs, e.g. when activation checkpointing replays a layer's forward."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _replace_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -54,7 +52,9 @@ class LoPTModel(nn.Module):
         model: the wrapped model (transformers or PEFT), structure and parameter names unchanged.
         lopt_config: the LoPTConfig. (`config` and other unknown attributes pass through to the wrapped model.)
         block_ranges: (start, end) decoder-layer indices of each block.
-        aux_heads: one reconstruction head per early block (training only, never in saved checkpoints).
+        aux_heads: one reconstruction head per early block (training only, never in saved checkpoints); empty
+            when the objective is "anchor" alone.
+        anchor: the frozen pretrained reference (`PretrainedAnchor`) for the anchor objectives, else None.
         loss_scale: the factor the caller will multiply the returned loss by before `backward()` (e.g.
             1/gradient_accumulation_steps, times a fp16 grad-scaler's scale). The local backward uses it so that
             early-block gradients scale exactly like the task gradient. Trainer integrations set it.
@@ -69,11 +69,19 @@ class LoPTModel(nn.Module):
         self.lopt_config = config
         self.block_ranges = block_ranges
         self._parts = parts
+        self.num_boundaries = len(block_ranges) - 1
         hidden_size = parts.embedding.weight.shape[-1]
         device = parts.embedding.weight.device
+        num_heads = self.num_boundaries if config.uses_reconstruction else 0
         self.aux_heads = nn.ModuleList(
-            AuxHead(hidden_size, config.aux_head_ratio).to(device) for _ in range(len(block_ranges) - 1)
+            AuxHead(hidden_size, config.aux_head_ratio).to(device) for _ in range(num_heads)
         )
+        self.anchor: PretrainedAnchor | None = None
+        if config.uses_anchor:
+            late = {id(p) for module in self.late_modules() for p in module.parameters()}
+            dtype = getattr(torch, config.anchor_dtype) if config.anchor_dtype else None
+            self.anchor = PretrainedAnchor(model, parts, block_ranges, late, dtype)
+        self._anchor_states: list[torch.Tensor] | None = None
         self.loss_scale = 1.0
         self.last_aux_losses: list[torch.Tensor] = []
         self.last_task_loss: torch.Tensor | None = None
@@ -92,7 +100,7 @@ class LoPTModel(nn.Module):
         def hook(module, args, kwargs):
             if not self._training_forward():
                 return None  # eval / no_grad (generation, reference log-probs): the plain model, no aux work
-            hidden = _hidden_states_arg(args, kwargs)
+            hidden = hidden_states_arg(args, kwargs)
             if block_index == 0:
                 if not _in_backward_pass():
                     self._begin_forward(hidden)
@@ -109,13 +117,25 @@ class LoPTModel(nn.Module):
         self._check_checkpointing()
         self._block_inputs = {0: embedding_output}
         self.last_aux_losses = []
-        if next(self.aux_heads.parameters()).device != embedding_output.device:
+        if self.anchor is not None and self._anchor_states is None:
+            raise RuntimeError(
+                "The anchor objective needs the LoPTModel's forward (it computes the pretrained reference first): "
+                "call the LoPTModel, not the model it wraps."
+            )
+        heads = list(self.aux_heads.parameters())
+        if heads and heads[0].device != embedding_output.device:
             self.aux_heads.to(embedding_output.device)  # in place: optimizer references stay valid
 
     def _end_early_block(self, index: int, block_output: torch.Tensor) -> None:
-        aux = reconstruction_loss(self.aux_heads[index], block_output, self._block_inputs.pop(index))
+        config = self.lopt_config
+        block_input = self._block_inputs.pop(index)
+        aux = block_output.new_zeros((), dtype=torch.float32)
+        if config.uses_reconstruction:
+            aux = aux + reconstruction_loss(self.aux_heads[index], block_output, block_input)
+        if config.uses_anchor:
+            aux = aux + config.anchor_weight * anchor_loss(block_output, self._anchor_states[index])
         self.last_aux_losses.append(aux.detach())
-        weighted = aux * (self.lopt_config.aux_weight / len(self.aux_heads))
+        weighted = aux * (config.aux_weight / self.num_boundaries)
         if self.lopt_config.backward == "local":
             # Backpropagate this block's objective now, so its activations are freed before the next block runs.
             # Autocast is for forward ops only; the backward uses the dtypes the forward chose.
@@ -151,7 +171,12 @@ class LoPTModel(nn.Module):
         """The wrapped model's forward. With labels, `loss` = task_loss + lambda * mean(aux), whose backward gives
         exactly that objective's gradients in both modes; `task_loss` and `aux_loss` are detached copies."""
         self._pending_aux = None
-        output = self.model(*args, **kwargs)
+        if self.anchor is not None and self._training_forward():
+            self._anchor_states = self.anchor.boundary_states(args, kwargs)
+        try:
+            output = self.model(*args, **kwargs)
+        finally:
+            self._anchor_states = None
         task_loss = getattr(output, "loss", None)
         if task_loss is not None and self._pending_aux is not None:
             aux = self.take_aux_loss()
@@ -212,6 +237,10 @@ class LoPTModel(nn.Module):
         tmp = path + ".tmp"
         save_file(state, tmp, metadata={"num_heads": str(len(self.aux_heads))})
         os.replace(tmp, path)
+        if self.anchor is not None:  # the pretrained reference: a resumed run must anchor to the same states
+            reference = os.path.join(directory, ANCHOR_REFERENCE_NAME)
+            save_file(self.anchor.state_dict(), reference + ".tmp")
+            os.replace(reference + ".tmp", reference)
         self.lopt_config.save_pretrained(directory)
         return path
 
@@ -228,10 +257,20 @@ class LoPTModel(nn.Module):
                 f"Aux heads in {path!r} ({saved_heads} heads) do not fit this model ({len(self.aux_heads)} heads, "
                 f"block_ranges={self.block_ranges}): resume with the num_blocks/boundaries of that run."
             ) from err
+        if self.anchor is not None:
+            reference = os.path.join(directory, ANCHOR_REFERENCE_NAME)
+            if not os.path.isfile(reference):
+                raise FileNotFoundError(
+                    f"No anchor reference at {reference!r}: this checkpoint was not written by an anchor run."
+                )
+            self.anchor.load_state_dict(load_file(reference))
 
     def extra_repr(self) -> str:
         c = self.lopt_config
-        return f"block_ranges={self.block_ranges}, backward={c.backward!r}, aux_weight={c.aux_weight}"
+        return (
+            f"block_ranges={self.block_ranges}, backward={c.backward!r}, aux_objective={c.aux_objective!r}, "
+            f"aux_weight={c.aux_weight}"
+        )
 
 
 def untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
