@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lopt.architectures import DecoderParts, find_decoder_parts, hidden_states_arg, unwrap_peft
 from lopt.anchor import ANCHOR_REFERENCE_NAME, PretrainedAnchor, anchor_loss
+from lopt.architectures import DecoderParts, find_decoder_parts, hidden_states_arg, unwrap_peft
 from lopt.config import LoPTConfig
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.io import atomic_directory_write
