@@ -132,10 +132,22 @@ def test_anchor_reference_round_trip(tmp_path):
         resumed.load_aux_heads(tmp_path)
 
 
-def test_calling_the_wrapped_model_directly_is_refused():
-    lm = get_lopt_model(tiny_model("llama", num_layers=4), LoPTConfig(aux_objective="anchor"))
-    with pytest.raises(RuntimeError, match="call the LoPTModel"):
-        lm.model(**make_batch())
+def test_calling_the_wrapped_model_works_and_a_submodule_is_refused():
+    """Trainers call the HF model itself (the mixin keeps it), so that path must compute the reference too."""
+    base = tiny_model("llama", num_layers=4)
+    batch = make_batch()
+    via_wrapper = _wrap(clone(base), aux_objective="recon+anchor")
+    via_model = _wrap(clone(base), aux_objective="recon+anchor")
+    for lm in (via_wrapper, via_model):
+        _perturb(lm.model)
+    via_wrapper(**batch).loss.backward()
+    out = via_model.model(**batch)
+    (out.loss + via_model.take_aux_loss()).backward()
+    _assert_same_grads(_grads(via_model), _grads(via_wrapper))
+    assert via_model._anchor_states is None  # dropped after the forward
+
+    with pytest.raises(RuntimeError, match="not one of its submodules"):
+        via_model.model.model(input_ids=batch["input_ids"])
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,9 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
         "compare",
         "--quick",
         "--methods",
-        "e2e,lopt,lopt_joint",
+        "e2e,lopt,lopt_joint,lopt_recon_anchor",
+        "--lr_k1_ratios",
+        "1,0.5",
         "--max_steps",
         "3",
         "--eval_samples",
@@ -52,7 +54,11 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     results = json.loads((out / "results.json").read_text())
     for key in ("model", "vocab_size", "num_layers", "steps", "seeds", "device", "torch", "transformers"):
         assert key in results["setup"], key
-    assert set(results["methods"]) == {"e2e", "lopt", "lopt_joint"}
+    assert list(results["methods"]) == ["e2e", "lopt", "lopt@0.5", "lopt_joint", "lopt_recon_anchor"]
+    lopt_args = json.loads((out / "runs" / "lopt@0.5-seed0" / "lopt_args.json").read_text())
+    assert lopt_args["lr_k1"] == 0.5 * lopt_args["learning_rate"]
+    anchor_config = json.loads((out / "runs" / "lopt_recon_anchor-seed0" / "lopt_config.json").read_text())
+    assert anchor_config["aux_objective"] == "recon+anchor"
     for name, entry in results["methods"].items():
         for key in (
             "activation_peak_bytes",
@@ -110,5 +116,6 @@ def test_report_states_missed_targets_plainly():
     lines = "\n".join(summarize(results))
     assert "0.70x e2e (target ≤ 0.56): MISSED" in lines
     assert "step time is 1.20x e2e" in lines and "-30.0 points" in lines
-    assert "above freeze): MISSED" in lines and "Fewer than 3 seeds" in lines
+    assert "freeze 60.0%, target above: MISSED" in lines and "Fewer than 3 seeds" in lines
+    assert "retention rise +20.0 vs e2e +10.0 (target ≤ half: MISSED)" in lines
     assert "| lopt | 0.0 (0.70x)" in format_report(results)

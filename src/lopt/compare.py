@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lopt.errors import UserError
 from lopt.io import atomic_write_json, atomic_write_text
 
-# compare name -> `lopt sft` flags
+# compare name -> `lopt sft` flags. Any name may carry "@r" (e.g. "lopt@0.1"): the early group's lr is r x lr.
 METHOD_FLAGS: dict[str, list[str]] = {
     "e2e": ["--method", "e2e"],
     "lopt": ["--method", "lopt", "--num_blocks", "2"],
@@ -29,8 +29,11 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "lopt_joint": ["--method", "lopt_joint", "--num_blocks", "2"],
     "freeze": ["--method", "freeze"],
     "lora": ["--method", "lora"],
+    "lopt_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "anchor"],
+    "lopt_recon_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "recon+anchor"],
+    "lopt_k4_anchor": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "recon+anchor"],
 }
-DEFAULT_METHODS = tuple(METHOD_FLAGS)
+DEFAULT_METHODS = ("e2e", "lopt", "lopt_k4", "lopt_joint", "freeze", "lora")
 METRICS = (
     "activation_peak_bytes",
     "peak_memory_bytes",
@@ -57,11 +60,26 @@ class CompareSpec:
     )  # any other `lopt sft` flags, identical for every method
     output_dir: str = "runs/compare"
     progress: bool = True
+    lr_k1_ratios: list[float] | None = None  # adds "lopt@r" for each ratio r != 1 (the learning-rate study)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHOD_FLAGS]
+        unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
         if unknown:
-            raise UserError(f"--methods {unknown} unknown; choose from {', '.join(METHOD_FLAGS)}.")
+            raise UserError(
+                f"--methods {unknown} unknown; choose from {', '.join(METHOD_FLAGS)} (optionally name@lr_k1_ratio)."
+            )
+        for name in self.methods:
+            _lr_k1_ratio(name)  # validates the "@r" suffix
+        if self.lr_k1_ratios:
+            if "lopt" not in self.methods:
+                raise UserError(
+                    "--lr_k1_ratios varies the lopt method's early lr: include lopt in --methods."
+                )
+            if any(r <= 0 for r in self.lr_k1_ratios):
+                raise UserError(f"--lr_k1_ratios {self.lr_k1_ratios} must all be > 0.")
+            at = self.methods.index("lopt") + 1
+            extra = [f"lopt@{r:g}" for r in self.lr_k1_ratios if r != 1 and f"lopt@{r:g}" not in self.methods]
+            self.methods[at:at] = extra
         if self.seeds < 1 or self.max_steps < 1:
             raise UserError("--seeds and --max_steps must be >= 1.")
         if self.model_name_or_path is not None and self.train_file is None:
@@ -94,7 +112,8 @@ def run_compare(spec: CompareSpec) -> dict:
         retention = None
     evaluate = _evaluator(tokenizer, eval_rows, match, retention, evaluate_checkpoint)
     before = evaluate(model)
-    activation = {name: activation_peak_bytes(base_path, name, spec) for name in spec.methods}
+    by_base = {base: activation_peak_bytes(base_path, base, spec) for base in map(_base_name, spec.methods)}
+    activation = {name: by_base[_base_name(name)] for name in spec.methods}  # an lr does not change memory
     del model
 
     runs: dict[str, list[dict]] = {name: [] for name in spec.methods}
@@ -141,8 +160,48 @@ def _evaluator(tokenizer, eval_rows, match, retention, evaluate_checkpoint):
     return evaluate
 
 
+def _base_name(name: str) -> str:
+    return name.split("@", 1)[0]
+
+
+def _lr_k1_ratio(name: str) -> float | None:
+    """The r of "method@r", None without a suffix."""
+    if "@" not in name:
+        return None
+    text = name.split("@", 1)[1]
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = -1.0
+    if not ratio > 0 or not METHOD_FLAGS[_base_name(name)][1].startswith("lopt"):
+        raise UserError(f"--methods {name!r}: '@r' takes a ratio r > 0 and applies to LoPT methods only.")
+    return ratio
+
+
+def _method_flags(spec: CompareSpec, name: str) -> list[str]:
+    flags = list(METHOD_FLAGS[_base_name(name)])
+    ratio = _lr_k1_ratio(name)
+    if ratio is not None:
+        flags += ["--lr_k1", f"{ratio * _learning_rate(spec):g}"]
+    return flags
+
+
+def _learning_rate(spec: CompareSpec) -> float:
+    """The lr every run trains with: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
+    from lopt.cli.common import BUILTIN_DEFAULTS, USER_MODEL_DEFAULTS
+
+    args = spec.sft_args
+    for i, arg in enumerate(args):
+        if arg == "--learning_rate" and i + 1 < len(args):
+            return float(args[i + 1])
+        if arg.startswith("--learning_rate="):
+            return float(arg.split("=", 1)[1])
+    defaults = BUILTIN_DEFAULTS if spec.model_name_or_path is None else USER_MODEL_DEFAULTS
+    return defaults["learning_rate"]
+
+
 def _train(spec: CompareSpec, name: str, seed: int, run_dir: str) -> None:
-    cmd = [sys.executable, "-m", "lopt", "sft", *METHOD_FLAGS[name], "--seed", str(seed)]
+    cmd = [sys.executable, "-m", "lopt", "sft", *_method_flags(spec, name), "--seed", str(seed)]
     cmd += [
         "--max_steps",
         str(spec.max_steps),
@@ -186,7 +245,12 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec) -> int:
     flags = dict(zip(METHOD_FLAGS[name][::2], METHOD_FLAGS[name][1::2]))
     model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    prepared = prepare_model(model, flags["--method"], num_blocks=int(flags.get("--num_blocks", 2)))
+    prepared = prepare_model(
+        model,
+        flags["--method"],
+        num_blocks=int(flags.get("--num_blocks", 2)),
+        aux_objective=flags.get("--aux_objective", "recon"),
+    )
     trained = prepared.model
     if prepared.lopt_config is not None:
         trained = get_lopt_model(trained, prepared.lopt_config)
@@ -303,6 +367,10 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _is_lopt(name: str) -> bool:
+    return METHOD_FLAGS[_base_name(name)][1].startswith("lopt")
+
+
 def _fmt_ratio(ratio) -> str:
     return "—" if ratio is None else f"{ratio:.2f}x"
 
@@ -328,28 +396,32 @@ def summarize(results: dict) -> list[str]:
             f"- lopt_joint (the authors' single backward) activation peak is {r:.2f}x e2e: it saves no memory."
         )
     if "lopt" in methods:
-        lopt = methods["lopt"]
-        r = lopt["step_time_s"] / e2e["step_time_s"]
+        r = methods["lopt"]["step_time_s"] / e2e["step_time_s"]
         out.append(f"- lopt step time is {r:.2f}x e2e (target ≤ 1.0): {check(r <= 1.0)}.")
-        if lopt.get("task_accuracy") is not None and e2e.get("task_accuracy") is not None:
-            gap = 100 * (lopt["task_accuracy"] - e2e["task_accuracy"])
-            out.append(
-                f"- lopt task accuracy {100 * lopt['task_accuracy']:.1f}% vs e2e {100 * e2e['task_accuracy']:.1f}% "
-                f"({gap:+.1f} points; target within 2): {check(gap >= -2)}."
+    freeze = methods.get("freeze")
+    for name, m in methods.items():
+        if not _is_lopt(name) or _base_name(name) == "lopt_joint":
+            continue  # lopt_joint has lopt's gradients: its quality is lopt's
+        parts = []
+        if m.get("task_accuracy") is not None and e2e.get("task_accuracy") is not None:
+            gap = 100 * (m["task_accuracy"] - e2e["task_accuracy"])
+            parts.append(
+                f"accuracy {100 * m['task_accuracy']:.1f}% ({gap:+.1f} points vs e2e, target within 2: {check(gap >= -2)}"
             )
-            if "freeze" in methods:
-                f = methods["freeze"]["task_accuracy"]
-                out.append(
-                    f"- lopt vs freeze: {100 * lopt['task_accuracy']:.1f}% vs {100 * f:.1f}% (target above "
-                    f"freeze): {check(lopt['task_accuracy'] > f)}."
+            if freeze is not None and freeze.get("task_accuracy") is not None:
+                parts[-1] += (
+                    f"; freeze {100 * freeze['task_accuracy']:.1f}%, target above: {check(m['task_accuracy'] > freeze['task_accuracy'])}"
                 )
-        if lopt.get("retention_ppl") is not None and e2e.get("retention_ppl") is not None:
-            before = lopt["retention_ppl_before"]
-            rise_l, rise_e = lopt["retention_ppl"] - before, e2e["retention_ppl"] - before
-            out.append(
-                f"- retention perplexity rise: lopt {rise_l:+.1f}, e2e {rise_e:+.1f} (target: lopt ≤ half of "
-                f"e2e's): {check(rise_e > 0 and rise_l <= rise_e / 2)}."
-            )
+            parts[-1] += ")"
+        if m.get("retention_ppl") is not None and e2e.get("retention_ppl") is not None:
+            before = m["retention_ppl_before"]
+            rise, rise_e2e = m["retention_ppl"] - before, e2e["retention_ppl"] - before
+            text = f"retention rise {rise:+.1f} vs e2e {rise_e2e:+.1f} (target ≤ half: {check(rise_e2e > 0 and rise <= rise_e2e / 2)})"
+            if m["retention_ppl"] > 10 * before:
+                text += f"; COLLAPSED (perplexity {m['retention_ppl']:.0f}, over 10x the base model's)"
+            parts.append(text)
+        if parts:
+            out.append(f"- {name}: " + "; ".join(parts) + ".")
     if results["setup"]["seeds"] < 3:
         out.append("- Fewer than 3 seeds: accuracy and retention differences are not reliable.")
     return out

@@ -40,6 +40,9 @@ def prepare_model(
     method: str,
     num_blocks: int = 2,
     aux_weight: float = 10.0,
+    aux_objective: str = "recon",
+    anchor_weight: float = 1.0,
+    anchor_dtype: str | None = None,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
@@ -52,6 +55,9 @@ def prepare_model(
             num_blocks=num_blocks,
             aux_weight=aux_weight,
             backward="joint" if method == "lopt_joint" else "local",
+            aux_objective=aux_objective,
+            anchor_weight=anchor_weight,
+            anchor_dtype=anchor_dtype,
         )
         # Validate now (e.g. num_blocks > layers), before the trainer or the model is touched.
         config.block_ranges(find_decoder_parts(model).num_layers)

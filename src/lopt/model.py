@@ -91,6 +91,13 @@ class LoPTModel(nn.Module):
             parts.layers[start].register_forward_pre_hook(self._make_block_start_hook(i), with_kwargs=True)
             for i, (start, _) in enumerate(block_ranges)
         ]
+        if self.anchor is not None:
+            # On the wrapped model itself, since trainers call it (not this wrapper): the pretrained boundary
+            # states for this input are computed before its forward and dropped after it.
+            self._hook_handles += [
+                model.register_forward_pre_hook(self._compute_anchor_states, with_kwargs=True),
+                model.register_forward_hook(self._drop_anchor_states, always_call=True),
+            ]
 
     # --- the LoPT step ---------------------------------------------------------------------------
     def _training_forward(self) -> bool:
@@ -113,14 +120,21 @@ class LoPTModel(nn.Module):
 
         return hook
 
+    def _compute_anchor_states(self, module, args, kwargs):
+        if self._training_forward():  # the reference forward itself runs in eval mode: no recursion
+            self._anchor_states = self.anchor.boundary_states(args, kwargs)
+
+    def _drop_anchor_states(self, *_):
+        self._anchor_states = None
+
     def _begin_forward(self, embedding_output: torch.Tensor) -> None:
         self._check_checkpointing()
         self._block_inputs = {0: embedding_output}
         self.last_aux_losses = []
         if self.anchor is not None and self._anchor_states is None:
             raise RuntimeError(
-                "The anchor objective needs the LoPTModel's forward (it computes the pretrained reference first): "
-                "call the LoPTModel, not the model it wraps."
+                "The anchor objective computes the pretrained reference when the whole model is called: call the "
+                "model (or the LoPTModel), not one of its submodules."
             )
         heads = list(self.aux_heads.parameters())
         if heads and heads[0].device != embedding_output.device:
@@ -171,12 +185,7 @@ class LoPTModel(nn.Module):
         """The wrapped model's forward. With labels, `loss` = task_loss + lambda * mean(aux), whose backward gives
         exactly that objective's gradients in both modes; `task_loss` and `aux_loss` are detached copies."""
         self._pending_aux = None
-        if self.anchor is not None and self._training_forward():
-            self._anchor_states = self.anchor.boundary_states(args, kwargs)
-        try:
-            output = self.model(*args, **kwargs)
-        finally:
-            self._anchor_states = None
+        output = self.model(*args, **kwargs)
         task_loss = getattr(output, "loss", None)
         if task_loss is not None and self._pending_aux is not None:
             aux = self.take_aux_loss()

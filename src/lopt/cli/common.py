@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from lopt.config import ANCHOR_DTYPES, AUX_OBJECTIVES
 from lopt.data import ensure_pad_token
 from lopt.errors import UserError
 from lopt.io import atomic_directory_write, atomic_write_json
@@ -55,6 +56,22 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="LR of the early group (embedding, early blocks, aux heads).",
+    )
+    g.add_argument(
+        "--aux_objective",
+        default="recon",
+        choices=AUX_OBJECTIVES,
+        help="Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained model's "
+        "hidden state at the boundary), or recon+anchor.",
+    )
+    g.add_argument(
+        "--anchor_weight", type=float, default=1.0, help="Weight of the anchor term in recon+anchor."
+    )
+    g.add_argument(
+        "--anchor_dtype",
+        default=None,
+        choices=ANCHOR_DTYPES,
+        help="dtype of the frozen pretrained copy the anchor needs (default: the model's; bfloat16 halves it).",
     )
     g.add_argument("--lora_r", type=int, default=16)
     g.add_argument("--lora_alpha", type=int, default=32)
@@ -117,8 +134,11 @@ def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
             raise UserError(f"--{name} {getattr(args, name)} must be positive.")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise UserError(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1).")
-    if args.lr_k1 is not None and args.method not in ("lopt", "ll", "lopt_joint"):
+    lopt_method = args.method in ("lopt", "ll", "lopt_joint")
+    if args.lr_k1 is not None and not lopt_method:
         raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
+    if args.aux_objective != "recon" and not lopt_method:
+        raise UserError(f"--aux_objective only applies to LoPT methods, not --method {args.method}.")
     return args
 
 
@@ -213,7 +233,11 @@ def describe_method(args: argparse.Namespace, prepared) -> str:
     text = f"method={prepared.method}"
     if prepared.lopt_config is not None:
         c = prepared.lopt_config
-        text += f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, lr_k1={args.lr_k1 or args.learning_rate}"
+        text += (
+            f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, aux_objective={c.aux_objective}"
+            f"{f' (anchor_weight={c.anchor_weight})' if c.aux_objective == 'recon+anchor' else ''}"
+            f", lr_k1={args.lr_k1 or args.learning_rate}"
+        )
     return text
 
 
@@ -226,6 +250,9 @@ def prepare_from_args(model, args: argparse.Namespace):
         args.method,
         num_blocks=args.num_blocks,
         aux_weight=args.lambda_aux,
+        aux_objective=args.aux_objective,
+        anchor_weight=args.anchor_weight,
+        anchor_dtype=args.anchor_dtype,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,

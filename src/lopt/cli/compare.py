@@ -7,9 +7,19 @@ import shlex
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    from lopt.compare import DEFAULT_METHODS
+    from lopt.compare import DEFAULT_METHODS, METHOD_FLAGS
 
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="Comma-separated subset.")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"Comma-separated, from {', '.join(METHOD_FLAGS)}; 'name@r' trains a LoPT method's early group at "
+        "r x the learning rate.",
+    )
+    parser.add_argument(
+        "--lr_k1_ratios",
+        default=None,
+        help="Learning-rate study, e.g. 1,0.3,0.1: adds lopt@r for each ratio r != 1 (lr_k1 = r x lr).",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="Default 3 (1 with --quick).")
     parser.add_argument(
         "--max_steps",
@@ -49,8 +59,20 @@ def run(args: argparse.Namespace) -> int:
         sft_args=shlex.split(args.sft_args),
         output_dir=args.output_dir,
         progress=not args.no_progress,
+        lr_k1_ratios=_ratios(args.lr_k1_ratios),
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:
         print(f.read())
     return 0
+
+
+def _ratios(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--lr_k1_ratios {text!r} must be comma-separated numbers, e.g. 1,0.3,0.1."
+        ) from None
