@@ -105,6 +105,10 @@ def test_bench_cli_prints_every_config(tmp_path, capsys):
     assert rows["lopt-k2"]["act_peak_bytes"] < rows["e2e"]["act_peak_bytes"]
     assert rows["lopt-k4"]["act_peak_bytes"] < rows["lopt-k2"]["act_peak_bytes"]
     assert rows["lopt-joint-k2"]["act_peak_bytes"] >= rows["e2e"]["act_peak_bytes"]
+    # The anchor keeps a frozen copy of the early weights (half of it in bf16); its reference forward is no-grad.
+    assert rows["lopt-k2-anchor"]["reference_bytes"] == 2 * rows["lopt-k2-anchor-bf16"]["reference_bytes"] > 0
+    assert rows["lopt-k2"]["reference_bytes"] == 0
+    assert rows["lopt-k2-anchor"]["act_peak_bytes"] == rows["lopt-k2"]["act_peak_bytes"]
 
 
 def test_bench_rejects_unknown_config(capsys):

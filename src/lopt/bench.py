@@ -37,22 +37,37 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 MB = 1024 * 1024
 
-# name -> (label, LoPT backward mode or None for plain E2E, number of blocks k, gradient checkpointing)
-CONFIGS: dict[str, tuple[str, str | None, int, bool]] = {
-    "e2e": ("E2E", None, 1, False),
-    "lopt-joint-k2": ("LoPT-joint k=2", "joint", 2, False),
-    "lopt-k2": ("LoPT k=2", "local", 2, False),
-    "lopt-k4": ("LoPT k=4", "local", 4, False),
-    "e2e+gc": ("E2E", None, 1, True),
-    "lopt-joint-k2+gc": ("LoPT-joint k=2", "joint", 2, True),
-    "lopt-k2+gc": ("LoPT k=2", "local", 2, True),
-    "lopt-k4+gc": ("LoPT k=4", "local", 4, True),
+
+class BenchConfig(NamedTuple):
+    label: str
+    backward: str | None  # LoPT backward mode, None for plain E2E
+    k: int  # number of blocks
+    gc: bool  # activation checkpointing
+    aux_objective: str = "recon"
+    anchor_dtype: str | None = None  # dtype of the anchor's frozen pretrained copy
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    "e2e": BenchConfig("E2E", None, 1, False),
+    "lopt-joint-k2": BenchConfig("LoPT-joint k=2", "joint", 2, False),
+    "lopt-k2": BenchConfig("LoPT k=2", "local", 2, False),
+    "lopt-k4": BenchConfig("LoPT k=4", "local", 4, False),
+    # the anchor's cost: a frozen copy of the early weights and one no-grad forward of the early blocks
+    "lopt-k2-anchor": BenchConfig("LoPT k=2 recon+anchor", "local", 2, False, "recon+anchor"),
+    "lopt-k2-anchor-bf16": BenchConfig(
+        "LoPT k=2 recon+anchor bf16 copy", "local", 2, False, "recon+anchor", "bfloat16"
+    ),
+    "e2e+gc": BenchConfig("E2E", None, 1, True),
+    "lopt-joint-k2+gc": BenchConfig("LoPT-joint k=2", "joint", 2, True),
+    "lopt-k2+gc": BenchConfig("LoPT k=2", "local", 2, True),
+    "lopt-k4+gc": BenchConfig("LoPT k=4", "local", 4, True),
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
 
@@ -266,7 +281,9 @@ class Runner:
         from lopt.optim import param_groups
 
         self.name = name
-        self.label, self.backward, self.k, self.gc = CONFIGS[name]
+        config = CONFIGS[name]
+        self.label, self.backward, self.k, self.gc = config.label, config.backward, config.k, config.gc
+        self.reference_bytes = 0  # the anchor's frozen copy of pretrained weights
         model = copy.deepcopy(base_model)  # same initial weights for every configuration
         model.train()
         if self.gc:  # non-reentrant: LoPT's detached boundary needs it; E2E uses the same for a fair race
@@ -279,8 +296,16 @@ class Runner:
             self.model = model
             groups = [p for p in model.parameters() if p.requires_grad]
         else:
-            self.model = get_lopt_model(model, LoPTConfig(num_blocks=self.k, backward=self.backward))
+            lopt_config = LoPTConfig(
+                num_blocks=self.k,
+                backward=self.backward,
+                aux_objective=config.aux_objective,
+                anchor_dtype=config.anchor_dtype,
+            )
+            self.model = get_lopt_model(model, lopt_config)
             groups = param_groups(self.model, lr=spec.lr)
+            if self.model.anchor is not None:
+                self.reference_bytes = self.model.anchor.num_bytes
         self.optimizer = torch.optim.AdamW(groups, lr=spec.lr)
 
     def forward_backward(self, input_ids: torch.Tensor) -> float:
@@ -394,7 +419,14 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
     runners = [Runner(name, spec, base) for name in configs]
     del base
     rows = {
-        r.name: {"name": r.name, "label": r.label, "gc": r.gc, "backward": r.backward or "e2e", "k": r.k}
+        r.name: {
+            "name": r.name,
+            "label": r.label,
+            "gc": r.gc,
+            "backward": r.backward or "e2e",
+            "k": r.k,
+            "reference_bytes": r.reference_bytes,
+        }
         for r in runners
     }
 
@@ -513,7 +545,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 # --- output ------------------------------------------------------------------------------------------
 COLUMNS = (
     "config", "GC", "act. peak MB", "x E2E", "x E2E no-GC", "peak mem MB", "x E2E",
-    "median step s", "x E2E", "tokens/s",
+    "median step s", "x E2E", "tokens/s", "ref. copy MB",
 )  # fmt: skip
 
 
@@ -542,6 +574,7 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
             _fmt(row.get("median_step_s"), ".3f"),
             _fmt(row.get("time_ratio"), ".2f"),
             _fmt(row.get("tokens_per_s"), ".0f"),
+            _fmt_mb(row.get("reference_bytes")) if row.get("reference_bytes") else "—",
         ])  # fmt: skip
     return cells
 
@@ -559,6 +592,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     footer = [
         "act. peak = peak bytes saved for backward over forward+backward (saved_tensors_hooks), each storage "
         "counted once while saved; parameters (and views of them, leaf tensors requiring grad) excluded.",
+        "ref. copy = the anchor's frozen copy of the pretrained early weights (extra weight memory, outside "
+        "peak mem, which is measured from after the model is built).",
         "GC rows: each checkpointed layer's saved input is counted; the tensors recomputed during the "
         "backward (one layer at a time) go through the checkpoint's own hooks and are not (peak mem sees them).",
         *(mem_note[k] for k in sorted(kinds)),
