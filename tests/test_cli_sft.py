@@ -143,10 +143,12 @@ def test_user_file_with_every_row_format_and_yaml_config(builtin_tiny, tmp_path)
     )
 
 
-def test_resume_continues_exactly_where_the_checkpoint_left_off(builtin_tiny, tmp_path):
+@pytest.mark.parametrize("objective", ["recon", "recon+anchor"])
+def test_resume_continues_exactly_where_the_checkpoint_left_off(builtin_tiny, tmp_path, objective):
     """Run A trains 4 steps with checkpoints; run B resumes from A's checkpoint-2 (optimizer, scheduler, aux heads,
-    RNG). Both must end with the same weights."""
-    steps = ["--max_steps", "4", "--save_steps", "2"]
+    RNG, and for the anchor the *pretrained* reference, not the checkpoint's weights). Both must end with the same
+    weights."""
+    steps = ["--max_steps", "4", "--save_steps", "2", "--aux_objective", objective, "--anchor_weight", "1000"]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     lopt(["sft", *FAST, *steps, "--output_dir", str(run_a)], builtin_tiny["env"])
     checkpoint = run_a / "checkpoint-2"
@@ -191,6 +193,7 @@ def test_resume_from_a_non_lopt_checkpoint_is_refused(builtin_tiny, tmp_path):
         ),
         ("long_prompt", ["--train_file", "{tmp}/long.jsonl", "--max_seq_length", "8"], "max_seq_length"),
         ("yaml_unknown", ["--config", "{tmp}/bad.yaml"], "unknown keys"),
+        (None, ["--method", "e2e", "--aux_objective", "anchor"], "--aux_objective only applies"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(builtin_tiny, tmp_path, setup, args, expected):
