@@ -78,7 +78,7 @@ def runs(builtin_tiny, tmp_path_factory):
     specs = {  # embedded default with LoPT; the user's JSONL with --method e2e
         "grpo": ["grpo", *GRPO_FAST, "--save_steps", "1", "--plot"],
         "grpo_file_e2e": ["grpo", *GRPO_FAST, *user_model, "--train_file", str(grpo_file), *e2e, *beta],
-        "dpo": ["dpo", *DPO_FAST],
+        "dpo": ["dpo", *DPO_FAST, "--aux_objective", "recon+anchor"],
         "dpo_file_e2e": ["dpo", *DPO_FAST, *user_model, "--train_file", str(dpo_file), *e2e],
     }
     specs["help_grpo"], specs["help_dpo"] = ["grpo", "--help"], ["dpo", "--help"]
@@ -183,6 +183,8 @@ def test_dpo_default_run(runs, builtin_tiny):
     assert summary["method"] == "lopt" and summary["steps"] == 2
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0
     assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+    # the anchor's reference forward runs inside TRL's policy forward (the reference model's is no-grad)
+    assert json.loads((run.out / "lopt_config.json").read_text())["aux_objective"] == "recon+anchor"
 
 
 def test_dpo_user_file_with_strings_and_chat_messages_and_e2e(runs, builtin_tiny):
