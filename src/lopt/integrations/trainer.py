@@ -10,8 +10,10 @@ The mixin
 - builds the optimizer from `lopt.param_groups` (early group at `early_learning_rate`);
 - before each forward, sets `loss_scale` so the local backward scales exactly like the loss the trainer
   backpropagates (gradient accumulation, fp16 grad scaler); in joint mode it adds the aux objective to the loss;
-- logs the task loss and each boundary's aux loss;
-- writes checkpoints atomically and keeps the aux heads in them for resuming.
+- logs the task loss and each boundary's aux loss (averaged over ranks);
+- writes checkpoints atomically and keeps the aux heads in them for resuming;
+- under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.distributed`. Local mode under
+  FSDP or DeepSpeed is refused with a one-line error (use `backward="joint"` under FSDP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lopt.config import LoPTConfig
+from lopt.distributed import LoPTGradientSync, all_reduce_mean_, is_distributed
 from lopt.model import AUX_HEADS_NAME, get_lopt_model
 from lopt.optim import param_groups
 
@@ -37,14 +40,30 @@ class LoPTTrainerMixin:
         super().__init__(*args, **kwargs)
         self.early_learning_rate = early_learning_rate
         self.lopt_model = None
+        self._lopt_grad_sync = None
         if lopt_config is not None:
+            self._check_distributed_backend(lopt_config)
             self.lopt_model = get_lopt_model(self.model, lopt_config)
             self.lopt_model.aux_heads.to(self.args.device)
             # The trainer zeroes and clips only its model's gradients; the aux heads live beside it.
             self.add_callback(_ZeroAuxHeadGrads(self.lopt_model))
+            # Multi-process: set up before train() wraps the model in DDP (a no-op in one process).
+            self._lopt_grad_sync = LoPTGradientSync(self.lopt_model)
         self._lopt_sums: dict[str, float] = {}
         self._lopt_micro_steps = 0
         self._lopt_group_lrs: dict[str, float] = {}
+
+    def _check_distributed_backend(self, lopt_config: LoPTConfig) -> None:
+        """Local mode backpropagates inside the forward: fine under DDP (see lopt.distributed), not under FSDP or
+        DeepSpeed, whose gradient reduction hooks expect one backward after the forward."""
+        if lopt_config.backward != "local":
+            return
+        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+            if getattr(self, flag, False):
+                raise ValueError(
+                    f"LoPT's local backward (--method lopt) is not supported under {name}: use DDP "
+                    "(plain torchrun / accelerate launch), or --method lopt_joint (backward='joint')."
+                )
 
     # --- optimizer: the two LoPT groups --------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -65,12 +84,31 @@ class LoPTTrainerMixin:
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The last micro-batch of an optimizer step (the trainer clips and steps right after this returns): average
+        # the gradients DDP does not sync. Earlier micro-batches accumulate locally, as DDP's no_sync does.
+        if self._lopt_grad_sync is not None and self.accelerator.sync_gradients:
+            self._lopt_grad_sync.sync_gradients()
+        return loss
+
     def _clip_grad_norm(self, model):
         """One global norm over the model and the aux heads (all that the optimizer steps), as in plain training."""
         if self.lopt_model is None:
             return super()._clip_grad_norm(model)
-        params = [*model.parameters(), *self.lopt_model.aux_heads.parameters()]
-        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+        aux = [p for p in self.lopt_model.aux_heads.parameters() if p.grad is not None]
+        max_norm = self.args.max_grad_norm
+        if not getattr(self, "is_fsdp_enabled", False):
+            return self.accelerator.clip_grad_norm_([*model.parameters(), *aux], max_norm)
+        # FSDP: the model's gradients are sharded (accelerate computes their global norm); the aux heads' gradients
+        # are replicated and already averaged. Combine the two norms, then scale both by one coefficient.
+        model_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+        model_norm = model_norm.full_tensor() if hasattr(model_norm, "full_tensor") else model_norm
+        aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux]) if aux else torch.zeros(())
+        total = torch.sqrt(model_norm.float() ** 2 + aux_norm.to(model_norm.device).float() ** 2)
+        params = [p for p in model.parameters() if p.grad is not None] + aux
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     # --- the loss ------------------------------------------------------------------------------
     def _loss_factor_applied_by_trainer(self, num_items_in_batch) -> float:
@@ -124,7 +162,13 @@ class LoPTTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._lopt_micro_steps:
             optimizer_steps = self._lopt_micro_steps / self.current_gradient_accumulation_steps
-            logs.update({k: float(f"{v / optimizer_steps:.6g}") for k, v in self._lopt_sums.items()})
+            sums = self._lopt_sums
+            if is_distributed():  # every rank logs at the same step: report the mean over ranks
+                keys = sorted(sums)
+                values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
+                all_reduce_mean_([values])
+                sums = dict(zip(keys, values.tolist()))
+            logs.update({k: float(f"{v / optimizer_steps:.6g}") for k, v in sums.items()})
             self._lopt_sums, self._lopt_micro_steps = {}, 0
         if "loss" in logs and self.lopt_model is not None:
             logs.update(self._lopt_group_lrs)

@@ -1,0 +1,132 @@
+"""Data-parallel LoPT: the two things DistributedDataParallel cannot do for it, done by hand.
+
+1. Local mode runs each early block's backward INSIDE the forward (`LoPTModel._end_early_block`). DDP's reducer
+   expects every gradient it syncs to arrive during the backward that follows the forward, so an early parameter
+   whose gradient arrives mid-forward breaks it ("marked ready twice", bucket errors). Local mode therefore tells
+   DDP to ignore the early parameters (embedding, early blocks: everything that requires grad and is not in
+   `late_modules()`), and we average their gradients ourselves, once per optimizer step.
+2. The aux heads live outside the module DDP wraps, so DDP never sees them (in either mode): we broadcast their
+   initial weights from rank 0 and average their gradients ourselves.
+
+DDP still syncs everything else (the last block, final norm and LM head; in joint mode the early blocks too).
+
+Use (the trainer mixin does this for you):
+
+    sync = LoPTGradientSync(lopt_model)   # after get_lopt_model, BEFORE the model is wrapped in DDP
+    ...
+    sync.sync_gradients()                 # after the last backward of each optimizer step, before clipping
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Flatten at most this many elements into one collective (bounds the extra memory of the flat copy).
+_BUCKET_ELEMENTS = 32 * 1024 * 1024
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def early_named_parameters(lopt_model) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter outside `late_modules()`, names relative to the module
+    that DDP wraps (`lopt_model.model`)."""
+    late = {id(p) for module in lopt_model.late_modules() for p in module.parameters()}
+    return [(n, p) for n, p in lopt_model.model.named_parameters() if p.requires_grad and id(p) not in late]
+
+
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones through a copy)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device if tensor.device.type == "cpu" else torch.device("cpu")
+
+
+def _buckets(tensors: list[torch.Tensor]):
+    """Groups of tensors with the same dtype and device, each at most _BUCKET_ELEMENTS (one tensor may exceed it)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        bucket, size = [], 0
+        for t in group:
+            if bucket and size + t.numel() > _BUCKET_ELEMENTS:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(t)
+            size += t.numel()
+        if bucket:
+            yield bucket
+
+
+def _flat_collective(tensors: list[torch.Tensor], collective) -> None:
+    """Run `collective(flat)` on each bucket's flattened copy and write the result back in place."""
+    for bucket in _buckets(tensors):
+        device = _comm_device(bucket[0])
+        flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Every rank gets rank 0's values (in place)."""
+    if is_distributed() and tensors:
+        _flat_collective(list(tensors), lambda flat: dist.broadcast(flat, src=0))
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average over ranks, in place (SUM then divide: gloo has no AVG)."""
+    if not is_distributed() or not tensors:
+        return
+    world = dist.get_world_size()
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+
+    _flat_collective(list(tensors), mean)
+
+
+class LoPTGradientSync:
+    """Keeps what DDP does not sync identical across ranks. Build it after `get_lopt_model` and BEFORE the model is
+    wrapped in DDP (the ignore list is read when DDP is constructed).
+
+    Local mode: marks the early parameters as ignored by DDP and syncs them plus the aux heads.
+    Joint mode: DDP syncs the whole model (the aux loss joins the one backward); only the aux heads are synced here.
+    A no-op in a single process.
+    """
+
+    def __init__(self, lopt_model):
+        self.lopt_model = lopt_model
+        self.params: list[nn.Parameter] = []
+        if not is_distributed():
+            return
+        early = early_named_parameters(lopt_model) if lopt_model.lopt_config.backward == "local" else []
+        if early:
+            module = lopt_model.model
+            ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | {n for n, _ in early}
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, sorted(ignored)
+            )
+        aux = [p for p in lopt_model.aux_heads.parameters() if p.requires_grad]
+        self.params = [p for _, p in early] + aux
+        # DDP broadcasts rank 0's weights only for what it syncs; the rest must start equal too.
+        broadcast_from_rank0(self.params)
+
+    def sync_gradients(self) -> None:
+        """Average the gradients DDP does not touch. Call once per optimizer step, after the last micro-batch's
+        backward and before gradient clipping. A missing gradient counts as zero (on every rank alike)."""
+        if not self.params:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean_([p.grad for p in self.params])
