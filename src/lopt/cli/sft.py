@@ -1,6 +1,10 @@
 """`lopt sft`: supervised post-training with LoPT or a baseline, through TRL's SFTTrainer.
 
 Without --model_name_or_path it uses the built-in pretrained model; without data flags, the built-in task.
+
+Multi-process: `torchrun --nproc_per_node N -m lopt sft ...` (or `accelerate launch`) trains data-parallel (DDP; the
+trainer mixin syncs what DDP cannot, see lopt.distributed); only rank 0 writes the outputs. `--block_parallel` puts
+one LoPT block on each process instead (lopt.block_parallel).
 """
 
 from __future__ import annotations
@@ -30,9 +34,21 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="Built-in task only: held-out rows scored after training.",
     )
     common.add_training_args(parser)
+    g = parser.add_argument_group("multi-process")
+    g.add_argument(
+        "--block_parallel",
+        action="store_true",
+        help="One LoPT block per process (launch with torchrun --nproc_per_node K, K = --num_blocks): blocks train "
+        "at once, only activations travel forward. Without it, torchrun/accelerate launch train data-parallel (DDP).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.block_parallel:
+        from lopt.block_parallel import run_block_parallel
+
+        return run_block_parallel(args)
+
     from transformers import set_seed
     from trl import SFTConfig
 
@@ -73,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
         processing_class=tokenizer,
         **common.lopt_trainer_kwargs(prepared, args),
     )
-    print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
+    main_process = trainer.args.should_save  # rank 0 under DDP; the only process that writes or evaluates
+    if main_process:
+        print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)
+    if not main_process:
+        return 0
     common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
 
     summary = {

@@ -1,0 +1,321 @@
+"""Multi-process LoPT on CPU (gloo, 2 processes, 1 thread each): data-parallel (DDP) and block-parallel.
+
+Each multi-process scenario runs this file as a torchrun worker script (`python -m torch.distributed.run ...
+tests/test_distributed.py SCENARIO OUT_DIR`); the pytest side compares what the workers wrote with a single-process
+run on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # conftest helpers, also when this file runs as a torchrun worker
+
+from conftest import make_batch, tiny_model  # noqa: E402
+
+STEPS = 3
+LR = 1e-2
+SEQ = 8
+
+
+# --- shared by the workers and the single-process references ----------------------------------------------------
+def lopt_model_for(backward: str):
+    from lopt import LoPTConfig, get_lopt_model
+
+    model = tiny_model(
+        "llama", seed=0
+    )  # seeds the RNG: the aux heads built next are the same in every process
+    return get_lopt_model(model, LoPTConfig(num_blocks=2, backward=backward))
+
+
+def all_weights(lopt_model) -> dict[str, torch.Tensor]:
+    """The model's parameters and the aux heads', detached copies."""
+    weights = {n: p.detach().clone() for n, p in lopt_model.model.named_parameters()}
+    weights.update({f"aux.{n}": p.detach().clone() for n, p in lopt_model.aux_heads.named_parameters()})
+    return weights
+
+
+def library_step(model_to_call, lopt_model, optimizer, batch, sync=None) -> None:
+    """One optimizer step the way the trainer mixin takes it: forward (local mode: the early backward runs inside),
+    task loss + aux backward, sync, clip over model + aux heads, step."""
+    out = model_to_call(**batch)
+    aux = lopt_model.take_aux_loss()
+    (out.loss + aux).backward()
+    if sync is not None:
+        sync.sync_gradients()
+    params = [*lopt_model.model.parameters(), *lopt_model.aux_heads.parameters()]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def equal_length_rows(n: int = 16) -> list[dict]:
+    """Token rows of one length (no padding), so per-rank means average to the global batch's mean exactly."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (n, SEQ), generator=gen).tolist()
+    return [{"input_ids": row, "attention_mask": [1] * SEQ, "labels": row} for row in ids]
+
+
+def make_trainer(output_dir: str, batch_size: int, backward: str = "local"):
+    from datasets import Dataset
+    from transformers import TrainingArguments, default_data_collator
+
+    from lopt import LoPTConfig
+    from lopt.integrations import LoPTTrainer
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return LoPTTrainer(
+        model=tiny_model("llama", seed=0),
+        args=args,
+        train_dataset=Dataset.from_list(equal_length_rows()),
+        data_collator=default_data_collator,
+        lopt_config=LoPTConfig(num_blocks=2, backward=backward),
+    )
+
+
+# --- torchrun workers ----------------------------------------------------------------------------------------------
+def _gather_equal(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every rank holds exactly these values."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1).float() for _, t in sorted(tensors.items())])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def worker_ddp_library(out_dir: str) -> None:
+    """DDP by hand around the library: each rank trains on its half of the global batch."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lopt import param_groups
+    from lopt.distributed import LoPTGradientSync
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {}
+    for backward in ("local", "joint"):
+        lopt_model = lopt_model_for(backward)
+        sync = LoPTGradientSync(lopt_model)  # before DDP reads the ignore list
+        ddp = DDP(lopt_model.model)
+        optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
+        for step in range(STEPS):
+            batch = make_batch(batch_size=2 * world, seq_len=SEQ, seed=step)
+            mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
+            library_step(ddp, lopt_model, optimizer, mine, sync)
+        weights = all_weights(lopt_model)
+        result[backward] = _gather_equal(weights)
+        if rank == 0:
+            save_file(weights, os.path.join(out_dir, f"library_{backward}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(out_dir, "library.json"), "w") as f:
+            json.dump({"ranks_equal": result}, f)
+    dist.destroy_process_group()
+
+
+def worker_ddp_trainer(out_dir: str) -> None:
+    """transformers.Trainer + the LoPT mixin under torchrun: accelerate wraps the model in DDP."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    trainer = make_trainer(os.path.join(out_dir, "trainer"), batch_size=2)
+    trainer.train()
+    weights = all_weights(trainer.lopt_model)
+    equal = _gather_equal(weights)
+    if dist.get_rank() == 0:
+        save_file(weights, os.path.join(out_dir, "trainer.safetensors"))
+        with open(os.path.join(out_dir, "trainer.json"), "w") as f:
+            json.dump({"ranks_equal": equal, "log": trainer.state.log_history}, f)
+
+
+def block_batches() -> list[dict]:
+    """The micro-batches of the block-parallel library test: every rank derives the same ones."""
+    batches = []
+    for i in range(STEPS * 2):
+        batch = make_batch(batch_size=2, seq_len=SEQ, seed=100 + i)
+        batches.append({**batch, "attention_mask": torch.ones_like(batch["input_ids"])})
+    return batches
+
+
+BLOCK_KWARGS = dict(learning_rate=LR, early_learning_rate=LR / 2, num_steps=STEPS, warmup_steps=1)
+
+
+def worker_block_library(out_dir: str) -> None:
+    """Two ranks, one block each, two micro-batches per step; rank 0 assembles and saves the model."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from lopt import LoPTConfig
+    from lopt.block_parallel import BlockStage
+
+    dist.init_process_group("gloo")
+    stage = BlockStage(
+        tiny_model("llama", seed=0),
+        LoPTConfig(num_blocks=2),
+        gradient_accumulation_steps=2,
+        seed=0,
+        **BLOCK_KWARGS,
+    )
+    result = stage.train(block_batches())
+    losses = stage.gather_on_rank0(result["losses"])  # [aux losses of rank 0, task losses of rank 1]
+    model = stage.assemble_on_rank0()
+    if dist.get_rank() == 0:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        weights.update({f"aux.0.{n}": p.detach().clone() for n, p in stage.aux_head.named_parameters()})
+        save_file(weights, os.path.join(out_dir, "block.safetensors"))
+        with open(os.path.join(out_dir, "block.json"), "w") as f:
+            json.dump({"losses": losses}, f)
+    dist.destroy_process_group()
+
+
+WORKERS = {
+    "ddp_library": worker_ddp_library,
+    "ddp_trainer": worker_ddp_trainer,
+    "block_library": worker_block_library,
+}
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    WORKERS[sys.argv[1]](sys.argv[2])
+    # Skip interpreter teardown: torch 2.13's gloo process-group destructor can deadlock on the GIL when it runs
+    # from a garbage-collected DDP reducer while a worker thread still releases a finished collective.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# --- pytest side -----------------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], env: dict | None = None, nproc: int = 2, timeout: int = 300):
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker(scenario: str, out_dir) -> None:
+    proc = torchrun([__file__, scenario, str(out_dir)])
+    assert proc.returncode == 0, f"worker {scenario} failed:\n{proc.stderr[-4000:]}"
+
+
+def assert_close(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_ddp_library_matches_one_process_on_the_global_batch(tmp_path):
+    """Local and joint mode under DDP: every rank ends equal, and equal to one process on the whole batch."""
+    from lopt import param_groups
+
+    run_worker("ddp_library", tmp_path)
+    assert json.loads((tmp_path / "library.json").read_text())["ranks_equal"] == {
+        "local": True,
+        "joint": True,
+    }
+    for backward in ("local", "joint"):
+        lopt_model = lopt_model_for(backward)
+        initial = all_weights(lopt_model)
+        optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
+        for step in range(STEPS):
+            library_step(lopt_model.model, lopt_model, optimizer, make_batch(4, SEQ, seed=step))
+        reference = all_weights(lopt_model)
+        ddp = load_file(tmp_path / f"library_{backward}.safetensors")
+        assert_close(ddp, reference)
+        # Every block (and the aux heads) moved: the comparison is not vacuous.
+        for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+            name = next(n for n in reference if n.startswith(prefix))
+            assert not torch.allclose(reference[name], initial[name]), name
+
+
+def test_ddp_trainer_matches_one_process_and_ranks_agree(tmp_path):
+    """LoPTTrainer (transformers.Trainer + mixin) under torchrun: accelerate's DDP, gradient accumulation 2, grad
+    clipping. 2 ranks x batch 2 equals one process x batch 4 (same samples per step)."""
+    run_worker("ddp_trainer", tmp_path)
+    report = json.loads((tmp_path / "trainer.json").read_text())
+    assert report["ranks_equal"]
+    trainer = make_trainer(str(tmp_path / "single"), batch_size=4)
+    trainer.train()
+    assert_close(load_file(tmp_path / "trainer.safetensors"), all_weights(trainer.lopt_model))
+    # The logged LoPT losses are the mean over ranks, so they match the single process too.
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    single = [e for e in trainer.state.log_history if "aux_loss_0" in e]
+    for key in ("task_loss", "aux_loss_0"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in single], rel=1e-4)
+
+
+def test_block_parallel_library_matches_single_process_lopt(tmp_path):
+    """Block-parallel (no clipping) computes exactly single-process LoPT with the local backward."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from lopt import param_groups
+    from lopt.block_parallel import make_aux_heads
+
+    run_worker("block_library", tmp_path)
+    lopt_model = lopt_model_for("local")
+    initial = all_weights(lopt_model)
+    head = make_aux_heads(32, 1, lopt_model.lopt_config.aux_head_ratio, seed=0)[0]
+    lopt_model.aux_heads[0].load_state_dict(head.state_dict())
+    optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR, early_lr=LR / 2))
+    scheduler = get_linear_schedule_with_warmup(optimizer, BLOCK_KWARGS["warmup_steps"], STEPS)
+    lopt_model.loss_scale = 1 / 2
+    batches = iter(block_batches())
+    task_losses = []
+    for _ in range(STEPS):
+        total = 0.0
+        for _ in range(2):
+            out = lopt_model(**next(batches))
+            (out.loss / 2).backward()
+            total += float(out.task_loss) / 2
+        task_losses.append(total)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    reference = {n: p.detach() for n, p in lopt_model.model.named_parameters()}
+    reference.update({f"aux.{n}": p.detach() for n, p in lopt_model.aux_heads.named_parameters()})
+    assert_close(load_file(tmp_path / "block.safetensors"), reference)
+    for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+        name = next(n for n in reference if n.startswith(prefix))
+        assert not torch.allclose(reference[name], initial[name]), name
+    aux_losses, last_rank_task_losses = json.loads((tmp_path / "block.json").read_text())["losses"]
+    assert last_rank_task_losses == pytest.approx(task_losses, rel=1e-5)
+    assert len(aux_losses) == STEPS
