@@ -133,7 +133,6 @@ def worker_ddp_library(out_dir: str) -> None:
     if rank == 0:
         with open(os.path.join(out_dir, "library.json"), "w") as f:
             json.dump({"ranks_equal": result}, f)
-    dist.destroy_process_group()
 
 
 def worker_ddp_trainer(out_dir: str) -> None:
@@ -188,7 +187,6 @@ def worker_block_library(out_dir: str) -> None:
         save_file(weights, os.path.join(out_dir, "block.safetensors"))
         with open(os.path.join(out_dir, "block.json"), "w") as f:
             json.dump({"losses": losses}, f)
-    dist.destroy_process_group()
 
 
 WORKERS = {
@@ -200,8 +198,12 @@ WORKERS = {
 if __name__ == "__main__":
     torch.set_num_threads(1)
     WORKERS[sys.argv[1]](sys.argv[2])
-    # Skip interpreter teardown: torch 2.13's gloo process-group destructor can deadlock on the GIL when it runs
-    # from a garbage-collected DDP reducer while a worker thread still releases a finished collective.
+    # A barrier as the last collective, then no interpreter teardown: torch 2.13's gloo process-group destructor
+    # can deadlock on the GIL when it runs (e.g. from a garbage-collected DDP reducer) while a gloo thread still
+    # releases a collective that has just finished (see lopt.distributed.finish).
+    from lopt.distributed import finish
+
+    finish()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -319,3 +321,87 @@ def test_block_parallel_library_matches_single_process_lopt(tmp_path):
     aux_losses, last_rank_task_losses = json.loads((tmp_path / "block.json").read_text())["losses"]
     assert last_rank_task_losses == pytest.approx(task_losses, rel=1e-5)
     assert len(aux_losses) == STEPS
+
+
+# --- the command line under torchrun ------------------------------------------------------------------------------
+FAST = [
+    "--per_device_train_batch_size",
+    "4",
+    "--max_samples",
+    "64",
+    "--eval_samples",
+    "4",
+    "--logging_steps",
+    "1",
+]
+FAST += ["--no_progress"]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_checkpoint(output_dir, base_path) -> None:
+    """A standard HF checkpoint in `lopt sft`'s layout, trained in every block."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "lopt_config.json", "training_args.json", "lopt_args.json", "summary.json"):
+        assert os.path.isfile(os.path.join(output_dir, name)), name
+    AutoModelForCausalLM.from_pretrained(output_dir)
+    assert AutoTokenizer.from_pretrained(output_dir).chat_template
+    base = load_file(os.path.join(base_path, "model.safetensors"))
+    trained = load_file(os.path.join(output_dir, "model.safetensors"))
+    assert set(trained) == set(base) | {"lm_head.weight"} and not any("aux" in k for k in trained)
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
+    layers = {int(k.split(".")[2]) for k in changed if k.startswith("model.layers.")}
+    assert layers == set(range(AutoModelForCausalLM.from_pretrained(output_dir).config.num_hidden_layers))
+
+
+def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
+    out = tmp_path / "ddp"
+    proc = torchrun(
+        ["-m", "lopt", "sft", *FAST, "--max_steps", "3", "--output_dir", str(out)], builtin_tiny["env"]
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_checkpoint(out, builtin_tiny["path"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # rank 0 alone writes
+    assert metrics[0]["epoch"] == pytest.approx(8 / 64)  # 2 ranks x 4 rows per step
+    assert all(m["aux_loss_0"] > 0 and m["task_loss"] > 0 for m in metrics)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_block_parallel_cli_trains_and_saves_one_checkpoint(builtin_tiny, tmp_path):
+    out = tmp_path / "bp"
+    args = ["-m", "lopt", "sft", "--block_parallel", *FAST, "--max_steps", "10", "--output_dir", str(out)]
+    proc = torchrun(args, builtin_tiny["env"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_checkpoint(out, builtin_tiny["path"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    task = [m["task_loss"] for m in metrics]
+    assert sum(task[-3:]) / 3 < sum(task[:3]) / 3 - 0.5, task  # the task loss goes down
+    assert all(m["aux_loss_0"] > 0 for m in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["block_parallel"] == 2 and summary["steps"] == 10 and summary["tokens_per_s"] > 0
+
+
+def test_block_parallel_refuses_bad_process_counts(builtin_tiny, tmp_path):
+    env = builtin_tiny["env"]
+    proc = torchrun(["-m", "lopt", "sft", "--block_parallel", "--num_blocks", "3", "--no_progress"], env)
+    assert proc.returncode != 0
+    assert "--num_blocks 3 but 2 processes (use torchrun --nproc_per_node 3" in proc.stderr
+    # Each rank: that one line and exit code 2 (torchrun then reports the failed children itself).
+    assert proc.stderr.count("lopt sft: error: --block_parallel needs one process per block") == 2
+    assert "exitcode  : 2" in proc.stderr and "lopt/block_parallel.py" not in proc.stderr
+    # Without torchrun: one line, exit 2.
+    proc = subprocess.run(
+        [sys.executable, "-m", "lopt", "sft", "--block_parallel"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "lopt sft: error: --block_parallel runs one process per block: launch it with `torchrun "
+        "--nproc_per_node 2 -m lopt sft --block_parallel --num_blocks 2 ...`."
+    ]

@@ -44,6 +44,7 @@ from torch import nn
 
 from lopt.architectures import find_decoder_parts, unwrap_peft
 from lopt.config import LoPTConfig
+from lopt.distributed import finish
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.model import untie_embeddings
 
@@ -422,10 +423,10 @@ def run_block_parallel(args: argparse.Namespace) -> int:
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend)
-    try:
-        return _run(args, rank, world, device, builtin_data)
-    finally:
-        dist.destroy_process_group()
+    code = _run(args, rank, world, device, builtin_data)
+    finish()  # every rank waits for rank 0's checkpoint and evaluation
+    dist.destroy_process_group()
+    return code
 
 
 def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) -> int:
@@ -501,7 +502,9 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
 
     seconds = max(s[0] for s in per_rank_stats)
     tokens_per_s = result["tokens"] / seconds
-    _write_metrics(args.output_dir, per_rank_losses, per_rank_stats, tokens_per_s, args.logging_steps)
+    _write_metrics(
+        args.output_dir, per_rank_losses, per_rank_stats, tokens_per_s, args.logging_steps, args.lambda_aux
+    )
     _save(trained, tokenizer, config, args)
     summary = {
         "method": "lopt",
@@ -520,7 +523,9 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
     return common.finish("sft", args.output_dir, summary)
 
 
-def _write_metrics(output_dir, per_rank_losses, per_rank_stats, tokens_per_s: float, every: int) -> None:
+def _write_metrics(
+    output_dir, per_rank_losses, per_rank_stats, tokens_per_s: float, every: int, aux_weight: float
+) -> None:
     """metrics.jsonl like `lopt sft`: per logged step the task loss (last rank) and each boundary's aux loss."""
     from lopt.io import atomic_write_text
 
@@ -530,8 +535,11 @@ def _write_metrics(output_dir, per_rank_losses, per_rank_stats, tokens_per_s: fl
         if step % every and step != steps:
             continue
         record = {"step": step, "task_loss": per_rank_losses[-1][step - 1]}
-        record.update({f"aux_loss_{i}": losses[step - 1] for i, losses in enumerate(per_rank_losses[:-1])})
-        record["loss"] = record["task_loss"]
+        aux = [losses[step - 1] for losses in per_rank_losses[:-1]]
+        record.update({f"aux_loss_{i}": value for i, value in enumerate(aux)})
+        record["loss"] = record["task_loss"] + aux_weight * sum(aux) / len(
+            aux
+        )  # the LoPT objective, as in sft
         record["tokens_per_s"] = round(tokens_per_s, 2)
         record["peak_memory_bytes_per_rank"] = [int(s[1]) for s in per_rank_stats]
         lines.append(json.dumps(record))

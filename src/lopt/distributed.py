@@ -95,6 +95,18 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     _flat_collective(list(tensors), mean)
 
 
+def finish() -> None:
+    """End a multi-process run: wait until every rank gets here (a barrier, the last collective).
+
+    Also a guard against a torch 2.13 deadlock seen with gloo: when the process group is destroyed (at exit, or by
+    a garbage-collected DDP reducer) right after a collective on Python-owned tensors, a gloo worker thread can
+    still be releasing those tensors and wait for the GIL that the destroying thread holds. The barrier holds no
+    Python tensors, and while every rank waits in it (GIL released) the earlier collectives are released.
+    """
+    if is_distributed():
+        dist.barrier()
+
+
 class LoPTGradientSync:
     """Keeps what DDP does not sync identical across ranks. Build it after `get_lopt_model` and BEFORE the model is
     wrapped in DDP (the ignore list is read when DDP is constructed).

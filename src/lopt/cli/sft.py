@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from trl import SFTConfig
 
     from lopt.data import tokenize_rows
+    from lopt.distributed import finish
     from lopt.errors import UserError
     from lopt.integrations import LoPTSFTTrainer
 
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)
     if not main_process:
+        finish()  # wait for rank 0's outputs (and exit cleanly: see lopt.distributed.finish)
         return 0
     common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
 
@@ -106,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         summary["heldout_exact_match"] = common.builtin_task_accuracy(
             trainer.model, tokenizer, args.eval_samples
         )
-    return common.finish("sft", args.output_dir, summary)
+    code = common.finish("sft", args.output_dir, summary)
+    finish()
+    return code
 
 
 def _describe(args, prepared, model_path: str, num_rows: int) -> str:
