@@ -120,7 +120,7 @@ def worker_ddp_library(out_dir: str) -> None:
     for backward in ("local", "joint"):
         lopt_model = lopt_model_for(backward)
         sync = LoPTGradientSync(lopt_model)  # before DDP reads the ignore list
-        ddp = DDP(lopt_model.model)
+        ddp = DDP(lopt_model.model, find_unused_parameters=True)  # the transformers Trainer's default
         optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
         for step in range(STEPS):
             batch = make_batch(batch_size=2 * world, seq_len=SEQ, seed=step)
@@ -140,14 +140,17 @@ def worker_ddp_trainer(out_dir: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    trainer = make_trainer(os.path.join(out_dir, "trainer"), batch_size=2)
-    trainer.train()
-    weights = all_weights(trainer.lopt_model)
-    equal = _gather_equal(weights)
+    report = {}
+    for backward in ("local", "joint"):
+        trainer = make_trainer(os.path.join(out_dir, backward), batch_size=2, backward=backward)
+        trainer.train()
+        weights = all_weights(trainer.lopt_model)
+        report[backward] = {"ranks_equal": _gather_equal(weights), "log": trainer.state.log_history}
+        if dist.get_rank() == 0:
+            save_file(weights, os.path.join(out_dir, f"trainer_{backward}.safetensors"))
     if dist.get_rank() == 0:
-        save_file(weights, os.path.join(out_dir, "trainer.safetensors"))
         with open(os.path.join(out_dir, "trainer.json"), "w") as f:
-            json.dump({"ranks_equal": equal, "log": trainer.state.log_history}, f)
+            json.dump(report, f)
 
 
 def block_batches() -> list[dict]:
@@ -269,18 +272,28 @@ def test_ddp_library_matches_one_process_on_the_global_batch(tmp_path):
             assert not torch.allclose(reference[name], initial[name]), name
 
 
-def test_ddp_trainer_matches_one_process_and_ranks_agree(tmp_path):
-    """LoPTTrainer (transformers.Trainer + mixin) under torchrun: accelerate's DDP, gradient accumulation 2, grad
-    clipping. 2 ranks x batch 2 equals one process x batch 4 (same samples per step)."""
-    run_worker("ddp_trainer", tmp_path)
-    report = json.loads((tmp_path / "trainer.json").read_text())
+@pytest.fixture(scope="module")
+def trainer_worker_output(tmp_path_factory):
+    """One torchrun launch trains both modes (the launch, not the training, is what costs time)."""
+    out = tmp_path_factory.mktemp("ddp-trainer")
+    run_worker("ddp_trainer", out)
+    return out
+
+
+@pytest.mark.parametrize("backward", ["local", "joint"])
+def test_ddp_trainer_matches_one_process_and_ranks_agree(backward, trainer_worker_output):
+    """LoPTTrainer (transformers.Trainer + mixin) under torchrun: accelerate's DDP (find_unused_parameters=True),
+    gradient accumulation 2, grad clipping. 2 ranks x batch 2 equals one process x batch 4 (same samples)."""
+    out = trainer_worker_output
+    report = json.loads((out / "trainer.json").read_text())[backward]
     assert report["ranks_equal"]
-    trainer = make_trainer(str(tmp_path / "single"), batch_size=4)
+    trainer = make_trainer(str(out / f"single-{backward}"), batch_size=4, backward=backward)
     trainer.train()
-    assert_close(load_file(tmp_path / "trainer.safetensors"), all_weights(trainer.lopt_model))
+    assert_close(load_file(out / f"trainer_{backward}.safetensors"), all_weights(trainer.lopt_model))
     # The logged LoPT losses are the mean over ranks, so they match the single process too.
     logged = [e for e in report["log"] if "aux_loss_0" in e]
     single = [e for e in trainer.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == STEPS
     for key in ("task_loss", "aux_loss_0"):
         assert [e[key] for e in logged] == pytest.approx([e[key] for e in single], rel=1e-4)
 

@@ -1,14 +1,16 @@
-"""Data-parallel LoPT: the two things DistributedDataParallel cannot do for it, done by hand.
+"""Data-parallel LoPT: what DistributedDataParallel cannot do for it, done by hand.
 
-1. Local mode runs each early block's backward INSIDE the forward (`LoPTModel._end_early_block`). DDP's reducer
-   expects every gradient it syncs to arrive during the backward that follows the forward, so an early parameter
-   whose gradient arrives mid-forward breaks it ("marked ready twice", bucket errors). Local mode therefore tells
-   DDP to ignore the early parameters (embedding, early blocks: everything that requires grad and is not in
-   `late_modules()`), and we average their gradients ourselves, once per optimizer step.
-2. The aux heads live outside the module DDP wraps, so DDP never sees them (in either mode): we broadcast their
-   initial weights from rank 0 and average their gradients ourselves.
-
-DDP still syncs everything else (the last block, final norm and LM head; in joint mode the early blocks too).
+DDP syncs a parameter's gradient when autograd produces it during the backward of DDP's forward output. LoPT's
+early parameters (embedding, early blocks: everything that requires grad and is not in `late_modules()`) do not
+fit that:
+- local mode backpropagates each early block INSIDE the forward (`LoPTModel._end_early_block`): the reducer would
+  see their gradients mid-forward and fail ("marked ready twice", bucket errors);
+- joint mode backpropagates them through the aux loss, which is not part of DDP's output (the boundary is
+  detached): with `find_unused_parameters=True` (the transformers Trainer's default) DDP marks them unused at the
+  end of the forward and then fails with "marked ready twice" when their gradients arrive.
+So in both modes DDP ignores the early parameters, and we average their gradients ourselves once per optimizer
+step. The aux heads live outside the module DDP wraps, so DDP never sees them: we broadcast their initial weights
+from rank 0 and average their gradients too. DDP syncs the rest (the last block, final norm and LM head) as usual.
 
 Use (the trainer mixin does this for you):
 
@@ -108,20 +110,20 @@ def finish() -> None:
 
 
 class LoPTGradientSync:
-    """Keeps what DDP does not sync identical across ranks. Build it after `get_lopt_model` and BEFORE the model is
-    wrapped in DDP (the ignore list is read when DDP is constructed).
+    """Keeps what DDP does not sync identical across ranks: marks the early parameters as ignored by DDP, and syncs
+    them and the aux heads by hand. Build it after `get_lopt_model` and BEFORE the model is wrapped in DDP (DDP
+    reads the ignore list when it is constructed). A no-op in a single process.
 
-    Local mode: marks the early parameters as ignored by DDP and syncs them plus the aux heads.
-    Joint mode: DDP syncs the whole model (the aux loss joins the one backward); only the aux heads are synced here.
-    A no-op in a single process.
+    `sync_early=False` leaves the early parameters to the wrapper (FSDP shards and reduces every parameter of the
+    module it wraps); only the aux heads are synced then.
     """
 
-    def __init__(self, lopt_model):
+    def __init__(self, lopt_model, sync_early: bool = True):
         self.lopt_model = lopt_model
         self.params: list[nn.Parameter] = []
         if not is_distributed():
             return
-        early = early_named_parameters(lopt_model) if lopt_model.lopt_config.backward == "local" else []
+        early = early_named_parameters(lopt_model) if sync_early else []
         if early:
             module = lopt_model.model
             ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | {n for n, _ in early}

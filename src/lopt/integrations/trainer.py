@@ -13,7 +13,8 @@ The mixin
 - logs the task loss and each boundary's aux loss (averaged over ranks);
 - writes checkpoints atomically and keeps the aux heads in them for resuming;
 - under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.distributed`. Local mode under
-  FSDP or DeepSpeed is refused with a one-line error (use `backward="joint"` under FSDP).
+  FSDP or DeepSpeed is refused with a one-line error; joint mode under FSDP syncs the aux heads and clips with one
+  global norm, but has not been run yet (no GPU here, and transformers ignores FSDP on CPU).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class LoPTTrainerMixin:
             # The trainer zeroes and clips only its model's gradients; the aux heads live beside it.
             self.add_callback(_ZeroAuxHeadGrads(self.lopt_model))
             # Multi-process: set up before train() wraps the model in DDP (a no-op in one process).
-            self._lopt_grad_sync = LoPTGradientSync(self.lopt_model)
+            sync_early = not getattr(self, "is_fsdp_enabled", False)  # FSDP reduces the whole model itself
+            self._lopt_grad_sync = LoPTGradientSync(self.lopt_model, sync_early=sync_early)
         self._lopt_sums: dict[str, float] = {}
         self._lopt_micro_steps = 0
         self._lopt_group_lrs: dict[str, float] = {}
