@@ -341,7 +341,9 @@ class BlockStage:
     @torch.no_grad()
     def assemble_on_rank0(self) -> nn.Module | None:
         """Rank 0: the whole trained model (the original modules back in place, every tensor from its owner).
-        Other ranks send their tensors and return None. Every rank must call it; afterwards this stage is spent."""
+        Other ranks send their tensors and return None. Every rank must call it; afterwards this stage is spent.
+        Only state-dict entries travel: non-persistent buffers of restored modules (none in most transformers 5
+        models) are uninitialised, so save the model and load it back to use it (as `lopt sft` does)."""
         self.finish_sends()
         comm = self._comm_device()
         if self.first:
