@@ -66,6 +66,7 @@ def test_default_run_trains_lopt_and_writes_a_standard_checkpoint(builtin_tiny, 
     ):
         assert key in metrics[0], key
     assert metrics[0]["tokens_per_s"] > 0
+    assert metrics[0]["lr_early"] == pytest.approx(0.3 * metrics[0]["lr_late"])  # the evidence-based default
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "lopt" and summary["steps"] == 3
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0

@@ -57,6 +57,8 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     assert list(results["methods"]) == ["e2e", "lopt", "lopt@0.5", "lopt_joint", "lopt_recon_anchor"]
     lopt_args = json.loads((out / "runs" / "lopt@0.5-seed0" / "lopt_args.json").read_text())
     assert lopt_args["lr_k1"] == 0.5 * lopt_args["learning_rate"]
+    paper_args = json.loads((out / "runs" / "lopt-seed0" / "lopt_args.json").read_text())
+    assert paper_args["lr_k1"] == paper_args["learning_rate"]  # plain names are the paper's recipe
     anchor_config = json.loads((out / "runs" / "lopt_recon_anchor-seed0" / "lopt_config.json").read_text())
     assert anchor_config["aux_objective"] == "recon+anchor"
     for name, entry in results["methods"].items():

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from lopt.errors import UserError
 from lopt.io import atomic_write_json, atomic_write_text
 
-# compare name -> `lopt sft` flags. Any name may carry "@r" (e.g. "lopt@0.1"): the early group's lr is r x lr.
+# compare name -> `lopt sft` flags. Names are fixed recipes: a LoPT name trains its early group at the full lr
+# (the paper's setting), "name@r" (e.g. "lopt@0.3", `lopt sft`'s default) at r x lr.
 METHOD_FLAGS: dict[str, list[str]] = {
     "e2e": ["--method", "e2e"],
     "lopt": ["--method", "lopt", "--num_blocks", "2"],
@@ -33,7 +34,7 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "lopt_recon_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "recon+anchor"],
     "lopt_k4_anchor": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "recon+anchor"],
 }
-DEFAULT_METHODS = ("e2e", "lopt", "lopt_k4", "lopt_joint", "freeze", "lora")
+DEFAULT_METHODS = ("e2e", "lopt", "lopt@0.3", "lopt_k4", "lopt_joint", "freeze", "lora")
 METRICS = (
     "activation_peak_bytes",
     "peak_memory_bytes",
@@ -180,8 +181,8 @@ def _lr_k1_ratio(name: str) -> float | None:
 
 def _method_flags(spec: CompareSpec, name: str) -> list[str]:
     flags = list(METHOD_FLAGS[_base_name(name)])
-    ratio = _lr_k1_ratio(name)
-    if ratio is not None:
+    if _is_lopt(name):  # always explicit, so a name means the same recipe whatever `lopt sft`'s default is
+        ratio = _lr_k1_ratio(name) or 1.0
         flags += ["--lr_k1", f"{ratio * _learning_rate(spec):g}"]
     return flags
 
