@@ -436,13 +436,16 @@ def write_plots(results: dict, output_dir: str) -> None:
 
     methods = results["methods"]
     names = list(methods)
+    # one colour and marker per method, the same in every plot (the default cycle repeats after 10)
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    markers = {name: "osD^v<>ph*"[i % 10] for i, name in enumerate(names)}
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for name in names:
         steps, losses = zip(*methods[name]["curve"])
-        ax.plot(steps, losses, label=name)
+        ax.plot(steps, losses, label=name, color=colors[name])
     ax.set(xlabel="step", ylabel="task loss", title="Training task loss (mean over seeds)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     _save(fig, output_dir, "loss_curves.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -452,28 +455,37 @@ def write_plots(results: dict, output_dir: str) -> None:
         ("step_time_s", 1, "median step time (s)"),
     )
     for ax, (key, scale, title) in zip(axes, bars):
-        ax.bar(names, [methods[n].get(key, 0) / scale for n in names])
+        ax.bar(names, [methods[n].get(key, 0) / scale for n in names], color=[colors[n] for n in names])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=45)
     _save(fig, output_dir, "memory_time.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for name in names:
         m = methods[name]
         if m.get("task_accuracy") is None or m.get("retention_ppl") is None:
             continue
+        ppl, std = m["retention_ppl"], m.get("retention_ppl_std", 0)
         ax.errorbar(
             100 * m["task_accuracy"],
-            m["retention_ppl"],
+            ppl,
             xerr=100 * m.get("task_accuracy_std", 0),
-            yerr=m.get("retention_ppl_std", 0),
-            fmt="o",
+            yerr=[[min(std, 0.9 * ppl)], [std]],  # the log axis cannot show a bar below zero
+            fmt=markers[name],
+            color=colors[name],
+            capsize=3,
             label=name,
         )
-    ax.set(xlabel="task exact match (%)", ylabel="retention perplexity (lower = kept more)")
+    before = next((m.get("retention_ppl_before") for m in methods.values()), None)
+    if before:
+        ax.axhline(before, color="grey", linestyle=":", label="before training")
+    ax.set(
+        xlabel="task exact match (%), mean ± std over seeds",
+        ylabel="retention perplexity (lower = kept more)",
+    )
     ax.set_yscale("log")  # a collapsing method can sit orders of magnitude above the rest
     ax.set_title("Accuracy vs retention")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     _save(fig, output_dir, "accuracy_retention.png")
 
 
