@@ -332,8 +332,8 @@ def format_report(results: dict) -> str:
         f"{setup['torch']}, transformers {setup['transformers']}.",
         "",
         "| method | act. peak MB (x e2e) | peak mem MB | step s (x e2e) | tokens/s | task acc | retention ppl "
-        "(before → after) | final task loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "(before → after) | ppl rise (x e2e) | final task loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         act = m["activation_peak_bytes"] / 2**20
@@ -349,10 +349,15 @@ def format_report(results: dict) -> str:
         ppl_text = "—" if ppl is None else f"{m['retention_ppl_before']:.1f} → {ppl:.1f}"
         if spread and ppl is not None:
             ppl_text += f" ± {m['retention_ppl_std']:.1f}"
+        rise_text = "—"
+        if ppl is not None and e2e.get("retention_ppl") is not None:
+            rise = ppl - m["retention_ppl_before"]
+            rise_ratio = _ratio(rise, e2e["retention_ppl"] - m["retention_ppl_before"])
+            rise_text = f"{rise:+.1f} ({_fmt_ratio(rise_ratio)})"
         lines.append(
             f"| {name} | {act:.1f} ({_fmt_ratio(act_ratio)}) | {m.get('peak_memory_bytes', 0) / 2**20:.0f} | "
             f"{m.get('step_time_s', float('nan')):.3f} ({_fmt_ratio(time_ratio)}) | "
-            f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | "
+            f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
             f"{m.get('final_task_loss', float('nan')):.3f} |"
         )
     lines += ["", "## What the numbers show", "", *summarize(results), ""]
