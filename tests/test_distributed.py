@@ -192,10 +192,64 @@ def worker_block_library(out_dir: str) -> None:
             json.dump({"losses": losses}, f)
 
 
+def full_weights(lopt_model) -> dict[str, torch.Tensor]:
+    """`all_weights`, with FSDP2's sharded parameters (DTensors) gathered into full tensors (a collective)."""
+    weights = all_weights(lopt_model)
+    return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in weights.items()}
+
+
+def worker_fsdp2_joint(out_dir: str) -> None:
+    """Joint mode under FSDP2 (`fully_shard` on every decoder layer and on the HF model; the aux heads stay
+    replicated, their gradients averaged by LoPTGradientSync). Each rank trains on its half of the global batch;
+    clipping uses one global norm over the sharded model gradients and the replicated aux-head gradients."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+
+    from lopt import param_groups
+    from lopt.distributed import LoPTGradientSync
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lopt_model = lopt_model_for("joint")
+    sync = LoPTGradientSync(
+        lopt_model, sync_early=False
+    )  # FSDP reduces the whole model; we sync the aux heads
+    for layer in lopt_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(lopt_model.model)
+    optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))  # after fully_shard: DTensor parameters
+    model_params = list(lopt_model.model.parameters())
+    aux_params = list(lopt_model.aux_heads.parameters())
+    norms = []
+    for step in range(STEPS):
+        batch = make_batch(batch_size=2 * world, seq_len=SEQ, seed=step)
+        mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
+        out = lopt_model.model(**mine)
+        (out.loss + lopt_model.take_aux_loss()).backward()
+        sync.sync_gradients()
+        model_norm = torch.nn.utils.clip_grad_norm_(model_params, float("inf")).full_tensor()
+        aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux_params])
+        total = torch.sqrt(model_norm**2 + aux_norm**2)
+        # One coefficient, two calls: clip_grads_with_norm_ refuses a list that mixes DTensor and plain gradients.
+        torch.nn.utils.clip_grads_with_norm_(model_params, 1.0, total)
+        torch.nn.utils.clip_grads_with_norm_(aux_params, 1.0, total)
+        norms.append(float(total))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    weights = full_weights(lopt_model)
+    ranks_equal = _gather_equal(weights)
+    if rank == 0:
+        save_file(weights, os.path.join(out_dir, "fsdp2_joint.safetensors"))
+        with open(os.path.join(out_dir, "fsdp2.json"), "w") as f:
+            json.dump({"ranks_equal": ranks_equal, "norms": norms}, f)
+
+
 WORKERS = {
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
     "block_library": worker_block_library,
+    "fsdp2_joint": worker_fsdp2_joint,
 }
 
 if __name__ == "__main__":
@@ -334,6 +388,34 @@ def test_block_parallel_library_matches_single_process_lopt(tmp_path):
     aux_losses, last_rank_task_losses = json.loads((tmp_path / "block.json").read_text())["losses"]
     assert last_rank_task_losses == pytest.approx(task_losses, rel=1e-5)
     assert len(aux_losses) == STEPS
+
+
+def test_fsdp2_joint_mode_matches_one_process(tmp_path):
+    """Joint mode under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks x batch 2, clipping
+    at 1.0 with one global norm): every rank ends equal, and equal to one process on the batch of 4."""
+    from lopt import param_groups
+
+    run_worker("fsdp2_joint", tmp_path)
+    report = json.loads((tmp_path / "fsdp2.json").read_text())
+    assert report["ranks_equal"]
+    lopt_model = lopt_model_for("joint")
+    initial = all_weights(lopt_model)
+    optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
+    norms = []
+    for step in range(STEPS):
+        out = lopt_model.model(**make_batch(4, SEQ, seed=step))
+        (out.loss + lopt_model.take_aux_loss()).backward()
+        params = [*lopt_model.model.parameters(), *lopt_model.aux_heads.parameters()]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    reference = all_weights(lopt_model)
+    assert_close(load_file(tmp_path / "fsdp2_joint.safetensors"), reference)
+    assert report["norms"] == pytest.approx(norms, rel=1e-5)
+    assert min(norms) > 1.0  # the clipping acted at every step
+    for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+        name = next(n for n in reference if n.startswith(prefix))
+        assert not torch.allclose(reference[name], initial[name]), name
 
 
 # --- the command line under torchrun ------------------------------------------------------------------------------
