@@ -108,8 +108,12 @@ class LoPTTrainerMixin:
         model_norm = model_norm.full_tensor() if hasattr(model_norm, "full_tensor") else model_norm
         aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux]) if aux else torch.zeros(())
         total = torch.sqrt(model_norm.float() ** 2 + aux_norm.to(model_norm.device).float() ** 2)
-        params = [p for p in model.parameters() if p.grad is not None] + aux
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        # Two calls with one norm: a single foreach over DTensor (sharded) and plain (aux) gradients fails.
+        torch.nn.utils.clip_grads_with_norm_(
+            [p for p in model.parameters() if p.grad is not None], max_norm, total
+        )
+        if aux:
+            torch.nn.utils.clip_grads_with_norm_(aux, max_norm, total.to(aux[0].device))
         return total
 
     # --- the loss ------------------------------------------------------------------------------
