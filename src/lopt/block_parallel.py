@@ -441,12 +441,7 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
 
     set_seed(args.seed)
     progress = not args.no_progress and rank == 0
-    if builtin_data:
-        from lopt.builtin import builtin_task_rows
-
-        rows = builtin_task_rows("train", n=args.max_samples)
-    else:
-        rows = common.load_user_rows(args)
+    rows = common.load_sft_rows(args, builtin_data)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
         args.model_name_or_path, args.trust_remote_code, progress=progress
     )

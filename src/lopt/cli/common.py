@@ -310,6 +310,15 @@ def lopt_trainer_kwargs(prepared, args: argparse.Namespace) -> dict:
     )
 
 
+def load_sft_rows(args: argparse.Namespace, builtin_data: bool) -> list[dict]:
+    """The training rows of `lopt sft`: the built-in task's train split, or the user's data flags."""
+    if builtin_data:
+        from lopt.builtin import builtin_task_rows
+
+        return builtin_task_rows("train", n=args.max_samples)
+    return load_user_rows(args)
+
+
 def load_user_rows(args: argparse.Namespace, dataset_name=None, dataset_config=None) -> list[dict]:
     """Rows from --train_file or a dataset (the shared data flags)."""
     from lopt.data import load_rows

@@ -68,12 +68,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     # Data rows first: a bad file fails fast, before a model is loaded.
-    if builtin_data:
-        from lopt.builtin import builtin_task_rows
-
-        rows = builtin_task_rows("train", n=args.max_samples)
-    else:
-        rows = common.load_user_rows(args)
+    rows = common.load_sft_rows(args, builtin_data)
     model, tokenizer, model_path = common.load_model_and_tokenizer(
         args.model_name_or_path, args.trust_remote_code, progress=progress
     )
