@@ -393,6 +393,7 @@ def check_launch(args: argparse.Namespace) -> tuple[int, int, int]:
         "--resume_from_checkpoint": args.resume_from_checkpoint,
         "--save_steps": args.save_steps,
         "--fp16 (use --bf16)": args.fp16,
+        f"--aux_objective {args.aux_objective} (only recon)": args.aux_objective != "recon",
     }
     for flag, value in unsupported.items():
         if value:
