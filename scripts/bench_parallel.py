@@ -24,21 +24,20 @@ import time
 
 
 def build_model(a):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The same random Llama-shaped model as `lopt bench` (seed 0), in train mode."""
+    from lopt.bench import BenchSpec, build_base_model
 
-    config = LlamaConfig(
-        vocab_size=a.vocab_size,
+    spec = BenchSpec(
+        num_layers=a.layers,
         hidden_size=a.hidden,
         intermediate_size=a.intermediate,
-        num_hidden_layers=a.layers,
-        num_attention_heads=a.heads,
-        num_key_value_heads=a.heads,
-        max_position_embeddings=max(a.seq_len, 128),
-        tie_word_embeddings=False,
+        num_heads=a.heads,
+        vocab_size=a.vocab_size,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        device="cpu",
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).train()
+    return build_base_model(spec).train()
 
 
 def batches(a):

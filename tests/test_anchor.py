@@ -7,8 +7,8 @@ import peft
 import pytest
 import torch
 from conftest import ARCHS, clone, make_batch, tiny_model
-from reference import ReferenceAuxHead, pretrained_block_outputs, reference_gradients
-from test_model import ATOL, RTOL, _assert_same_grads, _grads, _step, _wrap
+from reference import pretrained_block_outputs
+from test_model import ATOL, RTOL, _assert_same_grads, _grads, _reference, _step, _wrap
 
 from lopt import LoPTConfig, get_lopt_model
 from lopt.anchor import ANCHOR_REFERENCE_NAME
@@ -36,28 +36,14 @@ def _check_anchor_against_reference(model_type: str, num_layers: int, **config) 
     moved = clone(base)
     _perturb(moved)
     anchor_states = pretrained_block_outputs(clone(base), model_type, lm.block_ranges, batch["input_ids"])
-    heads = None
-    if lm.lopt_config.uses_reconstruction:
-        hidden = lm.aux_heads[0].norm.weight.shape[0]
-        heads = [ReferenceAuxHead(hidden).load_lopt_state(h.state_dict()) for h in lm.aux_heads]
-    ref_grads, ref_head_grads, ref_task, ref_auxes = reference_gradients(
-        moved,
-        model_type,
-        heads,
-        lm.block_ranges,
-        lm.lopt_config.aux_weight,
-        batch["input_ids"],
-        batch["labels"],
-        anchor_states=anchor_states,
-        anchor_weight=lm.lopt_config.anchor_weight,
-    )
+    ref_grads, ref_head_grads, ref_task, ref_auxes = _reference(moved, model_type, lm, batch, anchor_states)
     assert all(aux > 0 for aux in ref_auxes)  # the anchor term is really exercised
     for grads, out, lm in results.values():
         torch.testing.assert_close(out.task_loss, ref_task, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(
             torch.stack(lm.last_aux_losses), torch.stack(ref_auxes), atol=ATOL, rtol=RTOL
         )
-        _assert_same_grads(grads, (ref_grads, ref_head_grads if heads else []))
+        _assert_same_grads(grads, (ref_grads, ref_head_grads))
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

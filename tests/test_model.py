@@ -69,13 +69,16 @@ def _assert_same_grads(actual: tuple[dict, list], expected: tuple[dict, list], *
             _assert_same_grad(a, e, f"aux head {i} param {j}", **tol)
 
 
-def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict):
-    """Reference gradients, losses for the (unwrapped, identical) copy of lm's model, with lm's aux heads."""
-    hidden = lm.aux_heads[0].norm.weight.shape[0]
-    heads = [
-        ReferenceAuxHead(hidden, lm.lopt_config.aux_head_ratio).load_lopt_state(h.state_dict())
-        for h in lm.aux_heads
-    ]
+def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict, anchor_states=None):
+    """Reference gradients, losses for the (unwrapped, identical) copy of lm's model, with lm's aux heads (none for
+    the "anchor" objective) and, for the anchor objectives, the pretrained model's block outputs."""
+    heads = None
+    if lm.lopt_config.uses_reconstruction:
+        hidden = lm.aux_heads[0].norm.weight.shape[0]
+        heads = [
+            ReferenceAuxHead(hidden, lm.lopt_config.aux_head_ratio).load_lopt_state(h.state_dict())
+            for h in lm.aux_heads
+        ]
     return reference_gradients(
         base_copy,
         model_type,
@@ -84,6 +87,8 @@ def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict):
         lm.lopt_config.aux_weight,
         batch["input_ids"],
         batch["labels"],
+        anchor_states=anchor_states,
+        anchor_weight=lm.lopt_config.anchor_weight,
     )
 
 

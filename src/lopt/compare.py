@@ -189,14 +189,15 @@ def _method_flags(spec: CompareSpec, name: str) -> list[str]:
 
 def _learning_rate(spec: CompareSpec) -> float:
     """The lr every run trains with: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
-    from lopt.cli.common import BUILTIN_DEFAULTS, USER_MODEL_DEFAULTS
+    import argparse
 
-    args = spec.sft_args
-    for i, arg in enumerate(args):
-        if arg == "--learning_rate" and i + 1 < len(args):
-            return float(args[i + 1])
-        if arg.startswith("--learning_rate="):
-            return float(arg.split("=", 1)[1])
+    from lopt.cli.common import BUILTIN_DEFAULTS, USER_MODEL_DEFAULTS, add_training_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_training_args(parser)  # `lopt sft`'s own parsing of --learning_rate
+    known, _ = parser.parse_known_args(spec.sft_args)
+    if known.learning_rate is not None:
+        return known.learning_rate
     defaults = BUILTIN_DEFAULTS if spec.model_name_or_path is None else USER_MODEL_DEFAULTS
     return defaults["learning_rate"]
 

@@ -76,14 +76,7 @@ class LoPTConfig:
                 )
             self.boundaries = bounds
             self.num_blocks = len(bounds) + 1
-        if (
-            isinstance(self.aux_weight, bool)
-            or not isinstance(self.aux_weight, (int, float))
-            or not math.isfinite(self.aux_weight)
-            or self.aux_weight < 0
-        ):
-            raise ValueError(f"aux_weight={self.aux_weight!r} must be a finite number >= 0.")
-        self.aux_weight = float(self.aux_weight)
+        self.aux_weight = _non_negative_float("aux_weight", self.aux_weight)
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"backward={self.backward!r} is not one of {BACKWARD_MODES}.")
         if (
@@ -94,14 +87,7 @@ class LoPTConfig:
             raise ValueError(f"aux_head_ratio={self.aux_head_ratio!r} must be an integer >= 1.")
         if self.aux_objective not in AUX_OBJECTIVES:
             raise ValueError(f"aux_objective={self.aux_objective!r} is not one of {AUX_OBJECTIVES}.")
-        if (
-            isinstance(self.anchor_weight, bool)
-            or not isinstance(self.anchor_weight, (int, float))
-            or not math.isfinite(self.anchor_weight)
-            or self.anchor_weight < 0
-        ):
-            raise ValueError(f"anchor_weight={self.anchor_weight!r} must be a finite number >= 0.")
-        self.anchor_weight = float(self.anchor_weight)
+        self.anchor_weight = _non_negative_float("anchor_weight", self.anchor_weight)
         if self.anchor_dtype is not None and self.anchor_dtype not in ANCHOR_DTYPES:
             raise ValueError(f"anchor_dtype={self.anchor_dtype!r} is not one of {ANCHOR_DTYPES} (or None).")
 
@@ -166,3 +152,14 @@ class LoPTConfig:
             )
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _non_negative_float(name: str, value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+    return float(value)
