@@ -121,22 +121,26 @@ def test_retention_texts_are_held_out_and_deterministic():
     assert not any(t in train_text for t in texts if len(t) > 200)
 
 
-def test_task_rows_deterministic_and_disjoint():
-    train, test = builtin_task_rows("train"), builtin_task_rows("test")
-    assert train == builtin_task_rows("train") and test == builtin_task_rows("test")
-    assert all(set(r) == {"prompt", "completion"} for r in train + test)
-    assert len(train) >= 500 and len(test) >= 100
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+@pytest.mark.parametrize("task", sorted(builtin.BUILTIN_TASKS))
+def test_task_rows_deterministic_and_disjoint(task):
+    train, val, test = (builtin_task_rows(s, task=task) for s in ("train", "validation", "test"))
+    assert train == builtin_task_rows("train", task=task) and test == builtin_task_rows("test", task=task)
+    assert all(set(r) == {"prompt", "completion"} for r in train + val + test)
+    assert len(train) >= 500 and len(val) >= 50 and len(test) >= 100
+    prompts = [{r["prompt"] for r in rows} for rows in (train, val, test)]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     # `seed` changes the order and the subset taken, never the split itself.
-    shuffled = builtin_task_rows("train", seed=1)
+    shuffled = builtin_task_rows("train", seed=1, task=task)
     assert shuffled != train and sorted(shuffled, key=str) == sorted(train, key=str)
     assert builtin_task_rows("test", n=10, seed=3) == builtin_task_rows("test", seed=3)[:10]
-    with pytest.raises(ValueError):
-        builtin_task_rows("validation")
+    with pytest.raises(ValueError, match="split"):
+        builtin_task_rows("dev")
+    with pytest.raises(ValueError, match="unknown built-in task"):
+        builtin_task_rows(task="nope")
 
 
 def test_task_answers_are_correct():
-    rows = builtin_task_rows("train") + builtin_task_rows("test")
+    rows = builtin_task_rows("train") + builtin_task_rows("validation") + builtin_task_rows("test")
     assert len(rows) == builtin.TASK_MAX_N + 1
     for row in rows:
         number = int(row["prompt"].removeprefix("What number comes after ").removesuffix("?"))

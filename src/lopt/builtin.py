@@ -14,8 +14,8 @@ Public API
     Model config of a preset, without building anything.
 ``retention_texts(preset=None) -> list[str]``
     Held-out pretraining documents, for measuring retention (perplexity) later.
-``builtin_task_rows(split="train", n=None, seed=0) -> list[dict]``
-    The built-in narrow SFT task as ``{"prompt", "completion"}`` rows.
+``builtin_task_rows(split="train", n=None, seed=0, task="successor") -> list[dict]``
+    A built-in narrow SFT task (``BUILTIN_TASKS``) as ``{"prompt", "completion"}`` rows.
 ``normalize_answer(text)`` / ``exact_match(prediction, answer)``
     The task's metric.
 
@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
+    "BUILTIN_TASKS",
     "BUILTIN_VERSION",
     "PRESETS",
     "builtin_model_path",
@@ -524,20 +525,45 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
 # Built-in narrow task
 # --------------------------------------------------------------------------------------
 
-# The task: "What number comes after N?" -> "N+1" for N in 0..999.  Chosen because the
-# built-in model learns it well but not trivially under plain end-to-end fine-tuning
-# (see builtin_task_rows); the carries (199 -> 200) and the rarer one- and two-digit
-# numbers keep it from being solved perfectly in a few hundred steps.
+# Built-in tasks.  Each has disjoint train / validation / test splits, fixed once and for all
+# by stable hashes: choices (learning rates, settings) are made on validation and reported on
+# test, so nothing is selected on the numbers it reports.
+#
+# "successor": "What number comes after N?" -> "N+1" for N in 0..999.  A new skill: chosen
+# because the built-in model learns it well but not trivially under plain end-to-end
+# fine-tuning; the carries (199 -> 200) and the rarer one- and two-digit numbers keep it from
+# being solved perfectly in a few hundred steps.
 TASK_NAME = "successor"
+DEFAULT_TASK = TASK_NAME
 TASK_MAX_N = 999
 _TASK_TEST_PERCENT = 20
+_TASK_VALIDATION_PERCENT = 10  # of the problems that are not test
 _TASK_PROMPT = "What number comes after {n}?"
+TASK_SPLITS = ("train", "validation", "test")
+
+# name -> one line for --help and reports.  Every task is scored by greedy generation + exact_match.
+BUILTIN_TASKS: dict[str, str] = {
+    TASK_NAME: "What number comes after N? (a new skill; N = 0..999)",
+}
+
+
+def _hash_percent(key: str) -> int:
+    # A stable hash (not Python's salted hash()): splits never change between runs or seeds.
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
 
 
 def _task_is_test(prompt: str) -> bool:
-    # Stable hash of the prompt: the split never depends on `seed` or on the Python hash salt.
-    digest = hashlib.sha256(f"{TASK_NAME}:{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < _TASK_TEST_PERCENT
+    return _hash_percent(f"{TASK_NAME}:{prompt}") < _TASK_TEST_PERCENT
+
+
+def _successor_split(prompt: str) -> str:
+    if _task_is_test(prompt):
+        return "test"
+    return (
+        "validation"
+        if _hash_percent(f"{TASK_NAME}-validation:{prompt}") < _TASK_VALIDATION_PERCENT
+        else "train"
+    )
 
 
 def task_answer(prompt: str) -> str:
@@ -548,33 +574,37 @@ def task_answer(prompt: str) -> str:
     return str(int(match.group(1)) + 1)
 
 
-def builtin_task_rows(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
-    """Rows ``{"prompt": "What number comes after 41?", "completion": "42"}`` of the built-in task.
+def _task_items(task: str) -> list[tuple[str, str, str]]:
+    """All ``(prompt, completion, split)`` items of a built-in task, in a fixed order."""
+    if task == TASK_NAME:
+        items = []
+        for number in range(TASK_MAX_N + 1):
+            prompt = _TASK_PROMPT.format(n=number)
+            items.append((prompt, str(number + 1), _successor_split(prompt)))
+        return items
+    raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(BUILTIN_TASKS)}.")
 
-    The 1000 problems (N = 0..999) are split once and for all by a stable hash of the prompt:
-    ~80% ``"train"`` (809 rows), ~20% ``"test"`` (191 rows); the splits are disjoint.  ``seed``
-    only shuffles the order, and ``n`` keeps the first ``n`` rows after shuffling (all if
-    ``None`` or larger than the split).  Same arguments, same rows.
+
+def builtin_task_rows(
+    split: str = "train", n: int | None = None, seed: int = 0, task: str = DEFAULT_TASK
+) -> list[dict]:
+    """Rows ``{"prompt", "completion"}`` of a built-in task (default "successor": ``{"prompt": "What number comes
+    after 41?", "completion": "42"}``).
+
+    Items are split once and for all by a stable hash into ``"train"``, ``"validation"`` and ``"test"``
+    (successor: 723 / 86 / 191 of the 1000 problems N = 0..999); the splits are disjoint.  ``seed`` only
+    shuffles the order, and ``n`` keeps the first ``n`` rows after shuffling (all if ``None`` or larger than
+    the split).  Same arguments, same rows.
 
     Format: prompt and completion are bare strings, with no template and no EOS.  Train and
     evaluate with the tokenizer's chat template: user turn = prompt, assistant turn =
     completion, i.e. ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``
     followed by ``{completion}<|im_end|><|endoftext|>``, with the loss on the completion part
-    only.  Score greedy generations of the test prompts with :func:`exact_match`.
-
-    Measured learnability (plain PyTorch, all parameters, AdamW without weight decay, batch
-    16, 300 steps, 10 warm-up steps then linear decay, completion-only loss, greedy decoding,
-    "default" preset v1 on Python 3.11.7): exact match on the 191 test rows 0.885 / 0.874
-    (seeds 0 / 1) at lr 1e-3 and 0.806 at lr 3e-4.
+    only.  Score greedy generations of the prompts with :func:`exact_match`.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    want_test = split == "test"
-    rows = []
-    for number in range(TASK_MAX_N + 1):
-        prompt = _TASK_PROMPT.format(n=number)
-        if _task_is_test(prompt) == want_test:
-            rows.append({"prompt": prompt, "completion": str(number + 1)})
+    if split not in TASK_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(TASK_SPLITS)}, not {split!r}")
+    rows = [{"prompt": p, "completion": c} for p, c, s in _task_items(task) if s == split]
     random.Random(seed).shuffle(rows)
     return rows if n is None else rows[:n]
 
