@@ -1,4 +1,5 @@
-"""`lopt eval`: task accuracy (greedy, exact match on held-out rows) and retention (held-out perplexity), as JSON."""
+"""`lopt eval`: task accuracy (greedy, exact match on held-out rows), retention (held-out perplexity) and, with
+--lm_eval_tasks, lm-evaluation-harness tasks, as JSON."""
 
 from __future__ import annotations
 
@@ -28,8 +29,46 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "task only).",
     )
     g.add_argument("--retention_seq_len", type=int, default=256)
+    add_lm_eval_args(parser)
     parser.add_argument("--output_file", default=None, help="Also write the JSON here.")
     parser.add_argument("--no_progress", action="store_true")
+
+
+def add_lm_eval_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """lm-evaluation-harness flags, shared with `lopt compare`."""
+    from lopt.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK
+
+    g = parser.add_argument_group(f"lm-evaluation-harness (optional: {INSTALL_HINT})")
+    g.add_argument(
+        "--lm_eval_tasks",
+        default=default,
+        help="Comma-separated lm-eval tasks, groups or tags (e.g. hellaswag,arc_easy,mmlu), folders of task YAMLs "
+        f"(local tasks), or {KNOWLEDGE_TASK} (the built-in model's knowledge-retention probe). "
+        + ("Default: none." if default is None else f"Default: {default}; 'none' turns it off."),
+    )
+    g.add_argument(
+        "--lm_eval_limit",
+        type=float,
+        default=None,
+        help="Documents per task (lm-eval's --limit; a value below 1 is a fraction). Default: all.",
+    )
+    g.add_argument(
+        "--lm_eval_batch_size", default="16", help="lm-eval's --batch_size: a number, or 'auto' (GPU)."
+    )
+
+
+def lm_eval_options(args: argparse.Namespace) -> dict:
+    """The lm-eval flags as `lopt.lm_eval_tasks.run_lm_eval` keywords, checked before any model is loaded."""
+    limit = args.lm_eval_limit
+    if limit is not None and not limit > 0:
+        raise ValueError(f"--lm_eval_limit {limit:g} must be > 0 (a count, or a fraction below 1).")
+    batch_size = args.lm_eval_batch_size
+    if not (batch_size.startswith("auto") or (batch_size.isdigit() and int(batch_size) > 0)):
+        raise ValueError(f"--lm_eval_batch_size {batch_size!r} must be a positive integer or 'auto'.")
+    return {
+        "limit": int(limit) if limit is not None and limit >= 1 else limit,
+        "batch_size": int(batch_size) if batch_size.isdigit() else batch_size,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
 
+    lm_eval_tasks = None
+    if args.lm_eval_tasks and args.lm_eval_tasks != "none":
+        from lopt.lm_eval_tasks import resolve_tasks
+
+        lm_eval_kwargs = lm_eval_options(args)
+        lm_eval_tasks = resolve_tasks(args.lm_eval_tasks)  # a bad flag fails now, not after the evaluation
     rows, match = load_task_rows(
         args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples
     )
@@ -60,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = {"model": path, **result}
+    if lm_eval_tasks:
+        from lopt.lm_eval_tasks import run_lm_eval
+
+        del model  # lm-eval loads the checkpoint itself
+        result["lm_eval"] = run_lm_eval(
+            path, lm_eval_tasks, trust_remote_code=args.trust_remote_code, **lm_eval_kwargs
+        )
     if args.output_file:
         atomic_write_json(args.output_file, result)
     print(json.dumps(result, indent=2))

@@ -1,0 +1,365 @@
+"""lm-evaluation-harness in `lopt eval` and `lopt compare`, and the built-in knowledge-retention task.
+
+`run_lm_eval(checkpoint, tasks)` runs lm-eval's own Hugging Face model class (``"hf"``) on a checkpoint directory
+through `lm_eval.simple_evaluate` and returns ``{task: {metric: value}}``.  ``tasks`` names lm-eval tasks, groups or
+tags, directories of task YAMLs (local tasks), or `KNOWLEDGE_TASK`.
+
+`KNOWLEDGE_TASK` is multiple choice over facts the built-in model was pretrained on (`lopt.knowledge`, probe facts
+only, so no SFT task ever trains on them): given ``Module M`` and ``def NAME:`` (the way the corpus presents a
+docstring), which of four docstring first sentences is NAME's.  The three wrong sentences are other probe facts of
+the same kind.  It is an ordinary lm-eval YAML task over a local JSONL file, written on first use next to the
+cached built-in model, so it runs offline.
+
+lm-eval is an optional dependency (``pip install 'lopt[eval]'``); everything here imports it lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lopt.errors import UserError
+
+__all__ = [
+    "KNOWLEDGE_TASK",
+    "LMEvalTasks",
+    "change_columns",
+    "format_lm_eval_report",
+    "headline_metric",
+    "knowledge_items",
+    "knowledge_task_dir",
+    "require_lm_eval",
+    "resolve_tasks",
+    "run_lm_eval",
+    "summarize_lm_eval",
+]
+
+KNOWLEDGE_TASK = "lopt_knowledge"
+KNOWLEDGE_ITEMS = 300  # a few hundred: cheap enough to run after every compare run
+# Bump when the items or the YAML change; part of the task folder's name.
+KNOWLEDGE_VERSION = "1"
+INSTALL_HINT = "pip install 'lopt[eval]' (lm-eval>=0.4.13,<0.5)"
+
+
+def require_lm_eval():
+    """The `lm_eval` module, or a one-line error saying how to install it."""
+    try:
+        import lm_eval
+    except ImportError as err:
+        raise UserError(
+            f"--lm_eval_tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}."
+        ) from err
+    return lm_eval
+
+
+# --- the built-in knowledge task ---------------------------------------------------------------------------------
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
+    """Multiple-choice rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
+
+    Items are the first ``n`` probe facts in a stable hash order (so a prefix is a fair sample of modules); each
+    fact's distractors are drawn, by a generator seeded from its key, from the other probe facts of its kind.
+    """
+    from lopt.knowledge import knowledge_facts
+
+    facts = sorted(knowledge_facts("probe"), key=lambda f: _stable_int(f"probe-order:{f.key}"))
+    chosen = facts if n is None else facts[:n]
+    rows = []
+    for fact in chosen:
+        rng = random.Random(_stable_int(f"distractors:{fact.key}"))
+        pool = sorted({f.summary for f in facts if f.kind == fact.kind and f.summary != fact.summary})
+        choices = [fact.summary, *rng.sample(pool, 3)]
+        rng.shuffle(choices)
+        rows.append(
+            {
+                "id": fact.key,
+                # How the pretraining corpus introduces a docstring (see lopt.builtin._corpus).
+                "context": f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n",
+                "choices": choices,
+                "answer": choices.index(fact.summary),
+            }
+        )
+    return rows
+
+
+_KNOWLEDGE_YAML = """\
+# Written by lopt (lopt.lm_eval_tasks): which docstring sentence belongs to a name the built-in model was
+# pretrained on.  Chance is 25%.
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+"""
+
+
+def knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding the knowledge task's YAML and JSONL, written on first use next to the built-in model's cache.
+
+    Written into a temporary folder and renamed into place, so a reader never sees half of it.
+    """
+    from lopt.builtin import _cache_root
+
+    py = ".".join(map(str, sys.version_info[:3]))  # the facts come from the installed standard library
+    root = _cache_root(cache_dir) / "lm_eval_tasks"
+    final = root / f"{KNOWLEDGE_TASK}-v{KNOWLEDGE_VERSION}-py{py}"
+    if (final / f"{KNOWLEDGE_TASK}.yaml").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        with open(tmp / f"{KNOWLEDGE_TASK}.jsonl", "w", encoding="utf-8") as f:
+            for row in knowledge_items():
+                f.write(json.dumps(row) + "\n")
+        # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
+        data_file = json.dumps(str(final.resolve() / f"{KNOWLEDGE_TASK}.jsonl"))
+        yaml = _KNOWLEDGE_YAML.format(task=KNOWLEDGE_TASK, data_file=data_file, version=KNOWLEDGE_VERSION)
+        (tmp / f"{KNOWLEDGE_TASK}.yaml").write_text(yaml, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process put it in place first
+            if not (final / f"{KNOWLEDGE_TASK}.yaml").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --- running lm-eval ---------------------------------------------------------------------------------------------
+@dataclass
+class LMEvalTasks:
+    """Parsed --lm_eval_tasks: the names lm-eval runs and a task index that knows them (built once: indexing
+    lm-eval's own ~15k task YAMLs takes half a minute on a small CPU)."""
+
+    text: str
+    names: list[str]
+    manager: Any  # lm_eval.tasks.TaskManager
+
+
+def resolve_tasks(text: str) -> LMEvalTasks:
+    """Parse ``--lm_eval_tasks``: comma-separated lm-eval task, group or tag names; `KNOWLEDGE_TASK`; or folders of
+    task YAMLs, each standing for every group defined there and every task none of those groups contains.
+
+    Missing lm-eval, an unknown name or an empty folder is a one-line error.
+    """
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise UserError(f"--lm_eval_tasks {text!r} names no task: give e.g. hellaswag,arc_easy or a folder.")
+    names, folders, local = [], [], set()
+    for entry in entries:
+        if entry == KNOWLEDGE_TASK:
+            entry = str(knowledge_task_dir())
+        if os.path.isdir(entry):
+            found = _tasks_in_folder(TaskManager(include_path=entry, include_defaults=False))
+            if not found:
+                raise UserError(
+                    f"--lm_eval_tasks folder {entry!r} defines no lm-eval task (no YAML with a 'task:' or "
+                    "'group:' key)."
+                )
+            folders.append(entry)
+            names.extend(found)
+            local.update(found)
+        elif os.path.sep in entry or entry.endswith((".yaml", ".yml")):
+            raise UserError(
+                f"--lm_eval_tasks {entry!r} is not a folder: give the folder that holds task YAMLs."
+            )
+        else:
+            names.append(entry)
+    # lm-eval's own tasks only when a name needs them.
+    needs_defaults = any(n not in local for n in names)
+    manager = TaskManager(include_path=folders or None, include_defaults=needs_defaults)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(
+            f"--lm_eval_tasks: {', '.join(map(repr, unknown))} is not an lm-eval task, group or tag; "
+            "`lm-eval ls tasks` lists them, or give a folder of task YAMLs."
+        )
+    return LMEvalTasks(text, list(dict.fromkeys(names)), manager)
+
+
+def _tasks_in_folder(manager) -> list[str]:
+    from lm_eval.tasks._index import Kind
+
+    index = manager.task_index
+    groups = [name for name, e in index.items() if e.kind == Kind.GROUP]
+    in_groups = set()
+    for name in groups:
+        for child in index[name].cfg.get("task", []):
+            in_groups.add(child.get("task") if isinstance(child, dict) else child)
+    tasks = [
+        name for name, e in index.items() if e.kind in (Kind.TASK, Kind.PY_TASK) and name not in in_groups
+    ]
+    return sorted(groups) + sorted(tasks)
+
+
+def run_lm_eval(
+    checkpoint: str | os.PathLike,
+    tasks: str | LMEvalTasks,
+    limit: float | None = None,
+    batch_size: int | str = 16,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, dict[str, float | None]]:
+    """lm-eval's HF model class on a checkpoint folder: ``{task or group: {metric: value}}`` for every task and
+    group lm-eval reports (subtasks of a group included).
+
+    Metric names drop lm-eval's ",none" filter suffix; other filters stay ("exact_match,strict-match").  Each entry
+    also has ``"n"``, the number of documents scored.  ``limit`` caps documents per task (a float < 1 is a
+    fraction), as lm-eval's own --limit.
+    """
+    lm_eval = require_lm_eval()
+    import torch
+
+    if isinstance(tasks, str):
+        tasks = resolve_tasks(tasks)
+    model_args = {"pretrained": str(checkpoint), "trust_remote_code": trust_remote_code}
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown lopt's own output
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=tasks.names,
+        task_manager=tasks.manager,
+        limit=limit,
+        batch_size=batch_size,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        bootstrap_iters=1000,  # closed-form stderr for accuracies; a short bootstrap for other metrics
+        log_samples=False,
+    )
+    scores: dict[str, dict] = {}
+    for task, metrics in out["results"].items():
+        entry = {}
+        for key, value in metrics.items():
+            if key in ("alias", "name", "sample_len") or not isinstance(value, (int, float, str)):
+                continue
+            metric = key.removesuffix(",none")
+            entry[metric] = float(value) if isinstance(value, (int, float)) else None  # "N/A" stderr
+        samples = out.get("n-samples", {}).get(task)
+        if samples:
+            entry["n"] = samples["effective"]
+        scores[task] = entry
+    return scores
+
+
+def headline_metric(metrics: dict) -> str | None:
+    """The metric a table shows for a task: the first one lm-eval reports (its YAML's first), not a stderr."""
+    for key, value in metrics.items():
+        if key != "n" and "_stderr" not in key and value is not None:
+            return key
+    return None
+
+
+# --- compare: one column per task, as a change from the base model -----------------------------------------------
+def summarize_lm_eval(runs: list[dict], before: dict) -> dict:
+    """Per task: the headline metric, its mean (and std) over seeds, the base model's value and the change."""
+    out = {}
+    for task, base in before.get("lm_eval", {}).items():
+        metric = headline_metric(base)
+        values = [
+            r["lm_eval"][task][metric]
+            for r in runs
+            if r.get("lm_eval", {}).get(task, {}).get(metric) is not None
+        ]
+        if metric is None or not values:
+            continue
+        entry = {"metric": metric, "before": base[metric], "mean": statistics.fmean(values)}
+        entry["change"] = entry["mean"] - entry["before"]
+        if len(values) > 1:
+            entry["std"] = statistics.stdev(values)
+        out[task] = entry
+    return out
+
+
+def change_columns(results: dict, tasks: list[str] | None = None) -> list[str]:
+    """The tasks a report shows: the requested ones (``setup.lm_eval_tasks``), not every subtask of a group."""
+    shown = results["setup"].get("lm_eval_tasks") if tasks is None else tasks
+    reported = results["before"].get("lm_eval", {})
+    return [t for t in (shown or reported) if t in reported]
+
+
+def format_lm_eval_report(results: dict) -> list[str]:
+    """Markdown lines: one row per method, the retention-perplexity rise and one column per lm-eval task (change
+    from the base model, in points); empty when no lm-eval task ran."""
+    tasks = change_columns(results)
+    if not tasks:
+        return []
+    before = results["before"]["lm_eval"]
+    spread = results["setup"].get("seeds", 1) > 1
+    header = ["method", "retention ppl rise"]
+    for task in tasks:
+        metric = headline_metric(before[task])
+        header.append(f"{task} {metric} Δ (base {100 * before[task][metric]:.1f}%)")
+    lines = [
+        "## lm-eval tasks (change from the base model)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, m in results["methods"].items():
+        ppl, ppl_before = m.get("retention_ppl"), m.get("retention_ppl_before")
+        cells = [name, "—" if ppl is None or ppl_before is None else f"{ppl - ppl_before:+.1f}"]
+        for task in tasks:
+            entry = m.get("lm_eval", {}).get(task)
+            if entry is None:
+                cells.append("—")
+                continue
+            text = f"{100 * entry['change']:+.1f} ({100 * entry['mean']:.1f}%)"
+            if spread and "std" in entry:
+                text += f" ± {100 * entry['std']:.1f}"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_agreement(results, tasks), ""]
+    return lines
+
+
+def _agreement(results: dict, tasks: list[str]) -> list[str]:
+    """Whether each task and retention perplexity agree on which method kept the most."""
+    methods = results["methods"]
+    by_ppl = [n for n, m in methods.items() if m.get("retention_ppl") is not None]
+    if len(methods) < 2 or not by_ppl:
+        return []
+    kept_ppl = min(by_ppl, key=lambda n: methods[n]["retention_ppl"])
+    out = []
+    for task in tasks:
+        scored = [n for n, m in methods.items() if task in m.get("lm_eval", {})]
+        if not scored:
+            continue
+        kept_task = max(scored, key=lambda n: methods[n]["lm_eval"][task]["mean"])
+        verdict = "agree" if kept_task == kept_ppl else "DISAGREE"
+        out.append(
+            f"- Which method kept the most: retention perplexity says {kept_ppl}, {task} says {kept_task} "
+            f"({verdict})."
+        )
+    return out
