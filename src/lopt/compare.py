@@ -62,6 +62,10 @@ class CompareSpec:
     output_dir: str = "runs/compare"
     progress: bool = True
     lr_k1_ratios: list[float] | None = None  # adds "lopt@r" for each ratio r != 1 (the learning-rate study)
+    # lm-evaluation-harness tasks scored before and after every run (lopt.lm_eval_tasks.CompareLMEval)
+    lm_eval_tasks: str | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_batch_size: int | str = 16
 
     def __post_init__(self):
         unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
@@ -90,9 +94,11 @@ class CompareSpec:
 def run_compare(spec: CompareSpec) -> dict:
     from lopt.cli.common import load_model_and_tokenizer
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
+    from lopt.lm_eval_tasks import CompareLMEval
 
     os.makedirs(spec.output_dir, exist_ok=True)
     builtin = spec.model_name_or_path is None
+    lm_eval = CompareLMEval(spec.lm_eval_tasks, builtin, spec.lm_eval_limit, spec.lm_eval_batch_size)
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
     eval_rows, match = (
         load_task_rows(None, None, None, "test", spec.eval_samples)
@@ -116,6 +122,7 @@ def run_compare(spec: CompareSpec) -> dict:
     by_base = {base: activation_peak_bytes(base_path, base, spec) for base in map(_base_name, spec.methods)}
     activation = {name: by_base[_base_name(name)] for name in spec.methods}  # an lr does not change memory
     del model
+    before.update(lm_eval(base_path))
 
     runs: dict[str, list[dict]] = {name: [] for name in spec.methods}
     jobs = [(seed, name) for seed in range(spec.seeds) for name in spec.methods]
@@ -127,7 +134,9 @@ def run_compare(spec: CompareSpec) -> dict:
         from transformers import AutoModelForCausalLM
 
         trained = AutoModelForCausalLM.from_pretrained(run_dir)
-        runs[name].append({**_training_metrics(run_dir), **evaluate(trained), "seed": seed})
+        runs[name].append(
+            {**_training_metrics(run_dir), **evaluate(trained), **lm_eval(run_dir), "seed": seed}
+        )
         del trained
 
     results = {
@@ -138,6 +147,7 @@ def run_compare(spec: CompareSpec) -> dict:
             for name in spec.methods
         },
     }
+    lm_eval.add_summaries(results, runs)
     atomic_write_json(os.path.join(spec.output_dir, "results.json"), results)
     atomic_write_text(os.path.join(spec.output_dir, "report.md"), format_report(results))
     write_plots(results, spec.output_dir)
@@ -361,6 +371,9 @@ def format_report(results: dict) -> str:
             f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
             f"{m.get('final_task_loss', float('nan')):.3f} |"
         )
+    from lopt.lm_eval_tasks import format_lm_eval_report
+
+    lines += ["", *format_lm_eval_report(results)]
     lines += ["", "## What the numbers show", "", *summarize(results), ""]
     lines += [
         "Activation peak: bytes saved for backward during one training step on one batch (same meter as `lopt "

@@ -31,6 +31,7 @@ from typing import Any
 from lopt.errors import UserError
 
 __all__ = [
+    "CompareLMEval",
     "KNOWLEDGE_TASK",
     "LMEvalTasks",
     "change_columns",
@@ -70,12 +71,15 @@ def _stable_int(text: str) -> int:
 def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
     """Multiple-choice rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
 
-    Items are the first ``n`` probe facts in a stable hash order (so a prefix is a fair sample of modules); each
+    Items are the first ``n`` probe facts (none sharing its summary with an SFT fact) in a stable hash order (so a prefix is a fair sample of modules); each
     fact's distractors are drawn, by a generator seeded from its key, from the other probe facts of its kind.
     """
     from lopt.knowledge import knowledge_facts
 
-    facts = sorted(knowledge_facts("probe"), key=lambda f: _stable_int(f"probe-order:{f.key}"))
+    # A sentence that is also some SFT fact's summary could be learned through SFT: leave such facts out.
+    sft_summaries = {f.summary for f in knowledge_facts("sft")}
+    probe = [f for f in knowledge_facts("probe") if f.summary not in sft_summaries]
+    facts = sorted(probe, key=lambda f: _stable_int(f"probe-order:{f.key}"))
     chosen = facts if n is None else facts[:n]
     rows = []
     for fact in chosen:
@@ -282,6 +286,43 @@ def headline_metric(metrics: dict) -> str | None:
 
 
 # --- compare: one column per task, as a change from the base model -----------------------------------------------
+class CompareLMEval:
+    """lm-eval in `lopt compare`: scores the base model and every trained checkpoint, then adds per-method
+    summaries to the results.
+
+    ``tasks`` None means the default: `KNOWLEDGE_TASK` for the built-in model when lm-eval is installed (a note on
+    stderr says how to get it otherwise), nothing for a user's model; "none" turns lm-eval off.
+    """
+
+    def __init__(self, tasks: str | None, builtin: bool, limit=None, batch_size: int | str = 16):
+        self.limit, self.batch_size = limit, batch_size
+        if tasks is None and builtin:
+            try:
+                require_lm_eval()
+                tasks = KNOWLEDGE_TASK
+            except UserError:
+                print(
+                    f"lopt compare: lm-eval is not installed, so the {KNOWLEDGE_TASK} retention column is left out "
+                    f"({INSTALL_HINT}).",
+                    file=sys.stderr,
+                )
+        self.tasks = resolve_tasks(tasks) if tasks and tasks != "none" else None
+
+    def __call__(self, checkpoint) -> dict:
+        """``{"lm_eval": {task: metrics}}`` for a checkpoint folder; ``{}`` when lm-eval is off."""
+        if self.tasks is None:
+            return {}
+        return {"lm_eval": run_lm_eval(checkpoint, self.tasks, limit=self.limit, batch_size=self.batch_size)}
+
+    def add_summaries(self, results: dict, runs: dict[str, list[dict]]) -> None:
+        """``setup.lm_eval_tasks`` and, per method, ``lm_eval``: `summarize_lm_eval` of its runs."""
+        if self.tasks is None:
+            return
+        results["setup"]["lm_eval_tasks"] = self.tasks.names
+        for name, entry in results["methods"].items():
+            entry["lm_eval"] = summarize_lm_eval(runs[name], results["before"])
+
+
 def summarize_lm_eval(runs: list[dict], before: dict) -> dict:
     """Per task: the headline metric, its mean (and std) over seeds, the base model's value and the change."""
     out = {}

@@ -7,6 +7,7 @@ import shlex
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    from lopt.cli.eval import add_lm_eval_args
     from lopt.compare import DEFAULT_METHODS, METHOD_FLAGS
 
     parser.add_argument(
@@ -40,12 +41,20 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sft_args", default="", help='Extra `lopt sft` flags for every run, e.g. "--lr_k1 1e-4".'
     )
+    add_lm_eval_args(
+        parser,
+        default_help="Default: lopt_knowledge for the built-in model (when lm-eval is installed), none for a user's "
+        "model; 'none' turns it off. Scored on the base model and after every run.",
+    )
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--no_progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    from lopt.cli.eval import lm_eval_options
     from lopt.compare import CompareSpec, run_compare
+
+    lm_eval = lm_eval_options(args)
 
     spec = CompareSpec(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
@@ -60,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         progress=not args.no_progress,
         lr_k1_ratios=_ratios(args.lr_k1_ratios),
+        lm_eval_tasks=args.lm_eval_tasks,
+        lm_eval_limit=lm_eval["limit"],
+        lm_eval_batch_size=lm_eval["batch_size"],
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:

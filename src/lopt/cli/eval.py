@@ -34,17 +34,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true")
 
 
-def add_lm_eval_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def add_lm_eval_args(parser: argparse.ArgumentParser, default_help: str = "Default: none.") -> None:
     """lm-evaluation-harness flags, shared with `lopt compare`."""
     from lopt.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK
 
     g = parser.add_argument_group(f"lm-evaluation-harness (optional: {INSTALL_HINT})")
     g.add_argument(
         "--lm_eval_tasks",
-        default=default,
+        default=None,
         help="Comma-separated lm-eval tasks, groups or tags (e.g. hellaswag,arc_easy,mmlu), folders of task YAMLs "
         f"(local tasks), or {KNOWLEDGE_TASK} (the built-in model's knowledge-retention probe). "
-        + ("Default: none." if default is None else f"Default: {default}; 'none' turns it off."),
+        + default_help,
     )
     g.add_argument(
         "--lm_eval_limit",
