@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) with torch 2.13.0 and lopt (editable) plus dev tools. Re-runs only when pyproject.toml changes.
+# Create .venv (once) with torch 2.13.0 and lopt (editable) plus dev tools and lm-eval (the [eval] extra, so its
+# tests run). Re-runs only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -14,5 +15,5 @@ echo "setup: creating $VENV and installing lopt (first run takes a few minutes)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch could pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,eval]"
 echo "$want" > "$STAMP"
