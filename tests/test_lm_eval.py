@@ -55,6 +55,7 @@ def test_knowledge_items_are_probe_facts_only_with_one_right_choice():
         assert fact_role(fact) == "probe"  # held out from every SFT task
         assert item["context"] == f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n"
         assert len(item["choices"]) == len(set(item["choices"])) == 4
+        assert max(len(choice) for choice in item["choices"]) <= 120  # fits a 128-token context
         assert item["choices"][item["answer"]] == fact.summary
         assert not set(item["choices"]) & sft_summaries  # no choice is a sentence SFT could teach
     # the right answer is not always in the same place

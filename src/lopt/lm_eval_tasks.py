@@ -47,6 +47,8 @@ __all__ = [
 
 KNOWLEDGE_TASK = "lopt_knowledge"
 KNOWLEDGE_ITEMS = 300  # a few hundred: cheap enough to run after every compare run
+# Longer first sentences (doctests, run-on paragraphs) are left out: they would not fit a small model's context.
+_MAX_SUMMARY_CHARS = 120
 # Bump when the items or the YAML change; part of the task folder's name.
 KNOWLEDGE_VERSION = "1"
 INSTALL_HINT = "pip install 'lopt[eval]' (lm-eval>=0.4.13,<0.5)"
@@ -71,14 +73,19 @@ def _stable_int(text: str) -> int:
 def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
     """Multiple-choice rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
 
-    Items are the first ``n`` probe facts (none sharing its summary with an SFT fact) in a stable hash order (so a prefix is a fair sample of modules); each
+    Items are the first ``n`` probe facts (summaries up to 120 characters, none shared with an SFT fact) in a
+    stable hash order (so a prefix is a fair sample of modules); each
     fact's distractors are drawn, by a generator seeded from its key, from the other probe facts of its kind.
     """
     from lopt.knowledge import knowledge_facts
 
     # A sentence that is also some SFT fact's summary could be learned through SFT: leave such facts out.
     sft_summaries = {f.summary for f in knowledge_facts("sft")}
-    probe = [f for f in knowledge_facts("probe") if f.summary not in sft_summaries]
+    probe = [
+        f
+        for f in knowledge_facts("probe")
+        if f.summary not in sft_summaries and len(f.summary) <= _MAX_SUMMARY_CHARS
+    ]
     facts = sorted(probe, key=lambda f: _stable_int(f"probe-order:{f.key}"))
     chosen = facts if n is None else facts[:n]
     rows = []
