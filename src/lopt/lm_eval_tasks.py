@@ -256,30 +256,41 @@ def run_lm_eval(
 
     if isinstance(tasks, str):
         tasks = resolve_tasks(tasks)
-    model_args = {"pretrained": str(checkpoint), "trust_remote_code": trust_remote_code}
+    from lm_eval.models.huggingface import HFLM
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown lopt's own output
-    out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=tasks.names,
-        task_manager=tasks.manager,
-        limit=limit,
+    lm = HFLM(
+        pretrained=str(checkpoint),
         batch_size=batch_size,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        bootstrap_iters=1000,  # closed-form stderr for accuracies; a short bootstrap for other metrics
-        log_samples=False,
+        trust_remote_code=trust_remote_code,
     )
+    results: dict[str, dict] = {}
+    samples: dict[str, dict] = {}
+    # One simple_evaluate per requested task, on the same loaded model.  In one call, lm-eval 0.4.13's
+    # logits_cache mixes up two requests whose context + continuation are the same tokens split at different
+    # points (seen here across two tasks: one got the other's log-likelihood).
+    for name in tasks.names:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[name],
+            task_manager=tasks.manager,
+            limit=limit,
+            bootstrap_iters=1000,  # closed-form stderr for accuracies; a short bootstrap for other metrics
+            log_samples=False,
+        )
+        results.update(out["results"])
+        samples.update(out.get("n-samples", {}))
     scores: dict[str, dict] = {}
-    for task, metrics in out["results"].items():
+    for task, metrics in results.items():
         entry = {}
         for key, value in metrics.items():
             if key in ("alias", "name", "sample_len") or not isinstance(value, (int, float, str)):
                 continue
             metric = key.removesuffix(",none")
             entry[metric] = float(value) if isinstance(value, (int, float)) else None  # "N/A" stderr
-        samples = out.get("n-samples", {}).get(task)
-        if samples:
-            entry["n"] = samples["effective"]
+        if task in samples:
+            entry["n"] = samples[task]["effective"]
         scores[task] = entry
     return scores
 

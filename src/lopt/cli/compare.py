@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         lr_k1_ratios=_ratios(args.lr_k1_ratios),
         lm_eval_tasks=args.lm_eval_tasks,
-        lm_eval_limit=lm_eval["limit"],
+        lm_eval_limit=lm_eval["limit"] if lm_eval["limit"] is not None else (100 if args.quick else None),
         lm_eval_batch_size=lm_eval["batch_size"],
     )
     run_compare(spec)

@@ -50,7 +50,8 @@ def add_lm_eval_args(parser: argparse.ArgumentParser, default_help: str = "Defau
         "--lm_eval_limit",
         type=float,
         default=None,
-        help="Documents per task (lm-eval's --limit; a value below 1 is a fraction). Default: all.",
+        help="Documents per task (lm-eval's --limit; a value below 1 is a fraction). Default: all (compare "
+        "--quick: 100).",
     )
     g.add_argument(
         "--lm_eval_batch_size", default="16", help="lm-eval's --batch_size: a number, or 'auto' (GPU)."
