@@ -166,6 +166,7 @@ def test_compare_reports_one_change_column_per_lm_eval_task(builtin_tiny, tmp_pa
         assert entry["change"] == pytest.approx(entry["mean"] - before)
     report = (out / "report.md").read_text()
     assert f"| {KNOWLEDGE_TASK} acc Δ (base {100 * before:.1f}%) |" in report
+    assert f"- {KNOWLEDGE_TASK}: chance is 25%" in report
     assert "| e2e |" in report.split("## lm-eval tasks")[1]
 
 

@@ -399,7 +399,12 @@ def format_lm_eval_report(results: dict) -> list[str]:
                 text += f" ± {100 * entry['std']:.1f}"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_agreement(results, tasks), ""]
+    lines += ["", *_agreement(results, tasks)]
+    if KNOWLEDGE_TASK in tasks:
+        lines.append(
+            f"- {KNOWLEDGE_TASK}: chance is 25% (four choices); a base model near chance cannot show forgetting on it."
+        )
+    lines.append("")
     return lines
 
 
