@@ -27,7 +27,9 @@ __all__ = ["Fact", "knowledge_facts", "fact_role", "PROBE_PERCENT"]
 
 PROBE_PERCENT = 50  # share of facts held out for the retention probe
 _MIN_SUMMARY_CHARS = 20
-_MAX_SUMMARY_CHARS = 120  # a question must fit the built-in models' short context (128 tokens in the tiny one)
+_MAX_SUMMARY_CHARS = (
+    120  # a question must fit the built-in models' short context (128 tokens in the tiny one)
+)
 
 
 @dataclass(frozen=True)

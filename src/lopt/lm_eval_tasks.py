@@ -47,9 +47,7 @@ __all__ = [
 
 KNOWLEDGE_TASK = "lopt_knowledge"
 KNOWLEDGE_ITEMS = 300  # a few hundred: cheap enough to run after every compare run
-# Longer first sentences (doctests, run-on paragraphs) are left out: they would not fit a small model's context.
-_MAX_SUMMARY_CHARS = 120
-# Bump when the items or the YAML change; part of the task folder's name.
+# Bump when the YAML changes; part of the task folder's name (with a hash of the items).
 KNOWLEDGE_VERSION = "1"
 INSTALL_HINT = "pip install 'lopt[eval]' (lm-eval>=0.4.13,<0.5)"
 
@@ -73,19 +71,14 @@ def _stable_int(text: str) -> int:
 def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
     """Multiple-choice rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
 
-    Items are the first ``n`` probe facts (summaries up to 120 characters, none shared with an SFT fact) in a
-    stable hash order (so a prefix is a fair sample of modules); each
+    Items are the first ``n`` probe facts (none sharing its summary with an SFT fact) in a stable hash order (so a prefix is a fair sample of modules); each
     fact's distractors are drawn, by a generator seeded from its key, from the other probe facts of its kind.
     """
     from lopt.knowledge import knowledge_facts
 
     # A sentence that is also some SFT fact's summary could be learned through SFT: leave such facts out.
     sft_summaries = {f.summary for f in knowledge_facts("sft")}
-    probe = [
-        f
-        for f in knowledge_facts("probe")
-        if f.summary not in sft_summaries and len(f.summary) <= _MAX_SUMMARY_CHARS
-    ]
+    probe = [f for f in knowledge_facts("probe") if f.summary not in sft_summaries]
     facts = sorted(probe, key=lambda f: _stable_int(f"probe-order:{f.key}"))
     chosen = facts if n is None else facts[:n]
     rows = []
@@ -139,17 +132,17 @@ def knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     from lopt.builtin import _cache_root
 
-    py = ".".join(map(str, sys.version_info[:3]))  # the facts come from the installed standard library
+    # The items depend on the installed standard library and on lopt.knowledge: the folder is named by their hash.
+    jsonl = "".join(json.dumps(row) + "\n" for row in knowledge_items())
+    digest = hashlib.sha256(jsonl.encode("utf-8")).hexdigest()[:12]
     root = _cache_root(cache_dir) / "lm_eval_tasks"
-    final = root / f"{KNOWLEDGE_TASK}-v{KNOWLEDGE_VERSION}-py{py}"
+    final = root / f"{KNOWLEDGE_TASK}-v{KNOWLEDGE_VERSION}-{digest}"
     if (final / f"{KNOWLEDGE_TASK}.yaml").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        with open(tmp / f"{KNOWLEDGE_TASK}.jsonl", "w", encoding="utf-8") as f:
-            for row in knowledge_items():
-                f.write(json.dumps(row) + "\n")
+        (tmp / f"{KNOWLEDGE_TASK}.jsonl").write_text(jsonl, encoding="utf-8")
         # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
         data_file = json.dumps(str(final.resolve() / f"{KNOWLEDGE_TASK}.jsonl"))
         yaml = _KNOWLEDGE_YAML.format(task=KNOWLEDGE_TASK, data_file=data_file, version=KNOWLEDGE_VERSION)
