@@ -289,7 +289,8 @@ def run_lm_eval(
 
 
 def headline_metric(metrics: dict) -> str | None:
-    """The metric a table shows for a task: the first one lm-eval reports (its YAML's first), not a stderr."""
+    """The metric a table shows for a task: the first one lm-eval reports (in its sorted order, so ``acc`` before
+    ``acc_norm``), not a stderr."""
     for key, value in metrics.items():
         if key != "n" and "_stderr" not in key and value is not None:
             return key
