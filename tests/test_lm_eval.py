@@ -198,3 +198,6 @@ def test_report_shows_changes_from_the_base_model():
     assert "| freeze | +10.0 | -5.0 (45.0%) ± 0.0 |" in report
     assert "retention perplexity says freeze, k says freeze (agree)" in report
     assert format_lm_eval_report({"setup": {"seeds": 1}, "before": {}, "methods": methods}) == []
+    assert (
+        format_lm_eval_report({"setup": {"seeds": 1}, "methods": methods}) == []
+    )  # results without "before"

@@ -357,8 +357,8 @@ def summarize_lm_eval(runs: list[dict], before: dict) -> dict:
 
 def change_columns(results: dict, tasks: list[str] | None = None) -> list[str]:
     """The tasks a report shows: the requested ones (``setup.lm_eval_tasks``), not every subtask of a group."""
-    shown = results["setup"].get("lm_eval_tasks") if tasks is None else tasks
-    reported = results["before"].get("lm_eval", {})
+    shown = results.get("setup", {}).get("lm_eval_tasks") if tasks is None else tasks
+    reported = results.get("before", {}).get("lm_eval", {})  # older results have none
     return [t for t in (shown or reported) if t in reported]
 
 
