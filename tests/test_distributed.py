@@ -198,58 +198,82 @@ def full_weights(lopt_model) -> dict[str, torch.Tensor]:
     return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in weights.items()}
 
 
-def worker_fsdp2_joint(out_dir: str) -> None:
-    """Joint mode under FSDP2 (`fully_shard` on every decoder layer and on the HF model; the aux heads stay
-    replicated, their gradients averaged by LoPTGradientSync). Each rank trains on its half of the global batch;
-    clipping uses one global norm over the sharded model gradients and the replicated aux-head gradients."""
+# FSDP2 variants: (backward, hook order). "lopt_first" is lopt.distributed.fully_shard_lopt_model; "fsdp_first" is
+# plain fully_shard calls after get_lopt_model (FSDP2's pre-forward runs before LoPT's boundary hook).
+FSDP2_VARIANTS = {
+    "local": ("local", "lopt_first"),
+    "joint": ("joint", "lopt_first"),
+    "local_fsdp_first": ("local", "fsdp_first"),
+}
+FSDP2_ACCUMULATION = 2
+FSDP2_MAX_NORM = 0.5  # below the gradient norms of these steps, so the clipping acts
+
+
+def fsdp2_micro_batches(step: int, rank: int | None = None) -> list[dict]:
+    """The micro-batches of one optimizer step: 2 of 4 rows each (the global batch), or this rank's 2 rows of each."""
+    batches = [make_batch(batch_size=4, seq_len=SEQ, seed=10 * step + i) for i in range(FSDP2_ACCUMULATION)]
+    if rank is None:
+        return batches
+    return [{k: v[2 * rank : 2 * rank + 2] for k, v in b.items()} for b in batches]
+
+
+def fsdp2_step(lopt_model, optimizer, micro_batches, sync=None) -> float:
+    """One optimizer step as the trainer takes it: gradient accumulation (the local backward scaled like the loss),
+    the aux heads synced, one global clipping norm over the model and the aux heads, AdamW."""
+    from lopt.distributed import clip_grad_norm_
+
+    lopt_model.loss_scale = 1 / len(micro_batches)
+    for batch in micro_batches:
+        out = lopt_model.model(**batch)
+        ((out.loss + lopt_model.take_aux_loss()) / len(micro_batches)).backward()
+    if sync is not None:
+        sync.sync_gradients()
+    norm = clip_grad_norm_(lopt_model.model.parameters(), lopt_model.aux_heads.parameters(), FSDP2_MAX_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def worker_fsdp2(out_dir: str) -> None:
+    """LoPT under FSDP2 (`fully_shard` on every decoder layer and on the HF model; the aux heads stay replicated,
+    their gradients averaged by LoPTGradientSync). Each rank trains on its half of every micro-batch."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.fsdp import fully_shard
 
     from lopt import param_groups
-    from lopt.distributed import LoPTGradientSync
+    from lopt.distributed import LoPTGradientSync, fully_shard_lopt_model
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    lopt_model = lopt_model_for("joint")
-    sync = LoPTGradientSync(
-        lopt_model, sync_early=False
-    )  # FSDP reduces the whole model; we sync the aux heads
-    for layer in lopt_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(lopt_model.model)
-    optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))  # after fully_shard: DTensor parameters
-    model_params = list(lopt_model.model.parameters())
-    aux_params = list(lopt_model.aux_heads.parameters())
-    norms = []
-    for step in range(STEPS):
-        batch = make_batch(batch_size=2 * world, seq_len=SEQ, seed=step)
-        mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
-        out = lopt_model.model(**mine)
-        (out.loss + lopt_model.take_aux_loss()).backward()
-        sync.sync_gradients()
-        model_norm = torch.nn.utils.clip_grad_norm_(model_params, float("inf")).full_tensor()
-        aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux_params])
-        total = torch.sqrt(model_norm**2 + aux_norm**2)
-        # One coefficient, two calls: clip_grads_with_norm_ refuses a list that mixes DTensor and plain gradients.
-        torch.nn.utils.clip_grads_with_norm_(model_params, 1.0, total)
-        torch.nn.utils.clip_grads_with_norm_(aux_params, 1.0, total)
-        norms.append(float(total))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    weights = full_weights(lopt_model)
-    ranks_equal = _gather_equal(weights)
+    rank = dist.get_rank()
+    report = {}
+    for name, (backward, order) in FSDP2_VARIANTS.items():
+        lopt_model = lopt_model_for(backward)
+        sync = LoPTGradientSync(
+            lopt_model, sync_early=False
+        )  # FSDP reduces the whole model; we sync the aux heads
+        if order == "lopt_first":
+            fully_shard_lopt_model(lopt_model)
+        else:
+            for layer in lopt_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(lopt_model.model)
+        optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))  # after sharding: DTensor parameters
+        norms = [fsdp2_step(lopt_model, optimizer, fsdp2_micro_batches(s, rank), sync) for s in range(STEPS)]
+        weights = full_weights(lopt_model)
+        report[name] = {"ranks_equal": _gather_equal(weights), "norms": norms}
+        if rank == 0:
+            save_file(weights, os.path.join(out_dir, f"fsdp2_{name}.safetensors"))
     if rank == 0:
-        save_file(weights, os.path.join(out_dir, "fsdp2_joint.safetensors"))
         with open(os.path.join(out_dir, "fsdp2.json"), "w") as f:
-            json.dump({"ranks_equal": ranks_equal, "norms": norms}, f)
+            json.dump(report, f)
 
 
 WORKERS = {
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
     "block_library": worker_block_library,
-    "fsdp2_joint": worker_fsdp2_joint,
+    "fsdp2": worker_fsdp2,
 }
 
 if __name__ == "__main__":
@@ -390,29 +414,30 @@ def test_block_parallel_library_matches_single_process_lopt(tmp_path):
     assert len(aux_losses) == STEPS
 
 
-def test_fsdp2_joint_mode_matches_one_process(tmp_path):
-    """Joint mode under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks x batch 2, clipping
-    at 1.0 with one global norm): every rank ends equal, and equal to one process on the batch of 4."""
+@pytest.fixture(scope="module")
+def fsdp2_worker_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    run_worker("fsdp2", out)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(FSDP2_VARIANTS))
+def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_output):
+    """LoPT under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks), gradient accumulation 2,
+    clipping with one global norm: every rank ends equal, and equal to one process on the whole batches.
+    Local mode runs each early block's backward inside the forward (lopt.distributed.fsdp2_local_backward)."""
     from lopt import param_groups
 
-    run_worker("fsdp2_joint", tmp_path)
-    report = json.loads((tmp_path / "fsdp2.json").read_text())
+    report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())[variant]
     assert report["ranks_equal"]
-    lopt_model = lopt_model_for("joint")
+    lopt_model = lopt_model_for(FSDP2_VARIANTS[variant][0])
     initial = all_weights(lopt_model)
     optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
-    norms = []
-    for step in range(STEPS):
-        out = lopt_model.model(**make_batch(4, SEQ, seed=step))
-        (out.loss + lopt_model.take_aux_loss()).backward()
-        params = [*lopt_model.model.parameters(), *lopt_model.aux_heads.parameters()]
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    norms = [fsdp2_step(lopt_model, optimizer, fsdp2_micro_batches(step)) for step in range(STEPS)]
     reference = all_weights(lopt_model)
-    assert_close(load_file(tmp_path / "fsdp2_joint.safetensors"), reference)
+    assert_close(load_file(fsdp2_worker_output / f"fsdp2_{variant}.safetensors"), reference)
     assert report["norms"] == pytest.approx(norms, rel=1e-5)
-    assert min(norms) > 1.0  # the clipping acted at every step
+    assert min(norms) > FSDP2_MAX_NORM  # the clipping acted at every step
     for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
         name = next(n for n in reference if n.startswith(prefix))
         assert not torch.allclose(reference[name], initial[name]), name

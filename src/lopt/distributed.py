@@ -21,6 +21,8 @@ Use (the trainer mixin does this for you):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -144,3 +146,112 @@ class LoPTGradientSync:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         all_reduce_mean_([p.grad for p in self.params])
+
+
+# --- FSDP2 (torch.distributed.fsdp.fully_shard) ------------------------------------------------------------------
+# How FSDP2 sees LoPT's local backward, and why the guard below makes it correct.
+#
+# FSDP2 keeps one state per `fully_shard` unit (here: every decoder layer, and the HF model as the root, which owns
+# the embedding, final norm and LM head). Its hooks assume "one forward of the root, then one backward":
+#   pre-forward   all-gathers the unit's parameters (state FORWARD); non-root units reshard in their post-forward,
+#                 the root keeps its parameters gathered until its own backward;
+#   pre-backward  (a hook on the unit's outputs) all-gathers again; post-backward (a node on the unit's inputs)
+#                 reduce-scatters the unit's gradients into the sharded `.grad` (summing with what is there) and
+#                 reshards;
+#   final callback (queued by the first pre-backward, run when that backward ends) treats the whole iteration as
+#                 done: every unit not yet post-backward is post-backwarded (reduce-scatter + reshard), every
+#                 state is set IDLE and the root's "forward in progress" marker is cleared.
+# LoPT's local backward runs at a block boundary, in the middle of the root's forward. For the units of the block
+# that just ended it is an ordinary complete backward (pre-backward gathers, post-backward reduce-scatters and
+# reshards), and the gradients it produces are final: later losses never reach that block (the boundary is
+# detached). The final callback, though, also closes the units that are still *open* in the forward: the root (it
+# reduce-scatters the embedding's gradient, which is right, and reshards the root's parameters, which the rest of
+# the forward - final norm, LM head - still needs: "mixed torch.Tensor and DTensor"), and any unit whose pre-forward
+# already ran. So, around each local backward, `fsdp2_local_backward` remembers the units that are in the forward
+# and afterwards gathers their parameters again and puts them back in the FORWARD state (with the root's marker),
+# as if the local backward had not happened to them. Gradients stay right because FSDP2's reduce-scatter is a
+# mean over ranks that is *added* to the sharded gradient: reducing block i's (or the embedding's) gradient at its
+# boundary and the rest at the end sums to what one reduction would give. The cost is one extra all-gather of the
+# root's parameters per boundary. This reads FSDP2's private state (torch 2.13); tests/test_distributed.py checks
+# the result against one process.
+@contextlib.contextmanager
+def fsdp2_local_backward(model: nn.Module):
+    """Context for a backward that runs inside `model`'s forward under FSDP2; a no-op for a model without it."""
+    states = _fsdp2_states(model)
+    if not states:
+        yield
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    open_states = [s for s in states if s._training_state == TrainingState.FORWARD]
+    open_groups = [
+        g for s in open_states for g in s._fsdp_param_groups if g._training_state == TrainingState.FORWARD
+    ]
+    modules_to_run = [(s, set(s._modules_to_run_forward)) for s in open_states]
+    forward_root = states[0]._state_ctx.iter_forward_root
+    yield
+    for state, modules in modules_to_run:
+        state._training_state = TrainingState.FORWARD
+        state._modules_to_run_forward.update(modules)
+    for group in open_groups:
+        group._training_state = TrainingState.FORWARD
+        group.unshard()
+        group.wait_for_unshard()
+    states[0]._state_ctx.iter_forward_root = forward_root
+
+
+def _fsdp2_states(model: nn.Module) -> list:
+    """The FSDP2 states of `model`'s modules, each once, in module order (empty without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    states = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            if state not in states:
+                states.append(state)
+    return states
+
+
+def fully_shard_lopt_model(lopt_model, **fsdp_kwargs) -> None:
+    """Shard a LoPTModel's wrapped model with FSDP2, in place: `fully_shard` on every decoder layer, then on the
+    wrapped model (the root: embedding, final norm, LM head). `fsdp_kwargs` go to every `fully_shard` call (mesh,
+    mp_policy, reshard_after_forward, ...). The aux heads are not part of the wrapped model and stay replicated:
+    build `LoPTGradientSync(lopt_model, sync_early=False)` to keep them equal, and build the optimizer afterwards
+    (the parameters become DTensors).
+
+    LoPT's block-start hooks are then moved in front of FSDP2's pre-forward hooks, so that a block's first layer
+    is entered (gathered, with its post-backward node) only after the local backward of the block before it, and
+    sees the detached boundary: the local backward then involves only finished units and the root (see above).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in lopt_model.decoder_layers:
+        fully_shard(layer, **fsdp_kwargs)
+    fully_shard(lopt_model.model, **fsdp_kwargs)
+    lopt_model.register_block_hooks(prepend=True)
+
+
+def clip_grad_norm_(model_params, aux_params, max_norm: float) -> torch.Tensor:
+    """Clip the model's gradients (DTensors under FSDP2, or plain) and the aux heads' (plain, replicated) with one
+    global norm, as one process would over all of them; returns that norm. Two calls with one norm: a single
+    foreach over DTensor and plain gradients fails."""
+    model_params = [p for p in model_params if p.grad is not None]
+    aux_params = [p for p in aux_params if p.grad is not None]
+    norms = []
+    for params in (model_params, aux_params):
+        if params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norms.append(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # sharded: a collective
+    if not norms:
+        return torch.zeros(())
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    for params in (model_params, aux_params):
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device))
+    return total
