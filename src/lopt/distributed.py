@@ -215,23 +215,110 @@ def _fsdp2_states(model: nn.Module) -> list:
     return states
 
 
+def fully_shard_decoder(model: nn.Module, **fsdp_kwargs) -> None:
+    """FSDP2 for a transformers causal LM, in place: `fully_shard` on every decoder layer, then on the model itself
+    (the root: embedding, final norm, LM head). `fsdp_kwargs` go to every call (mesh, mp_policy, ...)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lopt.architectures import find_decoder_parts
+
+    for layer in find_decoder_parts(model).layers:
+        fully_shard(layer, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+
+
 def fully_shard_lopt_model(lopt_model, **fsdp_kwargs) -> None:
-    """Shard a LoPTModel's wrapped model with FSDP2, in place: `fully_shard` on every decoder layer, then on the
-    wrapped model (the root: embedding, final norm, LM head). `fsdp_kwargs` go to every `fully_shard` call (mesh,
-    mp_policy, reshard_after_forward, ...). The aux heads are not part of the wrapped model and stay replicated:
+    """`fully_shard_decoder` on a LoPTModel's wrapped model. The aux heads are not part of it and stay replicated:
     build `LoPTGradientSync(lopt_model, sync_early=False)` to keep them equal, and build the optimizer afterwards
-    (the parameters become DTensors).
+    (the model's parameters become DTensors).
 
     LoPT's block-start hooks are then moved in front of FSDP2's pre-forward hooks, so that a block's first layer
     is entered (gathered, with its post-backward node) only after the local backward of the block before it, and
     sees the detached boundary: the local backward then involves only finished units and the root (see above).
     """
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in lopt_model.decoder_layers:
-        fully_shard(layer, **fsdp_kwargs)
-    fully_shard(lopt_model.model, **fsdp_kwargs)
+    fully_shard_decoder(lopt_model.model, **fsdp_kwargs)
     lopt_model.register_block_hooks(prepend=True)
+
+
+def is_fsdp2_sharded(model: nn.Module) -> bool:
+    return bool(_fsdp2_states(model))
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict as plain CPU tensors on rank 0 ({} elsewhere). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) state dict, e.g. a checkpoint's, into an FSDP2-sharded model; every rank passes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_copy_on_rank0(model: nn.Module) -> nn.Module | None:
+    """A plain (unsharded, hook-free) copy of an FSDP2-sharded transformers model on rank 0, None on the others:
+    for saving, evaluating and generating on one process. A collective: every rank calls it."""
+    import copy
+
+    state = full_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    cls = type(model)
+    plain = cls.__mro__[cls._orig_cls_mro_index](copy.deepcopy(model.config))  # the class FSDP2 derived from
+    plain.load_state_dict(state, assign=True)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.to(next(model.parameters()).device).train(model.training)
+
+
+def split_dtensor_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer groups with sharded (DTensor) and plain parameters (the aux heads) apart, same settings: a fused or
+    foreach optimizer step refuses a group that mixes them."""
+    from torch.distributed.tensor import DTensor
+
+    split = []
+    for group in groups:
+        for is_dtensor in (True, False):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == is_dtensor]
+            if params:
+                split.append({**group, "params": params})
+    return split
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with this rank's shards as plain tensors (DTensor states -> local tensors)."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        i: {k: v.to_local() if hasattr(v, "to_local") else v for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return state
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what `local_optimizer_state` saved on this rank (same world size and sharding): each state tensor of a
+    DTensor parameter becomes a DTensor with that parameter's mesh and placements again."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    restored = {}
+    for index, param_state in state["state"].items():
+        param = params[int(index)]
+        restored[index] = {
+            k: DTensor.from_local(
+                v.to(param.device),
+                param.device_mesh,
+                param.placements,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+            if isinstance(param, DTensor) and torch.is_tensor(v) and v.dim() > 0
+            else v
+            for k, v in param_state.items()
+        }
+    optimizer.load_state_dict({**state, "state": restored})
 
 
 def clip_grad_norm_(model_params, aux_params, max_norm: float) -> torch.Tensor:
