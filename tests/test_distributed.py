@@ -63,7 +63,13 @@ def equal_length_rows(n: int = 16) -> list[dict]:
     return [{"input_ids": row, "attention_mask": [1] * SEQ, "labels": row} for row in ids]
 
 
-def make_trainer(output_dir: str, batch_size: int, backward: str = "local", fsdp: bool = False):
+def make_trainer(
+    output_dir: str,
+    batch_size: int,
+    backward: str = "local",
+    fsdp: bool = False,
+    aux_objective: str = "recon",
+):
     from datasets import Dataset
     from transformers import TrainingArguments, default_data_collator
 
@@ -90,7 +96,7 @@ def make_trainer(output_dir: str, batch_size: int, backward: str = "local", fsdp
         args=args,
         train_dataset=Dataset.from_list(equal_length_rows()),
         data_collator=default_data_collator,
-        lopt_config=LoPTConfig(num_blocks=2, backward=backward),
+        lopt_config=LoPTConfig(num_blocks=2, backward=backward, aux_objective=aux_objective),
         fsdp=fsdp,
     )
 
@@ -270,6 +276,11 @@ def worker_fsdp2(out_dir: str) -> None:
     trainer.train()
     aux = {f"aux.{n}": p.detach().clone() for n, p in trainer.lopt_model.aux_heads.named_parameters()}
     report["trainer"] = {"ranks_equal": _gather_equal(aux), "log": trainer.state.log_history}
+    try:  # the anchor objectives are refused under fsdp=True, in one line, before the model is touched
+        make_trainer(os.path.join(out_dir, "anchor"), batch_size=2, fsdp=True, aux_objective="recon+anchor")
+        report["anchor_refusal"] = None
+    except ValueError as err:
+        report["anchor_refusal"] = str(err)
     if rank == 0:  # after train(), rank 0's trainer.model is an unsharded copy
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         save_file({**weights, **aux}, os.path.join(out_dir, "fsdp2_trainer.safetensors"))
@@ -454,7 +465,12 @@ def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_out
 def test_fsdp2_trainer_matches_one_process(fsdp2_worker_output):
     """LoPTTrainer(fsdp=True) under torchrun (local mode, gradient accumulation 2, clipping): equal to one process on
     the batch of 4, the logged losses and gradient norms too."""
-    report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())["trainer"]
+    report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())
+    assert report["anchor_refusal"] == (
+        "--aux_objective recon+anchor is not supported with --fsdp (its frozen pretrained reference is not "
+        "sharded): use --aux_objective recon, or train without --fsdp (DDP)."
+    )
+    report = report["trainer"]
     assert report["ranks_equal"]  # the replicated aux heads
     single = make_trainer(str(fsdp2_worker_output / "single"), batch_size=4)
     single.train()
@@ -521,6 +537,51 @@ def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
     assert metrics[0]["epoch"] == pytest.approx(8 / 64)  # 2 ranks x 4 rows per step
     assert all(m["aux_loss_0"] > 0 and m["task_loss"] > 0 for m in metrics)
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(builtin_tiny, tmp_path):
+    """`lopt sft --fsdp` shards the model with FSDP2 (gloo): one standard HF checkpoint on rank 0, checkpoints with
+    each rank's optimizer shard, and a run resumed from step 2 ends with exactly the weights of the run that did not
+    stop."""
+    env = builtin_tiny["env"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["-m", "lopt", "sft", "--fsdp", "--method", "lopt", *FAST, "--max_steps", "4", "--save_steps", "2"]
+    proc = torchrun([*args, "--output_dir", str(full)], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_checkpoint(full, builtin_tiny["path"])
+    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3, 4]
+    names = set(os.listdir(full / "checkpoint-2"))
+    assert {
+        "model.safetensors",
+        "optimizer.rank0-of-2.pt",
+        "optimizer.rank1-of-2.pt",
+        "scheduler.pt",
+    } <= names
+    checkpoint = str(full / "checkpoint-2")
+    proc = torchrun([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(resumed)] == [3, 4]
+    expected, actual = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_fsdp_flag_refusals(builtin_tiny):
+    """Without torchrun, and for the commands it is not built for: one line, exit 2."""
+    env = builtin_tiny["env"]
+    for command, line in (
+        (
+            "sft",
+            "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+            "--nproc_per_node N -m lopt sft --fsdp ...`.",
+        ),
+        ("dpo", "--fsdp is built for lopt sft only: train lopt dpo data-parallel (plain torchrun)."),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lopt", command, "--fsdp"], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"lopt {command}: error: {line}"]
 
 
 def test_block_parallel_cli_trains_and_saves_one_checkpoint(builtin_tiny, tmp_path):

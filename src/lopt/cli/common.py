@@ -149,6 +149,11 @@ def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
         )
     if getattr(args, "fsdp", False) and getattr(args, "block_parallel", False):
         raise UserError("--fsdp and --block_parallel are exclusive: choose one way to split the work.")
+    if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
+        raise UserError(
+            "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+            f"--nproc_per_node N -m lopt {command} --fsdp ...`."
+        )
     lopt_method = args.method in ("lopt", "ll", "lopt_joint")
     if args.lr_k1 is not None and not lopt_method:
         raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
