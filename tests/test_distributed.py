@@ -288,11 +288,127 @@ def worker_fsdp2(out_dir: str) -> None:
             json.dump(report, f)
 
 
+# --- TRL's DPO and GRPO under torchrun (DDP, through accelerate) -----------------------------------------------------
+# One length for every prompt and every answer (no padding): the aux loss is a mean over all positions of a rank's
+# batch, so only unpadded batches make the mean over ranks equal one process's mean.
+DPO_ROWS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+    for a, b in [(1, 2), (3, 4), (5, 3), (2, 2), (4, 1), (6, 2), (1, 1), (0, 5)]
+]
+
+
+def make_dpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
+    """LoPTDPOTrainer (local mode) on the tiny char-level checkpoint, float64 and SGD: DDP's gradient average and one
+    process's batch gradient then agree to rounding (in float32 a batch of 4 and 2 x 2 differ by up to ~1% of a
+    gradient entry on this model, see test_rl_gradients), and SGD's step is lr * gradient."""
+    from datasets import Dataset
+    from test_rl_gradients import _load
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    from lopt import LoPTConfig
+    from lopt.integrations import LoPTDPOTrainer
+
+    set_seed(0)
+    model, tokenizer = _load(checkpoint, torch.float64)
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=1.0,
+        beta=0.1,
+        max_length=32,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return LoPTDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(DPO_ROWS),
+        processing_class=tokenizer,
+        lopt_config=LoPTConfig(num_blocks=2),
+    )
+
+
+def make_grpo_trainer(checkpoint: str, output_dir: str):
+    from datasets import Dataset
+    from test_rl_gradients import _load, char_sum_reward
+    from transformers import set_seed
+    from trl import GRPOConfig
+
+    from lopt import LoPTConfig
+    from lopt.integrations import LoPTGRPOTrainer
+
+    set_seed(0)
+    model, tokenizer = _load(checkpoint)
+    args = GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        beta=0.1,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return LoPTGRPOTrainer(
+        model=model,
+        reward_funcs=char_sum_reward,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["chosen"]} for r in DPO_ROWS]),
+        processing_class=tokenizer,
+        lopt_config=LoPTConfig(num_blocks=2),
+    )
+
+
+def worker_rl(out_dir: str) -> None:
+    """DPO (2 ranks x 2 pairs per step) and GRPO (2 ranks x 4 completions per step) with LoPT, under torchrun."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    checkpoint = os.path.join(out_dir, "tiny")
+    report = {}
+    for name in (
+        "dpo",
+        "grpo",
+    ):  # each built right before it trains: the data order draws from the global RNG
+        if name == "dpo":
+            trainer = make_dpo_trainer(checkpoint, os.path.join(out_dir, name), batch_size=2)
+        else:
+            trainer = make_grpo_trainer(checkpoint, os.path.join(out_dir, name))
+        before = all_weights(trainer.lopt_model)
+        trainer.train()
+        weights = all_weights(trainer.lopt_model)
+        changed = sorted(k for k in weights if not torch.equal(weights[k], before[k]))
+        report[name] = {
+            "ranks_equal": _gather_equal(weights),
+            "changed": changed,
+            "log": trainer.state.log_history,
+        }
+        if dist.get_rank() == 0:
+            save_file(weights, os.path.join(out_dir, f"{name}.safetensors"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "rl.json"), "w") as f:
+            json.dump(report, f)
+
+
 WORKERS = {
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
     "block_library": worker_block_library,
     "fsdp2": worker_fsdp2,
+    "rl": worker_rl,
 }
 
 if __name__ == "__main__":
@@ -487,6 +603,52 @@ def test_fsdp2_trainer_matches_one_process(fsdp2_worker_output):
     assert len(logged) == STEPS
     for key in ("task_loss", "aux_loss_0", "grad_norm"):
         assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def rl_worker_output(tmp_path_factory):
+    from test_rl_gradients import char_tokenizer
+
+    out = tmp_path_factory.mktemp("rl")
+    tokenizer = char_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(out / "tiny")
+    tokenizer.save_pretrained(out / "tiny")
+    run_worker("rl", out)
+    return out
+
+
+def _assert_every_block_changed(changed: list[str]) -> None:
+    for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+        assert any(name.startswith(prefix) for name in changed), prefix
+
+
+def test_dpo_under_torchrun_matches_one_process(rl_worker_output):
+    """LoPTDPOTrainer under torchrun (accelerate's DDP): every rank ends equal, and equal to one process with the
+    batch of 4 pairs (same pairs per step), with clipping."""
+    report = json.loads((rl_worker_output / "rl.json").read_text())["dpo"]
+    assert report["ranks_equal"]
+    _assert_every_block_changed(report["changed"])
+    single = make_dpo_trainer(
+        str(rl_worker_output / "tiny"), str(rl_worker_output / "dpo-single"), batch_size=4
+    )
+    single.train()
+    # The late block, final norm and LM head agree to float64 rounding (~1e-9); the early blocks and aux heads to
+    # float32 rounding (~1e-5), since the aux heads and their MSE stay in float32 by design.
+    assert_close(load_file(rl_worker_output / "dpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == 2
+    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
+
+
+def test_grpo_under_torchrun_keeps_ranks_equal(rl_worker_output):
+    """LoPTGRPOTrainer under torchrun (DDP): each rank samples its own completions, yet every rank ends with the same
+    weights and aux heads, and every block trained. (Not compared with one process: the sampled completions differ.)"""
+    report = json.loads((rl_worker_output / "rl.json").read_text())["grpo"]
+    assert report["ranks_equal"]
+    _assert_every_block_changed(report["changed"])
+    assert len([e for e in report["log"] if "aux_loss_0" in e]) == 2
 
 
 # --- the command line under torchrun ------------------------------------------------------------------------------
