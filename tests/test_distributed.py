@@ -701,15 +701,15 @@ def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
 
 def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(builtin_tiny, tmp_path):
     """`lopt sft --fsdp` shards the model with FSDP2 (gloo): one standard HF checkpoint on rank 0, checkpoints with
-    each rank's optimizer shard, and a run resumed from step 2 ends with exactly the weights of the run that did not
+    each rank's optimizer shard, and a run resumed after step 2 ends with exactly the weights of the run that did not
     stop."""
     env = builtin_tiny["env"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["-m", "lopt", "sft", "--fsdp", "--method", "lopt", *FAST, "--max_steps", "4", "--save_steps", "2"]
+    args = ["-m", "lopt", "sft", "--fsdp", "--method", "lopt", *FAST, "--max_steps", "3", "--save_steps", "2"]
     proc = torchrun([*args, "--output_dir", str(full)], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_checkpoint(full, builtin_tiny["path"])
-    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3]
     names = set(os.listdir(full / "checkpoint-2"))
     assert {
         "model.safetensors",
@@ -720,15 +720,17 @@ def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(builtin_tiny, t
     checkpoint = str(full / "checkpoint-2")
     proc = torchrun([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [m["step"] for m in read_metrics(resumed)] == [3, 4]
+    assert [m["step"] for m in read_metrics(resumed)] == [3]
     expected, actual = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
-def test_fsdp_flag_refusals(builtin_tiny):
-    """Without torchrun, and for the commands it is not built for: one line, exit 2."""
-    env = builtin_tiny["env"]
+def test_fsdp_flag_refusals(capsys, monkeypatch):
+    """Without torchrun, and for the commands it is not built for: one line, exit 2 (before any model is loaded)."""
+    from lopt.cli.main import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     for command, line in (
         (
             "sft",
@@ -736,12 +738,13 @@ def test_fsdp_flag_refusals(builtin_tiny):
             "--nproc_per_node N -m lopt sft --fsdp ...`.",
         ),
         ("dpo", "--fsdp is built for lopt sft only: train lopt dpo data-parallel (plain torchrun)."),
+        (
+            "sft --block_parallel",
+            "--fsdp and --block_parallel are exclusive: choose one way to split the work.",
+        ),
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "lopt", command, "--fsdp"], env=env, capture_output=True, text=True
-        )
-        assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines() == [f"lopt {command}: error: {line}"]
+        assert main([*command.split(), "--fsdp"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"lopt {command.split()[0]}: error: {line}"]
 
 
 def test_block_parallel_cli_trains_and_saves_one_checkpoint(builtin_tiny, tmp_path):
