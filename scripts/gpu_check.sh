@@ -5,6 +5,6 @@
 # See scripts/gpu_check.py for what each column measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${PYTHON:-.venv/bin/python}   # PYTHON=/path/to/python to choose the interpreter
 [ -x "$PY" ] || PY=python
 exec "$PY" scripts/gpu_check.py "$@"

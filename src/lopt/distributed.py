@@ -1,4 +1,4 @@
-"""Data-parallel LoPT: what DistributedDataParallel cannot do for it, done by hand.
+"""Data-parallel and sharded LoPT: what DistributedDataParallel and FSDP2 cannot do for it, done by hand.
 
 DDP syncs a parameter's gradient when autograd produces it during the backward of DDP's forward output. LoPT's
 early parameters (embedding, early blocks: everything that requires grad and is not in `late_modules()`) do not
@@ -17,6 +17,9 @@ Use (the trainer mixin does this for you):
     sync = LoPTGradientSync(lopt_model)   # after get_lopt_model, BEFORE the model is wrapped in DDP
     ...
     sync.sync_gradients()                 # after the last backward of each optimizer step, before clipping
+
+FSDP2 (`fully_shard`): `fully_shard_lopt_model`, with `LoPTGradientSync(lopt_model, sync_early=False)` for the aux
+heads; why local mode is correct under it is explained above `fsdp2_local_backward`.
 """
 
 from __future__ import annotations
