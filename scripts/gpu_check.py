@@ -151,13 +151,14 @@ def training_row(name: str, cmd: list[str], out: str, env: dict, timeout: int) -
     if os.path.isfile(os.path.join(out, "metrics.jsonl")):
         with open(os.path.join(out, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
-    peak = max((m.get("peak_memory_bytes", 0) for m in metrics), default=None)
+    peak = max((m["peak_memory_bytes"] for m in metrics if m.get("peak_memory_bytes")), default=None)
     speeds = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
     detail = f"steps {summary.get('steps')}, train_loss {summary.get('train_loss', float('nan')):.3f}"
     if "heldout_exact_match" in summary:
         detail += f", held-out exact match {summary['heldout_exact_match']:.3f}"
     speed = f"{sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else ""
-    return [name, "OK", detail, f"peak {mb(peak)} (rank 0)", speed, f"{seconds:.0f} s"]
+    memory = f"peak {mb(peak)} (rank 0)" if peak else ""
+    return [name, "OK", detail, memory, speed, f"{seconds:.0f} s"]
 
 
 def main() -> int:
@@ -271,7 +272,7 @@ def main() -> int:
 
     name = "CPU (dry run: tiny sizes, numbers mean nothing)" if a.dry_run else torch.cuda.get_device_name(0)
     shape = ", ".join(f"{k} {v}" for k, v in spec.items())
-    print(f"gpu_check on {name} x {max(gpus, 1) if not a.dry_run else 0}, torch {torch.__version__}")
+    print(f"gpu_check on {name}{f' x {gpus}' if not a.dry_run else ''}, torch {torch.__version__}")
     print(f"bench shape: {shape}, batch 1, fused LM head; total {time.perf_counter() - started:.0f} s")
     print("| step | status | result | memory | speed | wall |")
     print("|---|---|---|---|---|---|")
