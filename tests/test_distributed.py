@@ -341,7 +341,9 @@ def make_dpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
     )
 
 
-def make_grpo_trainer(checkpoint: str, output_dir: str):
+def make_grpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
+    """LoPTGRPOTrainer (local mode) with fixed generations: completion j of a prompt is a function of the prompt and
+    j, so one process and N ranks train on the same completions and rewards. float64 and SGD, as for DPO."""
     from datasets import Dataset
     from test_rl_gradients import _load, char_sum_reward
     from transformers import set_seed
@@ -350,16 +352,27 @@ def make_grpo_trainer(checkpoint: str, output_dir: str):
     from lopt import LoPTConfig
     from lopt.integrations import LoPTGRPOTrainer
 
+    class FixedGenerations(LoPTGRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+            completions = []
+            for i, ids in enumerate(prompt_ids):
+                j = i % num_generations  # prompts come in groups of num_generations copies
+                tokens = [5 + (int(sum(ids)) + 3 * j + t) % 20 for t in range(2 + j)]
+                completions.append([*tokens, self.eos_token_ids[0]])
+            return completions, None
+
     set_seed(0)
-    model, tokenizer = _load(checkpoint)
+    model, tokenizer = _load(checkpoint, torch.float64)
     args = GRPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=batch_size,
         num_generations=2,
         max_completion_length=4,
         beta=0.1,
         max_steps=2,
-        learning_rate=1e-2,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=1.0,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -367,7 +380,7 @@ def make_grpo_trainer(checkpoint: str, output_dir: str):
         use_cpu=True,
         seed=0,
     )
-    return LoPTGRPOTrainer(
+    return FixedGenerations(
         model=model,
         reward_funcs=char_sum_reward,
         args=args,
@@ -378,7 +391,7 @@ def make_grpo_trainer(checkpoint: str, output_dir: str):
 
 
 def worker_rl(out_dir: str) -> None:
-    """DPO (2 ranks x 2 pairs per step) and GRPO (2 ranks x 4 completions per step) with LoPT, under torchrun."""
+    """DPO (2 ranks x 2 pairs per step) and GRPO (2 ranks x 4 fixed completions per step) with LoPT, under torchrun."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -391,7 +404,7 @@ def worker_rl(out_dir: str) -> None:
         if name == "dpo":
             trainer = make_dpo_trainer(checkpoint, os.path.join(out_dir, name), batch_size=2)
         else:
-            trainer = make_grpo_trainer(checkpoint, os.path.join(out_dir, name))
+            trainer = make_grpo_trainer(checkpoint, os.path.join(out_dir, name), batch_size=4)
         before = all_weights(trainer.lopt_model)
         trainer.train()
         weights = all_weights(trainer.lopt_model)
@@ -640,13 +653,23 @@ def test_dpo_under_torchrun_matches_one_process(rl_worker_output):
         assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
 
 
-def test_grpo_under_torchrun_keeps_ranks_equal(rl_worker_output):
-    """LoPTGRPOTrainer under torchrun (DDP): each rank samples its own completions, yet every rank ends with the same
-    weights and aux heads, and every block trained. (Not compared with one process: the sampled completions differ.)"""
+def test_grpo_under_torchrun_matches_one_process_with_fixed_generations(rl_worker_output):
+    """LoPTGRPOTrainer under torchrun (DDP) with fixed generations (sampling replaced by a function of the prompt):
+    every rank ends equal, and equal to one process generating all 8 completions of a step, with clipping."""
     report = json.loads((rl_worker_output / "rl.json").read_text())["grpo"]
     assert report["ranks_equal"]
     _assert_every_block_changed(report["changed"])
-    assert len([e for e in report["log"] if "aux_loss_0" in e]) == 2
+    single = make_grpo_trainer(
+        str(rl_worker_output / "tiny"), str(rl_worker_output / "grpo-single"), batch_size=8
+    )
+    single.train()
+    # As for DPO: the late block to float64 rounding, the early blocks and the float32 aux heads to float32's.
+    assert_close(load_file(rl_worker_output / "grpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == 2
+    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm", "reward"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
 
 
 # --- the command line under torchrun ------------------------------------------------------------------------------
