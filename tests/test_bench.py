@@ -14,9 +14,12 @@ from lopt.bench import (
     DEFAULT_CONFIGS,
     BenchSpec,
     SavedTensorMeter,
+    budget_race,
     check_targets,
+    format_race,
     format_table,
     measure_saved_tensor_peak,
+    race_targets,
     run_benchmark,
 )
 from lopt.cli.main import main
@@ -159,3 +162,27 @@ def test_bench_rejects_unknown_model_and_bad_depth(capsys):
     assert "qwen2.5-0.5b" in capsys.readouterr().err  # the error lists the presets
     assert main(["bench", "--model", "llama-3.2-1b", "--num_layers", "17", "--steps", "0"]) == 2
     assert "between 1 and 16" in capsys.readouterr().err
+
+
+def test_budget_race_picks_the_largest_fitting_micro_batch_per_setting():
+    spec = BenchSpec(**{**TINY, "batch_size": 4}, steps=1, warmup=0, peak_memory="off")
+    race = budget_race(spec)  # auto budget: E2E must checkpoint, LoPT k=2 need not
+    peaks = {(p["method"], p["gc"], p["micro_batch"]): p["act_peak_bytes"] for p in race["peaks"]}
+    budget = race["budget_bytes"]
+    assert race["e2e_needs_gc"] and race["lopt_fits_without_gc"]["lopt-k2"]
+    assert all(peaks[("e2e", False, m)] > budget for m in (1, 2, 4))
+    for row in race["rows"]:
+        assert row["act_peak_bytes"] <= budget
+        assert row["micro_batch"] * row["accumulation"] == 4
+        larger = [m for m in (1, 2, 4) if m > row["micro_batch"]]
+        assert all(peaks[(row["method"], row["gc"], m)] > budget for m in larger)
+    best = [row for row in race["rows"] if row["best"]]
+    assert {row["method"] for row in best} == {"e2e", "lopt-k2", "lopt-k4"}
+    assert next(row for row in best if row["method"] == "e2e")["speed_ratio"] == 1.0
+    assert {t["status"] for t in race_targets(race)} <= {"PASS", "MISS"}
+    assert "x E2E best" in format_race(race)
+
+
+def test_budget_race_cli_rejects_a_bad_budget(capsys):
+    assert main(["bench", *TINY_ARGS, "--activation_budget", "lots"]) == 2
+    assert "--activation_budget 'lots'" in capsys.readouterr().err

@@ -92,3 +92,13 @@ def test_fused_head_saves_no_logits():
         fused(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
     log_softmax_bytes = 2 * 31 * vocab * 4  # the plain loss keeps log-softmax of the shifted fp32 logits
     assert plain_meter.peak - fused_meter.peak >= log_softmax_bytes
+
+
+def test_compare_measures_activations_through_the_fused_head(builtin_tiny):
+    from lopt.compare import CompareSpec, activation_peak_bytes
+
+    spec = CompareSpec(methods=["e2e", "lopt", "lora"], seeds=1)
+    fused = {m: activation_peak_bytes(builtin_tiny["path"], m, spec) for m in ("e2e", "lopt", "lora")}
+    plain = {m: activation_peak_bytes(builtin_tiny["path"], m, spec, head="hf") for m in ("e2e", "lopt")}
+    assert fused["lopt"] < fused["e2e"] and fused["lora"] > 0
+    assert fused["e2e"] < plain["e2e"] and fused["lopt"] < plain["lopt"]

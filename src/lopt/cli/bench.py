@@ -74,6 +74,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="auto: peak RSS of a fresh process per config on CPU, allocator peak on CUDA; off: skip",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument(
+        "--activation_budget",
+        default=None,
+        metavar="MB|auto",
+        help="instead of the table: for E2E, LoPT k=2 and k=4, the fastest setting (GC on/off, micro-batch with "
+        "gradient accumulation to --batch_size) whose activation peak fits MB; tokens/s as a ratio to E2E's best, "
+        "one interleaved run. auto: 0.6 x E2E's no-GC peak at micro-batch 1 (E2E needs GC, LoPT k=2 does not)",
+    )
     g.add_argument("--json", metavar="OUT.json", help="also write every measurement to this file")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -101,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.activation_budget is not None:
+        return run_race(args, spec, log)
     rows = bench.run_benchmark(spec, configs, log=log)
     targets = bench.check_targets(rows)
     print(bench.describe_spec(spec))
@@ -158,3 +168,22 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
             f"{per_layer} | {fixed} |"
         )
     return "\n".join(lines)
+
+
+def run_race(args: argparse.Namespace, spec: bench.BenchSpec, log) -> int:
+    budget = args.activation_budget
+    if budget != "auto":
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise ValueError(f"--activation_budget {budget!r} must be a number of MB or auto.") from None
+        if budget <= 0:
+            raise ValueError(f"--activation_budget must be > 0 MB, got {budget}.")
+    race = bench.budget_race(spec, None if budget == "auto" else budget, log=log)
+    print(bench.describe_spec(spec))
+    print()
+    print(bench.format_race(race, markdown=args.markdown))
+    if args.json:
+        atomic_write_json(args.json, {"spec": vars(spec), "race": race, "targets": bench.race_targets(race)})
+        print(f"\nwrote {args.json}")
+    return 0
