@@ -176,8 +176,14 @@ def parse_memory(text: str) -> int:
     return int(value * 1024 ** "BKMGT".index(unit or "B"))
 
 
-def _largest_micro_batch(act: Callable[[int], int], budget: int, limit: int = 4096) -> int:
-    """The largest micro-batch whose activations fit `budget` (0 if none): affine guess from 1 and 2, then checked."""
+MICRO_BATCH_LIMIT = (
+    64  # the search stops here (reported as ">= 64"): the fake head's chunk loop grows with it
+)
+
+
+def _largest_micro_batch(act: Callable[[int], int], budget: int, limit: int = MICRO_BATCH_LIMIT) -> int:
+    """The largest micro-batch (up to `limit`) whose activations fit `budget` (0 if none): affine guess from 1 and
+    2, then checked with a fake step at the guess."""
     one = act(1)
     if one > budget:
         return 0
@@ -264,6 +270,10 @@ def _label(method: str) -> str:
     return c.label + (" + GC" if c.gc else "")
 
 
+def _micro_batch_text(value: int) -> str:
+    return f">= {value}" if value >= MICRO_BATCH_LIMIT else str(value)
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / GB:.2f}"
 
@@ -289,7 +299,7 @@ def format_plan(plan: dict, markdown: bool = False) -> str:
             fits = "" if plan["gpu_memory"] is None else (" fits" if row["fits"][p] else " no")
             line += [_gb(sum(states.values())), _gb(row["total"][p]) + fits]
         if plan["gpu_memory"] is not None:
-            line += [str(row["max_micro_batch"][p]) for p in parallels]
+            line += [_micro_batch_text(row["max_micro_batch"][p]) for p in parallels]
         cells.append(line)
     precision = (
         "bf16 weights and gradients, fp32 master weights + AdamW m, v (16 B/param)"
@@ -306,7 +316,8 @@ def format_plan(plan: dict, markdown: bool = False) -> str:
     if plan["gpu_memory"] is not None:
         notes.append(
             f"fits / no: total <= --gpu_memory {plan['gpu_memory'] / GB:.0f} GB; max micro-batch: the largest "
-            f"micro-batch at seq {plan['seq_len']} whose total fits (0: none)."
+            f"micro-batch at seq {plan['seq_len']} whose total fits (0: none; the search stops at "
+            f"{MICRO_BATCH_LIMIT})."
         )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
