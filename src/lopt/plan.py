@@ -77,7 +77,7 @@ def _uniform_layers(config) -> bool:
     return types is None or len(set(types)) <= 1
 
 
-def _with_depth(config, num_layers: int):
+def with_depth(config, num_layers: int):
     config = config.__class__.from_dict(config.to_dict())
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None) is not None:
@@ -127,8 +127,8 @@ def count_step(config, method: str, batch_size: int, seq_len: int, dtype: str = 
     q, r = divmod(depth, k)
     if not _uniform_layers(config) or q <= 2:
         return fake_step(config, method, batch_size, seq_len, dtype)
-    one = fake_step(_with_depth(config, k + r), method, batch_size, seq_len, dtype)
-    two = fake_step(_with_depth(config, 2 * k + r), method, batch_size, seq_len, dtype)
+    one = fake_step(with_depth(config, k + r), method, batch_size, seq_len, dtype)
+    two = fake_step(with_depth(config, 2 * k + r), method, batch_size, seq_len, dtype)
 
     def at_depth(field: str) -> int:
         a, b = getattr(one, field), getattr(two, field)

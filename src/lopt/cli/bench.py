@@ -153,10 +153,10 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
         per_layer = fixed = "—"
         if config.backward is None:  # E2E: affine in depth, so two shallow steps give both terms
             one = plan.activation_bytes(
-                plan._with_depth(full, 1), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+                plan.with_depth(full, 1), row["name"], spec.batch_size, spec.seq_len, spec.dtype
             )
             two = plan.activation_bytes(
-                plan._with_depth(full, 2), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+                plan.with_depth(full, 2), row["name"], spec.batch_size, spec.seq_len, spec.dtype
             )
             per_layer, fixed = f"{(two - one) / bench.MB:.1f}", f"{(2 * one - two) / bench.MB:.1f}"
         row.update(plan_same_depth_bytes=same, plan_full_depth_bytes=at_full)
