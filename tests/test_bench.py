@@ -155,6 +155,7 @@ def test_model_preset_with_cut_depth(capsys):
     text = capsys.readouterr().out
     assert "qwen2.5-0.5b shape (qwen2), 2 of 24 layers, hidden 896" in text
     assert "full depth" in text  # lopt plan's figure at the model's own 24 layers
+    assert "[PASS] plan == measured at 2 layers within 1%" in text
 
 
 def test_bench_rejects_unknown_model_and_bad_depth(capsys):

@@ -135,7 +135,7 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
 
     cut, full = spec.model_config(), load_shape(spec.model)
     lines = [
-        f"Full depth ({spec.full_num_layers} layers) from lopt plan, which agrees with the measurement at "
+        f"Full depth ({spec.full_num_layers} layers) from lopt plan, checked against the measurement at "
         f"{spec.num_layers} layers:",
         "| config | measured MB | plan MB (same depth) | plan MB (full depth) | x E2E | per layer MB | fixed MB |",
         "|---|---|---|---|---|---|---|",
@@ -167,6 +167,18 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
             f"{same / bench.MB:.1f} | {at_full / bench.MB:.1f} | {'—' if ratio is None else f'{ratio:.2f}'} | "
             f"{per_layer} | {fixed} |"
         )
+    worst = max(
+        (
+            abs(r["plan_same_depth_bytes"] - r["act_peak_bytes"]) / r["act_peak_bytes"]
+            for r in rows
+            if "plan_same_depth_bytes" in r
+        ),
+        default=0.0,
+    )
+    verdict = "PASS" if worst <= 0.01 else "MISS"
+    lines.append(
+        f"\n[{verdict}] plan == measured at {spec.num_layers} layers within 1%: largest difference {worst:.2%}"
+    )
     return "\n".join(lines)
 
 
