@@ -52,8 +52,12 @@ class BenchConfig(NamedTuple):
     gc: bool  # activation checkpointing
     aux_objective: str = "recon"
     anchor_dtype: str | None = None  # dtype of the anchor's frozen pretrained copy
+    head: str = "fused"  # "fused": TRL's chunked LM head, as `lopt sft` trains; "hf": the model's own loss
 
 
+# Every method goes through TRL's fused LM head by default (`add_fused_lm_head`, called with fused_lm_head=True),
+# the loss path `lopt sft` really trains through; the "-hf" configs keep the plain Hugging Face loss, which
+# materialises the [B, T, V] logits, for contrast.
 CONFIGS: dict[str, BenchConfig] = {
     "e2e": BenchConfig("E2E", None, 1, False),
     "lopt-joint-k2": BenchConfig("LoPT-joint k=2", "joint", 2, False),
@@ -70,16 +74,23 @@ CONFIGS: dict[str, BenchConfig] = {
     "lopt-k4+gc": BenchConfig("LoPT k=4", "local", 4, True),
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
+CONFIGS.update({
+    f"{name}-hf{'+gc' if gc else ''}": BenchConfig(f"{label} (HF loss)", backward, k, gc, head="hf")
+    for name, label, backward, k in (("e2e", "E2E", None, 1), ("lopt-k2", "LoPT k=2", "local", 2),
+                                     ("lopt-k4", "LoPT k=4", "local", 4))
+    for gc in (False, True)
+})  # fmt: skip
+HEADS = {"fused": "TRL fused LM head", "hf": "plain HF loss (full logits)"}
 
 # The issue's targets. kind: "act" = activation peak ratio, "time" = median step time ratio; against E2E with
-# the same checkpointing setting.
+# the same checkpointing setting and the same LM head.
 TARGETS = (
-    ("lopt-k2", "act", 0.56, "LoPT k=2 activation bytes <= 0.56x E2E"),
-    ("lopt-k4", "act", 0.35, "LoPT k=4 activation bytes <= 0.35x E2E"),
+    ("lopt-k2", "act", 0.52, "LoPT k=2 activation bytes <= 0.52x E2E"),
+    ("lopt-k4", "act", 0.28, "LoPT k=4 activation bytes <= 0.28x E2E"),
     ("lopt-k2", "time", 1.0, "LoPT k=2 step time <= 1.0x E2E"),
     ("lopt-k4", "time", 1.0, "LoPT k=4 step time <= 1.0x E2E"),
-    ("lopt-k2+gc", "act", 0.6, "LoPT k=2+GC activation bytes <= 0.6x E2E+GC"),
-    ("lopt-k4+gc", "act", 0.6, "LoPT k=4+GC activation bytes <= 0.6x E2E+GC"),
+    ("lopt-k2+gc", "act", 0.6, "LoPT k=2+GC activation bytes <= 0.60x E2E+GC"),
+    ("lopt-k4+gc", "act", 0.38, "LoPT k=4+GC activation bytes <= 0.38x E2E+GC"),
 )
 
 
@@ -141,14 +152,14 @@ class SavedTensorMeter:
             return box
         try:
             storage = tensor.untyped_storage()
-            nbytes, ptr = storage.nbytes(), storage.data_ptr()
+            nbytes, ptr = storage.nbytes(), storage._cdata
         except (RuntimeError, NotImplementedError):  # sparse / storage-less subclasses: count the elements
             nbytes, ptr = tensor.nelement() * tensor.element_size(), 0
         if nbytes == 0:
             return box
-        # A live storage's address is unique on its device (the box keeps it alive until we release it);
-        # pointer 0 (meta, storage-less) cannot be deduplicated, so it gets a key of its own.
-        key = (tensor.device.type, tensor.device.index, ptr) if ptr and self.dedup else ("box", id(box))
+        # The storage's identity (its StorageImpl, shared by every view) is unique while the box keeps it alive.
+        # It exists on fake and meta tensors too, which have no data pointer: `lopt plan` meters fake steps.
+        key = ("storage", ptr) if ptr and self.dedup else ("box", id(box))
         with self._lock:
             entry = self._storages.get(key)
             if entry is None:
@@ -194,9 +205,14 @@ def measure_saved_tensor_peak(
 # --- the benchmark -----------------------------------------------------------------------------------
 @dataclass
 class BenchSpec:
-    """Model shape, data and repeats. Defaults: the Llama-shaped setting of METHOD.md."""
+    """Model shape, data and repeats. Defaults: the Llama-shaped setting of METHOD.md.
 
-    num_layers: int = 16
+    `model` (a preset of lopt.shapes or a config.json path) replaces the Llama shape fields by that architecture;
+    `num_layers` then cuts its depth (None: the full depth). `steps=0` measures activations only: one
+    configuration at a time, so a real-size model fits in memory (no timing, no optimizer, no peak memory).
+    """
+
+    num_layers: int | None = None  # None: 16, or the model's full depth
     hidden_size: int = 256
     intermediate_size: int = 688
     num_heads: int = 4
@@ -211,14 +227,29 @@ class BenchSpec:
     lr: float = 1e-4
     peak_memory: str = "auto"  # "auto": fresh process per config on CPU, allocator stats on CUDA; "off"
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    model: str | None = None  # preset name or config.json path (lopt.shapes)
+    full_num_layers: int | None = None  # the model's own depth (set from `model`)
 
     def __post_init__(self):
+        if self.model is not None:
+            from lopt.shapes import load_shape
+
+            config = load_shape(self.model, self.num_layers)
+            full = load_shape(self.model)
+            self.full_num_layers = full.num_hidden_layers
+            self.num_layers = config.num_hidden_layers
+            self.hidden_size, self.intermediate_size = config.hidden_size, config.intermediate_size
+            self.num_heads, self.vocab_size = config.num_attention_heads, config.vocab_size
+        elif self.num_layers is None:
+            self.num_layers = 16
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
-            raise ValueError("--batch_size and --steps must be >= 1 and --warmup >= 0.")
-        if self.hidden_size % self.num_heads:
+        if self.batch_size < 1 or self.steps < 0 or self.warmup < 0:
+            raise ValueError(
+                "--batch_size must be >= 1, --steps >= 0 (0: activations only) and --warmup >= 0."
+            )
+        if self.model is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}."
             )
@@ -235,6 +266,26 @@ class BenchSpec:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    def model_config(self):
+        """The transformers config of the benchmarked model (random weights are built from it)."""
+        if self.model is not None:
+            from lopt.shapes import load_shape
+
+            return load_shape(self.model, self.num_layers)
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.seq_len,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
+
 
 def _check_configs(configs: Sequence[str]) -> list[str]:
     unknown = [c for c in configs if c not in CONFIGS]
@@ -246,22 +297,11 @@ def _check_configs(configs: Sequence[str]) -> list[str]:
 
 
 def build_base_model(spec: BenchSpec) -> nn.Module:
-    """A randomly initialised Llama-shaped causal LM; the same seed gives the same weights in every process."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised causal LM of the spec's shape; the same seed gives the same weights in every process."""
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.seq_len,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(spec.model_config())
     return model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
 
 
@@ -272,47 +312,69 @@ def make_batch(spec: BenchSpec) -> torch.Tensor:
     return ids.to(spec.device)
 
 
+def prepare_for_training(model: nn.Module, config: BenchConfig) -> nn.Module:
+    """The model as `lopt sft` trains it in this configuration: fused head, checkpointing, then the LoPT wrapper.
+
+    One place for bench's runners, `lopt plan`'s fake steps and compare's activation measurement.
+    """
+    from lopt.config import LoPTConfig
+    from lopt.model import get_lopt_model
+
+    model.train()
+    if config.head == "fused":  # as SFTTrainer does, before any wrapper: a patched forward, no copied code
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+    if config.gc:  # non-reentrant: LoPT's detached boundary needs it; E2E uses the same for a fair race
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name, same function
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if config.backward is None:
+        return model
+    lopt_config = LoPTConfig(
+        num_blocks=config.k,
+        backward=config.backward,
+        aux_objective=config.aux_objective,
+        anchor_dtype=config.anchor_dtype,
+    )
+    return get_lopt_model(model, lopt_config)
+
+
+def training_loss(model: nn.Module, input_ids: torch.Tensor, head: str) -> torch.Tensor:
+    """One training forward on `input_ids` (labels = inputs) through the chosen LM head; returns the loss."""
+    extra = {"fused_lm_head": True} if head == "fused" else {}
+    # labels = inputs: HF and TRL shift them; the loss is the usual next-token cross-entropy
+    out = model(input_ids=input_ids, labels=input_ids, use_cache=False, **extra)
+    return out.loss  # LoPT: task + lambda*aux (local mode: aux already backpropagated, detached here)
+
+
 class Runner:
     """One configuration: its own copy of the model, its optimizer, and one training step."""
 
-    def __init__(self, name: str, spec: BenchSpec, base_model: nn.Module):
-        from lopt.config import LoPTConfig
-        from lopt.model import get_lopt_model
+    def __init__(self, name: str, spec: BenchSpec, base_model: nn.Module, copy_model: bool = True):
         from lopt.optim import param_groups
 
         self.name = name
         config = CONFIGS[name]
         self.label, self.backward, self.k, self.gc = config.label, config.backward, config.k, config.gc
+        self.head = config.head
         self.reference_bytes = 0  # the anchor's frozen copy of pretrained weights
-        model = copy.deepcopy(base_model)  # same initial weights for every configuration
-        model.train()
-        if self.gc:  # non-reentrant: LoPT's detached boundary needs it; E2E uses the same for a fair race
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name, same function
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # same initial weights for every configuration
+        self.model = prepare_for_training(copy.deepcopy(base_model) if copy_model else base_model, config)
         if self.backward is None:
-            self.model = model
-            groups = [p for p in model.parameters() if p.requires_grad]
+            groups = [p for p in self.model.parameters() if p.requires_grad]
         else:
-            lopt_config = LoPTConfig(
-                num_blocks=self.k,
-                backward=self.backward,
-                aux_objective=config.aux_objective,
-                anchor_dtype=config.anchor_dtype,
-            )
-            self.model = get_lopt_model(model, lopt_config)
             groups = param_groups(self.model, lr=spec.lr)
             if self.model.anchor is not None:
                 self.reference_bytes = self.model.anchor.num_bytes
         self.optimizer = torch.optim.AdamW(groups, lr=spec.lr)
 
     def forward_backward(self, input_ids: torch.Tensor) -> float:
-        # labels = inputs: HF shifts them; the loss is the usual next-token cross-entropy over [B, T, V] logits
-        out = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
-        loss = out.loss  # LoPT: task + lambda*aux (local mode: aux already backpropagated, detached here)
-        del out  # drop the logits [B, T, V] before the backward, as a trainer would
+        loss = training_loss(
+            self.model, input_ids, self.head
+        )  # the output (logits) is dropped before backward
         loss.backward()
         return loss.item()
 
@@ -413,22 +475,14 @@ def run_benchmark(
 
 def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], None]) -> list[dict]:
     cuda = spec.device.startswith("cuda")
+    if spec.steps == 0:
+        return _measure_activations_only(spec, configs, log)
 
     base = build_base_model(spec)
     batch = make_batch(spec)
     runners = [Runner(name, spec, base) for name in configs]
     del base
-    rows = {
-        r.name: {
-            "name": r.name,
-            "label": r.label,
-            "gc": r.gc,
-            "backward": r.backward or "e2e",
-            "k": r.k,
-            "reference_bytes": r.reference_bytes,
-        }
-        for r in runners
-    }
+    rows = {r.name: _row(r) for r in runners}
 
     # 1) Saved-tensor peak: one metered forward+backward per configuration (its own step, untimed: the hook's
     #    Python work would add to the time). It also serves as the first warmup step.
@@ -498,12 +552,46 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
     return out
 
 
+def _row(r: Runner) -> dict:
+    return {
+        "name": r.name,
+        "label": r.label,
+        "gc": r.gc,
+        "head": r.head,
+        "backward": r.backward or "e2e",
+        "k": r.k,
+        "reference_bytes": r.reference_bytes,
+    }
+
+
+def _measure_activations_only(spec: BenchSpec, configs: list[str], log: Callable[[str], None]) -> list[dict]:
+    """steps=0: one metered forward+backward per configuration, one model in memory at a time."""
+    batch = make_batch(spec)
+    out = []
+    for name in configs:
+        runner = Runner(name, spec, build_base_model(spec), copy_model=False)
+        gc.collect()
+        with SavedTensorMeter() as meter:
+            loss = runner.forward_backward(batch)
+        row = _row(runner)
+        del runner
+        gc.collect()
+        row.update(
+            act_peak_bytes=meter.peak, act_live_after=meter.live, loss=loss, saved_tensors=meter.num_saved
+        )
+        log(f"[bench] {name}: saved-for-backward peak {meter.peak / MB:.1f} MB")
+        out.append(row)
+    add_ratios(out)
+    return out
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios to E2E with the same checkpointing setting (and activation ratio to E2E without it), in place."""
-    e2e = {row["gc"]: row for row in rows if row["backward"] == "e2e"}
+    """Ratios to E2E with the same checkpointing setting and LM head (and activation ratio to E2E without
+    checkpointing), in place."""
+    e2e = {(row["gc"], row.get("head", "fused")): row for row in rows if row["backward"] == "e2e"}
 
     def ratio(row, key, ref_gc):
-        ref = e2e.get(ref_gc)
+        ref = e2e.get((ref_gc, row.get("head", "fused")))
         if ref is None or row.get(key) is None or not ref.get(key):
             return None
         return row[key] / ref[key]
@@ -512,7 +600,7 @@ def add_ratios(rows: list[dict]) -> None:
         # Median over rounds of (this config's time / E2E's time in the same round): both ran within seconds
         # of each other, so load drifting between rounds (a busy shared machine) cancels out, which a ratio of
         # the two medians does not do.
-        ref = e2e.get(row["gc"])
+        ref = e2e.get((row["gc"], row.get("head", "fused")))
         mine, theirs = row.get("step_times"), None if ref is None else ref.get("step_times")
         if not mine or not theirs or len(mine) != len(theirs):
             return ratio(row, "median_step_s", row["gc"])
@@ -540,6 +628,191 @@ def check_targets(rows: list[dict]) -> list[dict]:
             target["peak_mem_ratio"] = row.get("peak_mem_ratio")
         out.append(target)
     return out
+
+
+# --- the race at a fixed activation budget ------------------------------------------------------------
+RACE_METHODS = ("e2e", "lopt-k2", "lopt-k4")
+RACE_SPEEDUP_TARGET = 1.15  # the issue's target: LoPT's tokens/s >= 1.15x E2E's best setting that fits
+AUTO_BUDGET_FRACTION = 0.6  # auto budget: 0.6 x E2E's no-GC activation peak at micro-batch 1
+
+
+def _micro_batches(batch_size: int) -> list[int]:
+    return [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+
+
+def accumulated_step(runner: Runner, input_ids: torch.Tensor, micro_batch: int) -> None:
+    """One optimizer step on the global batch, as `micro_batch`-row slices with gradient accumulation."""
+    chunks = input_ids.split(micro_batch)
+    scale = 1.0 / len(chunks)
+    if runner.backward is not None:
+        runner.model.loss_scale = scale  # LoPT's local backward scales its early gradients like the task's
+    for chunk in chunks:
+        (training_loss(runner.model, chunk, runner.head) * scale).backward()
+    runner.optimizer.step()
+    runner.optimizer.zero_grad(set_to_none=True)
+
+
+def budget_race(
+    spec: BenchSpec,
+    budget_mb: float | None = None,
+    methods: Sequence[str] = RACE_METHODS,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Per method, the fastest setting whose activation peak fits the budget: GC on or off, micro-batch m dividing
+    spec.batch_size with gradient accumulation to the same global batch. Every (method, GC, m) is metered; the
+    largest fitting m per (method, GC) is timed, all candidates interleaved in one run (round r runs each once).
+
+    budget_mb None: AUTO_BUDGET_FRACTION x E2E's no-GC peak at micro-batch 1, so E2E needs checkpointing (or
+    nothing fits it) while LoPT k=2 fits without it at micro-batch 1.
+    """
+    log = log or (lambda msg: None)
+    threads = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        return _budget_race(spec, budget_mb, list(methods), log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _budget_race(spec: BenchSpec, budget_mb: float | None, methods: list[str], log) -> dict:
+    if "e2e" not in methods:
+        raise ValueError("the budget race needs e2e among its methods: its speed is the reference.")
+    if spec.steps < 1:
+        raise ValueError("--activation_budget times the settings: --steps must be >= 1.")
+    base = build_base_model(spec)
+    batch = make_batch(spec)
+    runners = {}
+    peaks: dict[tuple[str, bool, int], int] = {}
+    for method in methods:
+        for use_gc in (False, True):
+            name = method + ("+gc" if use_gc else "")
+            runner = runners[(method, use_gc)] = Runner(name, spec, base)
+            for m in _micro_batches(spec.batch_size):
+                gc.collect()
+                with SavedTensorMeter() as meter:
+                    runner.forward_backward(batch[:m])
+                runner.optimizer.zero_grad(set_to_none=True)
+                peaks[(method, use_gc, m)] = meter.peak
+            log(f"[race] {name}: peaks " + ", ".join(
+                f"m={m} {peaks[(method, use_gc, m)] / MB:.1f} MB" for m in _micro_batches(spec.batch_size)))  # fmt: skip
+    del base
+    auto = budget_mb is None
+    budget = int(AUTO_BUDGET_FRACTION * peaks[("e2e", False, 1)]) if auto else int(budget_mb * MB)
+
+    candidates = []
+    for (method, use_gc), runner in runners.items():
+        fitting = [m for m in _micro_batches(spec.batch_size) if peaks[(method, use_gc, m)] <= budget]
+        if fitting:
+            candidates.append({"method": method, "gc": use_gc, "micro_batch": max(fitting), "runner": runner})
+    times: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
+    for i in range(spec.warmup + spec.steps):
+        for j in range(len(candidates)):
+            index = (i + j) % len(candidates)
+            cand = candidates[index]
+            _sync(spec.device)
+            t0 = time.perf_counter()
+            accumulated_step(cand["runner"], batch, cand["micro_batch"])
+            _sync(spec.device)
+            if i >= spec.warmup:
+                times[index].append(time.perf_counter() - t0)
+        log(f"[race] round {i + 1}/{spec.warmup + spec.steps}" + (" (warmup)" if i < spec.warmup else ""))
+    rows = []
+    for index, cand in enumerate(candidates):
+        median = statistics.median(times[index])
+        rows.append({
+            "method": cand["method"], "label": CONFIGS[cand["method"]].label, "gc": cand["gc"],
+            "micro_batch": cand["micro_batch"], "accumulation": spec.batch_size // cand["micro_batch"],
+            "act_peak_bytes": peaks[(cand["method"], cand["gc"], cand["micro_batch"])],
+            "step_times": times[index], "median_step_s": median, "tokens_per_s": spec.tokens_per_step / median,
+        })  # fmt: skip
+    best = {}
+    for row in rows:
+        if row["method"] not in best or row["tokens_per_s"] > best[row["method"]]["tokens_per_s"]:
+            best[row["method"]] = row
+    for row in rows:
+        row["best"] = best[row["method"]] is row
+        ref = best.get("e2e")
+        row["speed_ratio"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+    return {
+        "budget_bytes": budget,
+        "auto_budget": auto,
+        "global_batch": spec.batch_size,
+        "peaks": [
+            {"method": m, "gc": g, "micro_batch": mb, "act_peak_bytes": v} for (m, g, mb), v in peaks.items()
+        ],
+        "rows": rows,
+        "e2e_needs_gc": not any(peaks[("e2e", False, m)] <= budget for m in _micro_batches(spec.batch_size)),
+        "lopt_fits_without_gc": {
+            m: any(peaks[(m, False, mb)] <= budget for mb in _micro_batches(spec.batch_size))
+            for m in methods
+            if m != "e2e"
+        },
+    }
+
+
+def race_targets(race: dict) -> list[dict]:
+    """PASS/MISS: the budget is one where E2E needs GC and LoPT does not; LoPT's best >= 1.15x E2E's best."""
+    best = {row["method"]: row for row in race["rows"] if row["best"]}
+    out = [
+        {
+            "target": "the budget needs GC for E2E and not for LoPT k=2 or k=4",
+            "value": None,
+            "status": "PASS"
+            if race["e2e_needs_gc"] and any(race["lopt_fits_without_gc"].values())
+            else "MISS",
+        }
+    ]
+    for method in race["lopt_fits_without_gc"]:
+        row = best.get(method)
+        value = None if row is None or "e2e" not in best else row["speed_ratio"]
+        status = "n/a" if value is None else ("PASS" if value >= RACE_SPEEDUP_TARGET else "MISS")
+        text = f"{CONFIGS[method].label} tokens/s >= {RACE_SPEEDUP_TARGET:.2f}x E2E's best at the budget"
+        out.append({"target": text, "value": value, "status": status})
+    return out
+
+
+def format_race(race: dict, markdown: bool = False) -> str:
+    header = [
+        "method",
+        "GC",
+        "micro-batch x accum.",
+        "act. peak MB",
+        "median step s",
+        "tokens/s",
+        "x E2E best",
+        "",
+    ]
+    cells = [
+        [
+            row["label"], "yes" if row["gc"] else "no", f"{row['micro_batch']} x {row['accumulation']}",
+            _fmt_mb(row["act_peak_bytes"]), f"{row['median_step_s']:.3f}", f"{row['tokens_per_s']:.0f}",
+            _fmt(row["speed_ratio"], ".2f"), "best" if row["best"] else "",
+        ]
+        for row in race["rows"]
+    ]  # fmt: skip
+    budget = f"{race['budget_bytes'] / MB:.1f} MB" + (
+        f" (auto: {AUTO_BUDGET_FRACTION} x E2E's no-GC peak at micro-batch 1)" if race["auto_budget"] else ""
+    )
+    notes = [
+        f"activation budget {budget}; global batch {race['global_batch']} per optimizer step for every setting.",
+        "Per method and GC setting, the largest micro-batch whose measured activation peak fits; all timed "
+        "interleaved in one run (median step = forward+backward of every micro-batch + AdamW step).",
+        "x E2E best = tokens/s / E2E's fastest fitting setting; best = the method's fastest.",
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+    else:
+        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(x.ljust(w) for x, w in zip(c, widths)) for c in cells]
+    lines += [""] + [("- " if markdown else "* ") + n for n in notes]
+    lines += ["", "Targets:"]
+    for t in race_targets(race):
+        value = "" if t["value"] is None else f": {t['value']:.2f}x"
+        lines.append(f"  [{t['status']:>4}] {t['target']}{value}")
+    return "\n".join(lines)
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -592,6 +865,9 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     footer = [
         "act. peak = peak bytes saved for backward over forward+backward (saved_tensors_hooks), each storage "
         "counted once while saved; parameters (and views of them, leaf tensors requiring grad) excluded.",
+        "LM head: TRL's fused head (add_fused_lm_head, fused_lm_head=True: chunked log-probs, no [B, T, V] "
+        "logits), as lopt sft trains; rows marked (HF loss) use the model's own loss over full logits, and "
+        "their ratios are to E2E (HF loss).",
         "ref. copy = the anchor's frozen copy of the pretrained early weights (extra weight memory, outside "
         "peak mem, which is measured from after the model is built).",
         "GC rows: each checkpointed layer's saved input is counted; the tensors recomputed during the "
@@ -626,11 +902,27 @@ def format_targets(targets: list[dict]) -> str:
 
 
 def describe_spec(spec: BenchSpec) -> str:
+    if spec.model is not None:
+        config = spec.model_config()
+        depth = f"{spec.num_layers} of {spec.full_num_layers} layers"
+        shape = (
+            f"{spec.model} shape ({config.model_type}), {depth}, hidden {config.hidden_size}, intermediate "
+            f"{config.intermediate_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} kv, "
+            f"vocab {config.vocab_size}, tied {config.tie_word_embeddings}"
+        )
+    else:
+        shape = (
+            f"Llama-shaped, {spec.num_layers} layers, hidden {spec.hidden_size}, intermediate "
+            f"{spec.intermediate_size}, {spec.num_heads} heads, vocab {spec.vocab_size}"
+        )
+    repeats = (
+        "activations only (one config at a time, no timing)"
+        if spec.steps == 0
+        else f"{spec.warmup} warmup + {spec.steps} timed steps per config (interleaved)"
+    )
     return (
-        f"Llama-shaped, {spec.num_layers} layers, hidden {spec.hidden_size}, intermediate "
-        f"{spec.intermediate_size}, {spec.num_heads} heads, vocab {spec.vocab_size}, seq {spec.seq_len}, "
-        f"batch {spec.batch_size}, {spec.dtype} on {spec.device}; {spec.warmup} warmup + {spec.steps} timed "
-        f"steps per config (interleaved), torch {torch.__version__}, {spec.threads or torch.get_num_threads()} threads"
+        f"{shape}, random weights; seq {spec.seq_len}, batch {spec.batch_size}, {spec.dtype} on {spec.device}; "
+        f"{repeats}, torch {torch.__version__}, {spec.threads or torch.get_num_threads()} threads"
     )
 
 

@@ -7,17 +7,30 @@ to E2E, and the issue's targets as PASS/MISS. See lopt.bench for how each number
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from lopt import bench
+from lopt.io import atomic_write_json
+from lopt.shapes import shape_names
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     d = bench.BenchSpec.__dataclass_fields__
-    g = parser.add_argument_group("model (Llama-shaped, random weights)")
-    g.add_argument("--num_layers", type=int, default=d["num_layers"].default, help="(default: %(default)s)")
+    g = parser.add_argument_group("model (random weights; Llama-shaped unless --model)")
+    g.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|config.json",
+        help="a real architecture, no weights: a preset (" + ", ".join(shape_names()) + ") or a path to a "
+        "Hugging Face config.json; replaces the shape flags below except --num_layers",
+    )
+    g.add_argument(
+        "--num_layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: 16, or the model's full depth); with --model it cuts the depth, and the "
+        "table adds lopt plan's full-depth figure",
+    )
     g.add_argument("--hidden_size", type=int, default=d["hidden_size"].default, help="(default: %(default)s)")
     g.add_argument(
         "--intermediate_size", type=int, default=d["intermediate_size"].default, help="(default: %(default)s)"
@@ -28,7 +41,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq_len", type=int, default=d["seq_len"].default, help="(default: %(default)s)")
     g.add_argument("--batch_size", type=int, default=d["batch_size"].default, help="(default: %(default)s)")
     g.add_argument(
-        "--steps", type=int, default=d["steps"].default, help="timed steps per config (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=d["steps"].default,
+        help="timed steps per config (default: %(default)s); 0: activation bytes only, one config in memory at a "
+        "time (for real-size shapes on CPU)",
     )
     g.add_argument(
         "--warmup",
@@ -47,7 +64,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(bench.DEFAULT_CONFIGS),
         metavar="CONFIG",
-        help=f"subset to run (space or comma separated; default: all) from: {', '.join(bench.CONFIGS)}",
+        help="subset to run (space or comma separated; default: every fused-head config; 'all' adds the plain HF "
+        f"loss ones) from: {', '.join(bench.CONFIGS)}",
     )
     g.add_argument(
         "--peak_memory",
@@ -56,6 +74,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="auto: peak RSS of a fresh process per config on CPU, allocator peak on CUDA; off: skip",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument(
+        "--activation_budget",
+        default=None,
+        metavar="MB|auto",
+        help="instead of the table: for E2E, LoPT k=2 and k=4, the fastest setting (GC on/off, micro-batch with "
+        "gradient accumulation to --batch_size) whose activation peak fits MB; tokens/s as a ratio to E2E's best, "
+        "one interleaved run. auto: 0.6 x E2E's no-GC peak at micro-batch 1 (E2E needs GC, LoPT k=2 does not)",
+    )
     g.add_argument("--json", metavar="OUT.json", help="also write every measurement to this file")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -64,8 +90,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configs = [c for item in args.configs for c in item.split(",") if c]
     if configs == ["all"]:
-        configs = list(bench.DEFAULT_CONFIGS)
+        configs = list(bench.CONFIGS)
     spec = bench.BenchSpec(
+        model=args.model,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
@@ -82,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.activation_budget is not None:
+        return run_race(args, spec, log)
     rows = bench.run_benchmark(spec, configs, log=log)
     targets = bench.check_targets(rows)
     print(bench.describe_spec(spec))
@@ -89,9 +118,84 @@ def run(args: argparse.Namespace) -> int:
     print(bench.format_table(rows, markdown=args.markdown))
     print()
     print(bench.format_targets(targets))
+    if spec.model is not None and spec.num_layers < spec.full_num_layers:
+        print()
+        print(full_depth_table(spec, rows, log))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"spec": vars(spec), "rows": rows, "targets": targets}, f, indent=2)
+        atomic_write_json(args.json, {"spec": vars(spec), "rows": rows, "targets": targets})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
+    """--num_layers cut the depth: lopt plan's figure at the measured depth (it must equal the measurement)
+    and at the model's full depth, with E2E's per-layer and fixed (embedding, LM head, loss) terms."""
+    from lopt import plan
+    from lopt.shapes import load_shape
+
+    cut, full = spec.model_config(), load_shape(spec.model)
+    lines = [
+        f"Full depth ({spec.full_num_layers} layers) from lopt plan, checked against the measurement at "
+        f"{spec.num_layers} layers:",
+        "| config | measured MB | plan MB (same depth) | plan MB (full depth) | x E2E | per layer MB | fixed MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    full_bytes = {}
+    for row in rows:
+        config = bench.CONFIGS[row["name"]]
+        if config.aux_objective != "recon":
+            continue  # the anchor's frozen copy is not planned
+        if log:
+            log(f"[bench] planning {row['name']} at {spec.num_layers} and {spec.full_num_layers} layers")
+        same = plan.activation_bytes(cut, row["name"], spec.batch_size, spec.seq_len, spec.dtype)
+        at_full = plan.activation_bytes(full, row["name"], spec.batch_size, spec.seq_len, spec.dtype)
+        full_bytes[row["name"]] = at_full
+        per_layer = fixed = "—"
+        if config.backward is None:  # E2E: affine in depth, so two shallow steps give both terms
+            one = plan.activation_bytes(
+                plan.with_depth(full, 1), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+            )
+            two = plan.activation_bytes(
+                plan.with_depth(full, 2), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+            )
+            per_layer, fixed = f"{(two - one) / bench.MB:.1f}", f"{(2 * one - two) / bench.MB:.1f}"
+        row.update(plan_same_depth_bytes=same, plan_full_depth_bytes=at_full)
+        e2e = "e2e" + ("-hf" if config.head == "hf" else "") + ("+gc" if config.gc else "")
+        ratio = at_full / full_bytes[e2e] if e2e in full_bytes else None
+        lines.append(
+            f"| {row['label']}{' + GC' if config.gc else ''} | {row['act_peak_bytes'] / bench.MB:.1f} | "
+            f"{same / bench.MB:.1f} | {at_full / bench.MB:.1f} | {'—' if ratio is None else f'{ratio:.2f}'} | "
+            f"{per_layer} | {fixed} |"
+        )
+    worst = max(
+        (
+            abs(r["plan_same_depth_bytes"] - r["act_peak_bytes"]) / r["act_peak_bytes"]
+            for r in rows
+            if "plan_same_depth_bytes" in r
+        ),
+        default=0.0,
+    )
+    verdict = "PASS" if worst <= 0.01 else "MISS"
+    lines.append(
+        f"\n[{verdict}] plan == measured at {spec.num_layers} layers within 1%: largest difference {worst:.2%}"
+    )
+    return "\n".join(lines)
+
+
+def run_race(args: argparse.Namespace, spec: bench.BenchSpec, log) -> int:
+    budget = args.activation_budget
+    if budget != "auto":
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise ValueError(f"--activation_budget {budget!r} must be a number of MB or auto.") from None
+        if budget <= 0:
+            raise ValueError(f"--activation_budget must be > 0 MB, got {budget}.")
+    race = bench.budget_race(spec, None if budget == "auto" else budget, log=log)
+    print(bench.describe_spec(spec))
+    print()
+    print(bench.format_race(race, markdown=args.markdown))
+    if args.json:
+        atomic_write_json(args.json, {"spec": vars(spec), "race": race, "targets": bench.race_targets(race)})
         print(f"\nwrote {args.json}")
     return 0

@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": "Train every method side by side; report memory, time, accuracy and retention.",
     "eval": "Score a checkpoint: held-out task accuracy and retention perplexity.",
     "bench": "Measure activation memory, peak memory and step time of E2E vs LoPT.",
+    "plan": "Plan the memory of E2E vs LoPT for any model size and GPU count, without allocating it.",
 }
 
 

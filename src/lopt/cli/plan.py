@@ -1,0 +1,84 @@
+"""`lopt plan`: memory of one training step of E2E and LoPT (+-GC) for any model size, without allocating it.
+
+Prints one table: activation bytes (a fake-tensor step through lopt bench's meter), weights + gradients + AdamW
+states per GPU (one GPU, or DDP and FSDP over --num_gpus), the total, and with --gpu_memory what fits and the
+largest micro-batch at --seq_len. See lopt.plan for how each number is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lopt import plan
+from lopt.io import atomic_write_json
+from lopt.shapes import load_shape, shape_names
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|config.json",
+        help="a preset (" + ", ".join(shape_names()) + ") or a path to a Hugging Face config.json",
+    )
+    parser.add_argument(
+        "--seq_len", type=int, default=4096, help="tokens per sequence (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=1, help="micro-batch per GPU (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(plan.PRECISIONS),
+        default="bfloat16",
+        help="training precision: bfloat16 (fp32 master weights and AdamW states) or float32 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(plan.PLAN_METHODS),
+        metavar="METHOD",
+        help="space or comma separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num_gpus", type=int, default=1, help="data-parallel GPUs: DDP and FSDP (default: 1)"
+    )
+    parser.add_argument(
+        "--gpu_memory", default=None, metavar="SIZE", help="e.g. 80GB: what fits, largest micro-batch"
+    )
+    parser.add_argument("--json", metavar="OUT.json", help="also write the plan to this file")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    config = load_shape(args.model)
+    methods = [m for item in args.methods for m in item.split(",") if m]
+    gpu_memory = None if args.gpu_memory is None else plan.parse_memory(args.gpu_memory)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = plan.make_plan(
+        config,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        methods=methods,
+        num_gpus=args.num_gpus,
+        gpu_memory=gpu_memory,
+        log=log,
+    )
+    result["model"] = args.model
+    result["seconds"] = time.perf_counter() - start
+    print(
+        f"{args.model} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocab {config.vocab_size}); micro-batch {args.batch_size} x seq {args.seq_len}, {args.dtype}; "
+        f"planned in {result['seconds']:.1f} s"
+    )
+    print()
+    print(plan.format_plan(result, markdown=args.markdown))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return 0
