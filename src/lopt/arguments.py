@@ -155,17 +155,23 @@ class DataArguments:
     train_file: str | None = field(
         default=None, metadata={"help": "JSONL, JSON or Parquet rows (see README for row formats)."}
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "A datasets hub id or local dataset folder."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A datasets hub id or local dataset folder."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
     split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
     max_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
     eval_file: str | None = field(
         default=None,
-        metadata={"help": "Rows in the training format scored by the trainer under --eval_strategy steps|epoch."},
+        metadata={
+            "help": "Rows in the training format scored by the trainer under --eval_strategy steps|epoch."
+        },
     )
     eval_samples: int = field(
         default=200,
-        metadata={"help": "Built-in task only: rows of its test split scored (greedy, exact match) after training."},
+        metadata={
+            "help": "Built-in task only: rows of its test split scored (greedy, exact match) after training."
+        },
     )
 
     @property

@@ -391,7 +391,9 @@ def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int
             f"(use torchrun --nproc_per_node {k}, or --num_blocks {world})."
         )
     if lopt_args.method not in ("lopt", "ll"):
-        raise ValueError(f"--block_parallel trains LoPT blocks (--method lopt), not --method {lopt_args.method}.")
+        raise ValueError(
+            f"--block_parallel trains LoPT blocks (--method lopt), not --method {lopt_args.method}."
+        )
     unsupported = {
         "--resume_from_checkpoint": training_args.resume_from_checkpoint,
         "--save_strategy steps/epoch": training_args.save_strategy != "no",
@@ -515,7 +517,11 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
     _write_metrics(
         args.output_dir, per_rank_losses, per_rank_stats, tokens_per_s, logging_steps, lopt_args.lambda_aux
     )
-    run_args = {**dataclasses.asdict(lopt_args), **dataclasses.asdict(data_args), **dataclasses.asdict(model_args)}
+    run_args = {
+        **dataclasses.asdict(lopt_args),
+        **dataclasses.asdict(data_args),
+        **dataclasses.asdict(model_args),
+    }
     _save(trained, tokenizer, config, args, early_lr, run_args)
     summary = {
         "method": "lopt",

@@ -24,10 +24,13 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
         "save_strategy": "steps" if "save_steps" in set_fields else "no",
         "include_num_input_tokens_seen": True,  # MetricsLogCallback's tokens/s
         # LoPT's boundary needs non-reentrant checkpointing.
-        "activation_checkpointing_kwargs": values.get("gradient_checkpointing_kwargs") or {"use_reentrant": False},
+        "activation_checkpointing_kwargs": values.get("gradient_checkpointing_kwargs")
+        or {"use_reentrant": False},
         # TRL defaults gradient_checkpointing (transformers 5's deprecated alias) to True: lopt trains without
         # checkpointing unless asked, and passes the user's --gradient_checkpointing under its new name.
-        "activation_checkpointing": values["gradient_checkpointing"] if "gradient_checkpointing" in set_fields else False,
+        "activation_checkpointing": values["gradient_checkpointing"]
+        if "gradient_checkpointing" in set_fields
+        else False,
     }
     if not torch.cuda.is_available():
         recipe["use_cpu"] = True
@@ -44,7 +47,9 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
         if data.task not in tasks:
             raise UserError(f"--task {data.task!r} is not one of {', '.join(tasks)}.")
         if data.user_data:
-            raise UserError(f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task.")
+            raise UserError(
+                f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task."
+            )
         if data.task in BUILTIN_TASKS and model_args.model_name_or_path is not None:
             raise UserError(
                 f"--task {data.task} is made for the built-in model: drop --model_name_or_path, or give "

@@ -45,7 +45,10 @@ def make_parser() -> LoPTParser:
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
     builtin = values["train_file"] is None and values["dataset_name"] is None
-    return {**common.base_recipe("dpo", values, set_fields), **(BUILTIN_TASK_RECIPE if builtin else USER_RECIPE)}
+    return {
+        **common.base_recipe("dpo", values, set_fields),
+        **(BUILTIN_TASK_RECIPE if builtin else USER_RECIPE),
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -108,6 +111,7 @@ def build_dataset(rows: list, tokenizer):
                 }
             )
     return datasets.Dataset.from_list(items)
+
 
 # --- the command ----------------------------------------------------------------------------------------------
 
@@ -201,5 +205,7 @@ def run(
     if task is not None and data_args.eval_samples > 0:
         from lopt.loading import builtin_task_accuracy
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(trainer.model, tokenizer, data_args.eval_samples, task)
+        summary["heldout_exact_match"] = builtin_task_accuracy(
+            trainer.model, tokenizer, data_args.eval_samples, task
+        )
     return common.finish("dpo", training_args.output_dir, summary)

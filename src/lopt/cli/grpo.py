@@ -85,10 +85,13 @@ class GRPOTaskArguments:
     )
     max_prompt_length: int = field(
         default=1024,
-        metadata={"help": "Rows whose prompt is longer (in tokens) are skipped. Default 128 built-in task / 1024."},
+        metadata={
+            "help": "Rows whose prompt is longer (in tokens) are skipped. Default 128 built-in task / 1024."
+        },
     )
     plot: bool = field(
-        default=False, metadata={"help": "Write reward_curve.png (mean reward per logged step) to output_dir."}
+        default=False,
+        metadata={"help": "Write reward_curve.png (mean reward per logged step) to output_dir."},
     )
 
 
@@ -135,11 +138,15 @@ def check_grpo_args(task_args: GRPOTaskArguments, training_args: GRPOConfig) -> 
     if training_args.num_generations < 2:
         raise UserError("--num_generations must be at least 2: GRPO compares completions of the same prompt.")
     if training_args.temperature <= 0:
-        raise UserError(f"--temperature {training_args.temperature} must be positive (GRPO samples completions).")
+        raise UserError(
+            f"--temperature {training_args.temperature} must be positive (GRPO samples completions)."
+        )
     if not 0 < training_args.top_p <= 1:
         raise UserError(f"--top_p {training_args.top_p} must be in (0, 1].")
     if training_args.remove_unused_columns:
-        raise UserError("--remove_unused_columns true would drop the `answer` column the reward reads: drop it.")
+        raise UserError(
+            "--remove_unused_columns true would drop the `answer` column the reward reads: drop it."
+        )
     if training_args.use_vllm:
         raise UserError("--use_vllm is not supported by lopt grpo: LoPT trains the model that generates.")
 
@@ -246,7 +253,6 @@ def build_dataset(rows: list, tokenizer, max_prompt_length: int, instruction: st
     return datasets.Dataset.from_list(items)
 
 
-
 def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list:
     """GRPO rows: a built-in task's train split as prompt/answer, a hub task, or the user's rows."""
     from lopt.builtin import BUILTIN_TASKS
@@ -262,7 +268,12 @@ def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code
         dataset_name, default_config = TASK_DATASETS[task]
         dataset_config = dataset_config or default_config
     return load_user_rows(
-        data_args.train_file, dataset_name, dataset_config, data_args.split, data_args.max_samples, trust_remote_code
+        data_args.train_file,
+        dataset_name,
+        dataset_config,
+        data_args.split,
+        data_args.max_samples,
+        trust_remote_code,
     )
 
 
@@ -334,7 +345,9 @@ def run(
         file=sys.stderr,
     )
     result = trainer.train(resume_from_checkpoint=resume)
-    run_args = common.run_arguments(lopt_args, model_args, data_args, task_args, training_args, set_fields=set_fields)
+    run_args = common.run_arguments(
+        lopt_args, model_args, data_args, task_args, training_args, set_fields=set_fields
+    )
     common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
 
     summary = {
@@ -349,7 +362,9 @@ def run(
     if builtin and data_args.eval_samples > 0:
         from lopt.loading import builtin_task_accuracy
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(trainer.model, tokenizer, data_args.eval_samples, task)
+        summary["heldout_exact_match"] = builtin_task_accuracy(
+            trainer.model, tokenizer, data_args.eval_samples, task
+        )
     if task_args.plot:
         summary["reward_curve"] = plot_reward_curve(training_args.output_dir)
     return common.finish("grpo", training_args.output_dir, summary)

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINING_COMMANDS:
         command = argv[0]
-        return _run_user_facing(command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:]))
+        return _run_user_facing(
+            command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:])
+        )
     parser, subparsers = make_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(f"lopt.cli.{args.command}")

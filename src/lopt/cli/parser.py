@@ -27,7 +27,9 @@ Recipe = Callable[[dict[str, Any], frozenset[str]], dict[str, Any]]
 
 
 class LoPTParser(TrlParser):
-    def __init__(self, dataclass_types: Sequence[type], prog: str, description: str, epilog: str | None = None):
+    def __init__(
+        self, dataclass_types: Sequence[type], prog: str, description: str, epilog: str | None = None
+    ):
         super().__init__(
             dataclass_types=list(dataclass_types),
             prog=prog,
@@ -38,7 +40,11 @@ class LoPTParser(TrlParser):
         self.fields = {f.name for dtype in self.dataclass_types for f in fields(dtype) if f.init}
         if "max_length" in self.fields:
             self.add_argument(
-                "--max_seq_length", dest="max_length", type=int, default=argparse.SUPPRESS, help="Alias of --max_length."
+                "--max_seq_length",
+                dest="max_length",
+                type=int,
+                default=argparse.SUPPRESS,
+                help="Alias of --max_length.",
             )
         self.add_argument(
             "--no_progress",
@@ -66,7 +72,9 @@ class LoPTParser(TrlParser):
         if recipe is not None:
             for name, value in recipe(values, set_fields).items():
                 if name not in self.fields:
-                    raise KeyError(f"recipe field {name!r} is not a flag of {self.prog}")  # a bug, not user input
+                    raise KeyError(
+                        f"recipe field {name!r} is not a flag of {self.prog}"
+                    )  # a bug, not user input
                 if name not in set_fields:
                     values[name] = value
         return self.build(values), set_fields

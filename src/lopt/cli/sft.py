@@ -35,7 +35,10 @@ def make_parser() -> LoPTParser:
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    return {**common.base_recipe("sft", values, set_fields), **sft_recipe(values["model_name_or_path"] is None)}
+    return {
+        **common.base_recipe("sft", values, set_fields),
+        **sft_recipe(values["model_name_or_path"] is None),
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -67,7 +70,9 @@ def eval_rows(data_args: DataArguments, task: str | None, training_args) -> list
 
     if training_args.eval_strategy == "no":
         if data_args.eval_file is not None:
-            raise UserError("--eval_file is scored during training only: add --eval_strategy steps (or epoch).")
+            raise UserError(
+                "--eval_file is scored during training only: add --eval_strategy steps (or epoch)."
+            )
         return None
     if task is not None:
         from lopt.builtin import builtin_task_rows
@@ -143,7 +148,11 @@ def run(
     run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
     common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
 
-    summary = {"method": prepared.method, "train_loss": result.training_loss, "steps": trainer.state.global_step}
+    summary = {
+        "method": prepared.method,
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+    }
     if task is not None and data_args.eval_samples > 0:
         from lopt.loading import builtin_task_accuracy
 
