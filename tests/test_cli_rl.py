@@ -129,7 +129,9 @@ def assert_lopt_metrics(metrics: list[dict]) -> None:
 def test_grpo_default_run(runs, builtin_tiny):
     run = runs["grpo"]
     proc = run.result()
-    assert "task=builtin, reward=exact_match_reward" in proc.stderr
+    first_line = proc.stderr.splitlines()[0]
+    assert first_line.startswith("lopt grpo: no --model_name_or_path: starting from the built-in SFT checkpoint")
+    assert "task=successor, reward=exact_match_reward" in proc.stderr
     assert_hf_checkpoint(run.out)
     metrics = read_metrics(run.out)
     assert_lopt_metrics(metrics)
@@ -139,11 +141,12 @@ def test_grpo_default_run(runs, builtin_tiny):
         metrics[0]["lr_late"] / 20
     )  # the built-in recipe's --lr_k1
     summary = json.loads((run.out / "summary.json").read_text())
-    assert summary["method"] == "lopt" and summary["steps"] == 2 and summary["task"] == "builtin"
+    assert summary["method"] == "lopt" and summary["steps"] == 2 and summary["task"] == "successor"
+    assert summary["start_model"].endswith("-sft-successor")
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0 and "reward_last_log" in summary
     assert (run.out / "reward_curve.png").stat().st_size > 1000
     assert (run.out / "checkpoint-1" / "lopt_aux_heads.safetensors").is_file()
-    assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+    assert_trained(summary["start_model"], run.out, metrics, early=True)
 
 
 def assert_trained(base_dir, out, metrics, early: bool) -> None:
@@ -181,8 +184,9 @@ def test_dpo_default_run(runs, builtin_tiny):
     assert "rewards/margins" in metrics[-1]
     summary = json.loads((run.out / "summary.json").read_text())
     assert summary["method"] == "lopt" and summary["steps"] == 2
+    assert summary["start_model"].endswith("-sft-successor")  # the built-in SFT checkpoint, not the raw base
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0
-    assert_trained(builtin_tiny["path"], run.out, metrics, early=True)
+    assert_trained(summary["start_model"], run.out, metrics, early=True)
     # the anchor's reference forward runs inside TRL's policy forward (the reference model's is no-grad)
     assert json.loads((run.out / "lopt_config.json").read_text())["aux_objective"] == "recon+anchor"
 
@@ -239,13 +243,13 @@ def test_bad_data_is_one_line_and_exit_code_2(
 
 
 @pytest.mark.parametrize("command", ["grpo", "dpo"])
-def test_builtin_data_with_a_user_model_needs_task_builtin(builtin_tiny, tmp_path, capsys, command):
+def test_builtin_task_is_for_the_builtin_model_only(builtin_tiny, tmp_path, capsys, command):
     from lopt.cli.main import main
 
     args = [command, "--model_name_or_path", builtin_tiny["path"], "--output_dir", str(tmp_path / "out")]
     assert main(args) == 2
-    assert "--task builtin" in capsys.readouterr().err
-    assert main([*args, "--task", "builtin", "--train_file", "x.jsonl"]) == 2
+    assert "give --train_file or --dataset_name" in capsys.readouterr().err
+    assert main([command, "--task", "successor", "--train_file", "x.jsonl"]) == 2
     assert "drop --train_file" in capsys.readouterr().err
 
 

@@ -184,6 +184,13 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["sft", "--eval_file", "x.jsonl", "--train_file", "{tmp}/ok.jsonl"], "--eval_strategy steps"),
         (["sft", "--eval_strategy", "steps", "--train_file", "{tmp}/ok.jsonl"], "give --eval_file"),
         (["grpo", "--use_vllm"], "--use_vllm is not supported"),
+        (["grpo", "--eval_strategy", "steps"], "--eval_strategy is not supported by lopt grpo"),
+        (["dpo", "--eval_strategy", "steps"], "--eval_strategy is not supported by lopt dpo"),
+        (["sft", "--push_to_hub"], "--push_to_hub is not supported"),
+        (["sft", "--use_liger_kernel"], "not supported with LoPT methods"),
+        (["sft", "--assistant_only_loss"], "--assistant_only_loss is not needed"),
+        (["sft", "--completion_only_loss", "false"], "--completion_only_loss false"),
+        (["sft", "--model_init_kwargs", '{"dtype": "float32"}'], "--model_init_kwargs is not used"),
         (["dpo", "--block_parallel"], "sft option"),
     ],
 )

@@ -78,6 +78,28 @@ def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:
 
 
 def check_training_args(training_args, lopt_args: LoPTArguments) -> None:
+    """TRL/TrainingArguments flags that do not combine with lopt's commands, refused in one line each (the README
+    lists them); and values no trainer can use."""
+    import importlib.util
+
+    if training_args.push_to_hub:
+        raise UserError("--push_to_hub is not supported: lopt writes the checkpoint to --output_dir; upload it from there.")
+    if getattr(training_args, "model_init_kwargs", None):
+        raise UserError("--model_init_kwargs is not used: lopt loads the model itself (use --dtype, --attn_implementation).")
+    if training_args.use_liger_kernel:
+        if lopt_args.is_lopt:
+            raise UserError(
+                "--use_liger_kernel is not supported with LoPT methods (its fused loss replaces the forward LoPT's "
+                "blocks hook into; untested), only with the baselines."
+            )
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")
+    if getattr(training_args, "assistant_only_loss", False):
+        raise UserError(
+            "--assistant_only_loss is not needed: lopt's rows train on the final response only (see README, row formats)."
+        )
+    if getattr(training_args, "completion_only_loss", None) is False:
+        raise UserError("--completion_only_loss false is not supported: lopt's rows train on the response tokens only.")
     if training_args.bf16 and training_args.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: choose one.")
     for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -149,6 +149,11 @@ def run(
     lopt_args.check(set_fields)
     common.check_model_flags(model_args, lopt_args)
     common.check_training_args(training_args, lopt_args)
+    if training_args.eval_strategy != "no":
+        raise UserError(
+            "--eval_strategy is not supported by lopt dpo (no eval set): the built-in task's test split is scored "
+            "after training (--eval_samples)."
+        )
     if training_args.beta <= 0:
         raise UserError(f"--beta {training_args.beta} must be positive.")
     if lopt_args.block_parallel:

@@ -33,7 +33,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopt.cli.common import load_model_and_tokenizer
+    from lopt.loading import load_model_and_tokenizer
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
 

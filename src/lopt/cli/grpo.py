@@ -147,6 +147,11 @@ def check_grpo_args(task_args: GRPOTaskArguments, training_args: GRPOConfig) -> 
         raise UserError(
             "--remove_unused_columns true would drop the `answer` column the reward reads: drop it."
         )
+    if training_args.eval_strategy != "no":
+        raise UserError(
+            "--eval_strategy is not supported by lopt grpo (no eval set): a built-in task's test split is scored "
+            "after training (--eval_samples)."
+        )
     if training_args.use_vllm:
         raise UserError("--use_vllm is not supported by lopt grpo: LoPT trains the model that generates.")
 
