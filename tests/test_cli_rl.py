@@ -81,6 +81,17 @@ def runs(builtin_tiny, tmp_path_factory):
         "dpo": ["dpo", *DPO_FAST, "--aux_objective", "recon+anchor"],
         "dpo_file_e2e": ["dpo", *DPO_FAST, *user_model, "--train_file", str(dpo_file), *e2e],
     }
+    # the default recipe, on 8 prompts and 60 steps so it fits CI
+    specs["grpo_learns"] = [
+        "grpo",
+        "--max_samples",
+        "8",
+        "--max_steps",
+        "60",
+        "--eval_samples",
+        "0",
+        "--no_progress",
+    ]
     specs["help_grpo"], specs["help_dpo"] = ["grpo", "--help"], ["dpo", "--help"]
     specs["offline"] = ["grpo", "--task", "gsm8k"]  # HF_HUB_OFFLINE=1 in the env: the hub load fails at once
     jobs = {}
@@ -130,7 +141,9 @@ def test_grpo_default_run(runs, builtin_tiny):
     run = runs["grpo"]
     proc = run.result()
     first_line = proc.stderr.splitlines()[0]
-    assert first_line.startswith("lopt grpo: no --model_name_or_path: starting from the built-in SFT checkpoint")
+    assert first_line.startswith(
+        "lopt grpo: no --model_name_or_path: starting from the built-in SFT checkpoint"
+    )
     assert "task=successor, reward=exact_match_reward" in proc.stderr
     assert_hf_checkpoint(run.out)
     metrics = read_metrics(run.out)
@@ -147,6 +160,17 @@ def test_grpo_default_run(runs, builtin_tiny):
     assert (run.out / "reward_curve.png").stat().st_size > 1000
     assert (run.out / "checkpoint-1" / "lopt_aux_heads.safetensors").is_file()
     assert_trained(summary["start_model"], run.out, metrics, early=True)
+
+
+def test_default_grpo_recipe_reward_rises(runs):
+    """`lopt grpo` without a model starts from the built-in SFT checkpoint, where the task reward is not always 0, and
+    the default recipe (LoPT, lr 2e-4, lr_k1 = lr/20, 32 completions, 8 per prompt) raises it. Measured once on the
+    tiny preset (2 CPU cores): 0.022 at step 10 -> 0.119 at step 50 (0.21 by step 140)."""
+    run = runs["grpo_learns"]
+    run.result()
+    rewards = [m["reward"] for m in read_metrics(run.out)]
+    assert len(rewards) == 6  # logged every 10 steps
+    assert rewards[-1] > rewards[0] + 0.05 and rewards[-1] > 2 * rewards[0], rewards
 
 
 def assert_trained(base_dir, out, metrics, early: bool) -> None:

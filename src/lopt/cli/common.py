@@ -83,9 +83,13 @@ def check_training_args(training_args, lopt_args: LoPTArguments) -> None:
     import importlib.util
 
     if training_args.push_to_hub:
-        raise UserError("--push_to_hub is not supported: lopt writes the checkpoint to --output_dir; upload it from there.")
+        raise UserError(
+            "--push_to_hub is not supported: lopt writes the checkpoint to --output_dir; upload it from there."
+        )
     if getattr(training_args, "model_init_kwargs", None):
-        raise UserError("--model_init_kwargs is not used: lopt loads the model itself (use --dtype, --attn_implementation).")
+        raise UserError(
+            "--model_init_kwargs is not used: lopt loads the model itself (use --dtype, --attn_implementation)."
+        )
     if training_args.use_liger_kernel:
         if lopt_args.is_lopt:
             raise UserError(
@@ -99,7 +103,9 @@ def check_training_args(training_args, lopt_args: LoPTArguments) -> None:
             "--assistant_only_loss is not needed: lopt's rows train on the final response only (see README, row formats)."
         )
     if getattr(training_args, "completion_only_loss", None) is False:
-        raise UserError("--completion_only_loss false is not supported: lopt's rows train on the response tokens only.")
+        raise UserError(
+            "--completion_only_loss false is not supported: lopt's rows train on the response tokens only."
+        )
     if training_args.bf16 and training_args.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: choose one.")
     for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
@@ -269,6 +275,11 @@ def builtin_sft_checkpoint(task: str, progress: bool = True):
     done = path / "summary.json"  # written after the checkpoint itself
     if done.is_file():
         return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
+        raise UserError(
+            f"the built-in SFT checkpoint is not made yet: run `lopt sft --task {task} --output_dir {path}` once in "
+            "one process, then launch again."
+        )
     with FileLock(str(path) + ".lock"):
         if not done.is_file():
             from lopt.cli import sft

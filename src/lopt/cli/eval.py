@@ -33,9 +33,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopt.loading import load_model_and_tokenizer
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
+    from lopt.loading import load_model_and_tokenizer
 
     rows, match = load_task_rows(
         args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples
