@@ -77,10 +77,28 @@ def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:
         raise UserError("--load_in_4bit/--load_in_8bit are not supported by lopt (train in bf16 or fp32).")
 
 
-def check_training_args(training_args, lopt_args: LoPTArguments) -> None:
+# TRL's dataset-preparation fields: lopt tokenizes rows itself (lopt.data), so TRL skips that step and these would
+# change nothing.
+DATASET_PREPARATION_FIELDS = (
+    "dataset_text_field",
+    "dataset_kwargs",
+    "chat_template_path",
+    "eos_token",
+    "pad_token",
+)
+
+
+def check_training_args(
+    training_args, lopt_args: LoPTArguments, set_fields: frozenset[str] = frozenset()
+) -> None:
     """TRL/TrainingArguments flags that do not combine with lopt's commands, refused in one line each (the README
     lists them); and values no trainer can use."""
     import importlib.util
+
+    if training_args.torch_compile and lopt_args.is_lopt:
+        raise UserError(
+            "--torch_compile is not supported with LoPT methods yet (untested with the local backward)."
+        )
 
     if training_args.push_to_hub:
         raise UserError(

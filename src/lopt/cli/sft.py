@@ -20,7 +20,17 @@ from trl import ModelConfig, SFTConfig
 from lopt.arguments import SFT_LR_K1_RATIO, DataArguments, LoPTArguments, sft_recipe
 from lopt.cli import common
 from lopt.cli.parser import LoPTParser
+from lopt.errors import UserError
 
+# SFTConfig's dataset-preparation fields: lopt tokenizes the rows itself (lopt.data), so SFTTrainer skips that step
+# and these would change nothing.
+DATASET_PREPARATION_FIELDS = (
+    "dataset_text_field",
+    "dataset_kwargs",
+    "chat_template_path",
+    "eos_token",
+    "pad_token",
+)
 DESCRIPTION = "Post-train a causal LM with LoPT (or a baseline) on SFT data."
 
 
@@ -66,8 +76,6 @@ def training_rows(data_args: DataArguments, task: str | None, trust_remote_code:
 
 def eval_rows(data_args: DataArguments, task: str | None, training_args) -> list[dict] | None:
     """Rows the trainer scores under --eval_strategy: a built-in task's validation split, or --eval_file."""
-    from lopt.errors import UserError
-
     if training_args.eval_strategy == "no":
         if data_args.eval_file is not None:
             raise UserError(
@@ -104,6 +112,12 @@ def run(
     lopt_args.check(set_fields)
     common.check_model_flags(model_args, lopt_args)
     common.check_training_args(training_args, lopt_args)
+    for name in DATASET_PREPARATION_FIELDS:
+        if name in set_fields:
+            raise UserError(
+                f"--{name} has no effect in lopt sft: it tokenizes the rows itself with the model's chat template "
+                "(see README, row formats)."
+            )
     early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, SFT_LR_K1_RATIO)
     if lopt_args.block_parallel:
         from lopt.block_parallel import run_block_parallel
