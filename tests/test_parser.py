@@ -119,9 +119,11 @@ def test_user_model_gets_trl_defaults_and_flags_beat_yaml(tmp_path):
 
 
 def test_aliases_and_lopt_defaults(tmp_path):
-    args, set_fields = training_args("sft", ["--max_seq_length", "64", "--no_progress"])
-    assert args.max_length == 64 and args.disable_tqdm is True
-    assert {"max_length", "disable_tqdm"} <= set_fields
+    args, set_fields = training_args(
+        "sft", ["--max_seq_length", "64", "--no_progress", "--warmup_ratio", "0.1"]
+    )
+    assert args.max_length == 64 and args.disable_tqdm is True and args.warmup_steps == 0.1
+    assert {"max_length", "disable_tqdm", "warmup_steps"} <= set_fields
     config = tmp_path / "run.yaml"
     config.write_text("max_seq_length: 32\n")
     args, set_fields = training_args("sft", ["--config", str(config)])

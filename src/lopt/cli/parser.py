@@ -1,8 +1,9 @@
 """The parser of `lopt sft`, `lopt grpo` and `lopt dpo`: TRL's own (`trl.TrlParser`, as `trl sft` uses it) over typed
 dataclasses, so every field of TRL's configs is a flag, and `--config x.yaml` gives defaults that flags override.
 
-What lopt adds: one-line errors (exit 2) for unknown or bad flags and YAML keys, two aliases (`--max_seq_length` for
-TRL's `--max_length`, `--no_progress` for `--disable_tqdm`), and the set of fields the user set (flag or YAML), so a
+What lopt adds: one-line errors (exit 2) for unknown or bad flags and YAML keys, aliases for lopt's earlier names
+(`--max_seq_length` for TRL's `--max_length`, `--warmup_ratio` for `--warmup_steps`, `--no_progress` for
+`--disable_tqdm`), and the set of fields the user set (flag or YAML), so a
 command's recipe fills only the others. Nothing compares values with defaults.
 """
 
@@ -20,8 +21,16 @@ from trl import TrlParser
 from lopt.errors import UserError
 from lopt.loading import check_model_path
 
-# alias -> (field, how the alias is given)
-ALIASES = {"max_seq_length": "max_length", "no_progress": "disable_tqdm"}
+# alias -> the field it sets: lopt's earlier names, kept working
+ALIASES = {"max_seq_length": "max_length", "warmup_ratio": "warmup_steps", "no_progress": "disable_tqdm"}
+# value aliases: (type, help)
+VALUE_ALIASES = {
+    "max_seq_length": (int, "Alias of --max_length."),
+    "warmup_ratio": (
+        float,
+        "Alias of --warmup_steps with a value in [0, 1) (transformers 5: a ratio of the steps).",
+    ),
+}
 
 Recipe = Callable[[dict[str, Any], frozenset[str]], dict[str, Any]]
 
@@ -38,14 +47,11 @@ class LoPTParser(TrlParser):
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         self.fields = {f.name for dtype in self.dataclass_types for f in fields(dtype) if f.init}
-        if "max_length" in self.fields:
-            self.add_argument(
-                "--max_seq_length",
-                dest="max_length",
-                type=int,
-                default=argparse.SUPPRESS,
-                help="Alias of --max_length.",
-            )
+        for alias, (kind, help_text) in VALUE_ALIASES.items():
+            if ALIASES[alias] in self.fields:
+                self.add_argument(
+                    f"--{alias}", dest=ALIASES[alias], type=kind, default=argparse.SUPPRESS, help=help_text
+                )
         self.add_argument(
             "--no_progress",
             dest="disable_tqdm",
