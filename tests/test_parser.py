@@ -190,7 +190,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["dpo", "--eval_strategy", "steps"], "--eval_strategy is not supported by lopt dpo"),
         (["sft", "--push_to_hub"], "--push_to_hub is not supported"),
         (["sft", "--dataset_text_field", "text"], "--dataset_text_field has no effect"),
-        (["sft", "--pad_token", "<pad>"], "--pad_token has no effect"),
+        (["sft", "--chat_template_path", "t.jinja"], "--chat_template_path has no effect"),
         (["sft", "--torch_compile"], "--torch_compile is not supported with LoPT"),
         (["sft", "--use_liger_kernel"], "not supported with LoPT methods"),
         (["sft", "--assistant_only_loss"], "--assistant_only_loss is not needed"),
