@@ -186,6 +186,7 @@ def test_resume_from_a_non_lopt_checkpoint_is_refused(builtin_tiny, tmp_path):
         ("unknown_fields", ["--train_file", "{tmp}/unknown.jsonl"], "instruction"),
         ("empty", ["--train_file", "{tmp}/empty.jsonl"], "no rows"),
         (None, ["--num_blocks", "1"], "--num_blocks"),
+        (None, ["--model_name_or_path", "./no-such-model"], "'./no-such-model' does not exist"),
         (None, ["--num_blocks", "99"], "num_blocks=99"),
         (
             None,
@@ -210,7 +211,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(builtin_tiny, tmp_path, set
         name, text = files[setup]
         (tmp_path / name).write_text(text)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if "--model_name_or_path" not in args and "--train_file" in args:
+    if "--model_name_or_path" not in args and "--train_file" in args:  # (the model path is checked first)
         args += ["--model_name_or_path", builtin_tiny["path"]]
     proc = lopt(
         ["sft", *FAST, "--output_dir", str(tmp_path / "out"), *args], builtin_tiny["env"], check=False
@@ -222,7 +223,47 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(builtin_tiny, tmp_path, set
     assert expected in error_lines[0], error_lines[0]
 
 
-@pytest.mark.parametrize("command", ["sft", "bench"])
+@pytest.mark.parametrize("command", ["sft", "grpo", "dpo", "compare", "eval", "bench"])
 def test_help_for_every_command(command):
     proc = subprocess.run([sys.executable, "-m", "lopt", command, "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "usage: lopt" in proc.stdout
+    assert proc.returncode == 0 and f"usage: lopt {command}" in proc.stdout
+    if command in ("sft", "grpo", "dpo"):  # TRL's parser: the LoPT, model, data and TrainingArguments flags
+        for flag in ("--num_blocks", "--lambda_aux", "--lr_k1", "--model_name_or_path", "--train_file"):
+            assert flag in proc.stdout, flag
+        for flag in ("--lr_scheduler_type", "--report_to", "--eval_strategy", "--config"):
+            assert flag in proc.stdout, flag
+
+
+TRL_SFT_RECIPE = """\
+# written as for `trl sft --config`
+learning_rate: 0.0005
+lr_scheduler_type: cosine
+report_to: none
+eval_strategy: steps
+eval_steps: 1
+per_device_eval_batch_size: 4
+packing: true
+max_length: 64
+logging_steps: 1
+max_steps: 2
+per_device_train_batch_size: 4
+"""
+
+
+def test_a_trl_sft_yaml_recipe_trains_with_lopt(builtin_tiny, tmp_path):
+    """TRL's flags pass through: a cosine schedule, no reporting, packing, and evaluation on the built-in task's
+    validation split every step."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(TRL_SFT_RECIPE)
+    out = tmp_path / "yaml"
+    args = ["sft", "--config", str(config), "--method", "lopt", "--max_samples", "32", "--eval_samples", "4"]
+    lopt([*args, "--no_progress", "--output_dir", str(out)], builtin_tiny["env"])
+    assert_hf_checkpoint(out)
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if "task_loss" in m] == [1, 2]
+    assert "aux_loss_0" in metrics[0]
+    training_args = json.loads((out / "training_args.json").read_text())
+    assert training_args["lr_scheduler_type"] == "cosine" and training_args["packing"] is True
+    assert training_args["eval_strategy"] == "steps" and training_args["max_length"] == 64
+    history = json.loads((out / "lopt_args.json").read_text())
+    assert {"packing", "eval_strategy", "learning_rate"} <= set(history["set_fields"])

@@ -29,8 +29,8 @@ Hugging Face checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -43,9 +43,11 @@ import torch.distributed as dist
 from torch import nn
 
 from lopt.architectures import find_decoder_parts, unwrap_peft
+from lopt.arguments import DataArguments, LoPTArguments
 from lopt.config import LoPTConfig
 from lopt.distributed import finish
 from lopt.heads import AuxHead, reconstruction_loss
+from lopt.io import atomic_write_json
 from lopt.model import untie_embeddings
 
 # Sends a rank may have in flight before it waits for the oldest (bounds the memory of pending activations).
@@ -373,27 +375,32 @@ class BlockStage:
 # ------------------------------------------------------------------------------------------------------------------
 # `lopt sft --block_parallel`
 # ------------------------------------------------------------------------------------------------------------------
-def check_launch(args: argparse.Namespace) -> tuple[int, int, int]:
+def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; a ValueError (one line, exit 2) if the launch or
     the flags do not fit block-parallel training."""
+    k = lopt_args.num_blocks
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise ValueError(
             f"--block_parallel runs one process per block: launch it with `torchrun --nproc_per_node "
-            f"{args.num_blocks} -m lopt sft --block_parallel --num_blocks {args.num_blocks} ...`."
+            f"{k} -m lopt sft --block_parallel --num_blocks {k} ...`."
         )
     world = int(os.environ["WORLD_SIZE"])
-    if world != args.num_blocks:
+    if world != k:
         raise ValueError(
-            f"--block_parallel needs one process per block: --num_blocks {args.num_blocks} but {world} processes "
-            f"(use torchrun --nproc_per_node {args.num_blocks}, or --num_blocks {world})."
+            f"--block_parallel needs one process per block: --num_blocks {k} but {world} processes "
+            f"(use torchrun --nproc_per_node {k}, or --num_blocks {world})."
         )
-    if args.method not in ("lopt", "ll"):
-        raise ValueError(f"--block_parallel trains LoPT blocks (--method lopt), not --method {args.method}.")
+    if lopt_args.method not in ("lopt", "ll"):
+        raise ValueError(
+            f"--block_parallel trains LoPT blocks (--method lopt), not --method {lopt_args.method}."
+        )
     unsupported = {
-        "--resume_from_checkpoint": args.resume_from_checkpoint,
-        "--save_steps": args.save_steps,
-        "--fp16 (use --bf16)": args.fp16,
-        f"--aux_objective {args.aux_objective} (only recon)": args.aux_objective != "recon",
+        "--resume_from_checkpoint": training_args.resume_from_checkpoint,
+        "--save_strategy steps/epoch": training_args.save_strategy != "no",
+        "--eval_strategy steps/epoch": training_args.eval_strategy != "no",
+        "--fp16 (use --bf16)": training_args.fp16,
+        f"--aux_objective {lopt_args.aux_objective} (only recon)": lopt_args.aux_objective != "recon",
+        "--boundaries": lopt_args.boundaries,
     }
     for flag, value in unsupported.items():
         if value:
@@ -409,44 +416,49 @@ def _cycle(loader) -> Iterator[dict]:
         yield from loader
 
 
-def run_block_parallel(args: argparse.Namespace) -> int:
-    """`lopt sft --block_parallel` on one rank: same data, flags and outputs as `lopt sft`."""
-    from lopt.cli import common
-
-    common.fill_defaults(args, "sft")
-    rank, world, local_rank = check_launch(args)
-    builtin_data = args.train_file is None and args.dataset_name is None
-    if builtin_data and args.model_name_or_path is not None:
-        raise ValueError(
-            "the built-in task is made for the built-in model: give --train_file or --dataset_name."
-        )
+def run_block_parallel(
+    rows: list[dict],
+    lopt_args: LoPTArguments,
+    model_args,
+    data_args: DataArguments,
+    training_args,
+    early_lr: float | None,
+    task: str | None,
+) -> int:
+    """`lopt sft --block_parallel` on one rank: same data, flags and outputs as `lopt sft` (its checks done)."""
+    rank, world, local_rank = check_launch(lopt_args, training_args)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
-    code = _run(args, rank, world, device, builtin_data)
+    if not dist.is_initialized():  # building TrainingArguments under torchrun may have started it
+        dist.init_process_group(backend)
+    code = _run(rows, lopt_args, model_args, data_args, training_args, early_lr, task, rank, world, device)
     finish()  # every rank waits for rank 0's checkpoint and evaluation
     dist.destroy_process_group()
     return code
 
 
-def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) -> int:
+def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int, world: int, device) -> int:
+    """`args`: the run's SFTConfig."""
     from torch.utils.data import DataLoader
     from transformers import set_seed
 
-    from lopt.cli import common
     from lopt.data import make_collator, tokenize_rows
     from lopt.integrations.callbacks import peak_memory_bytes
+    from lopt.loading import builtin_task_accuracy, load_model_and_tokenizer
 
     set_seed(args.seed)
-    progress = not args.no_progress and rank == 0
-    rows = common.load_sft_rows(args, builtin_data)
-    model, tokenizer, model_path = common.load_model_and_tokenizer(
-        args.model_name_or_path, args.trust_remote_code, progress=progress
+    quiet = bool(args.disable_tqdm)
+    model, tokenizer, model_path = load_model_and_tokenizer(
+        model_args.model_name_or_path,
+        args.trust_remote_code,
+        progress=not quiet and rank == 0,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
     )
-    dataset = tokenize_rows(rows, tokenizer, args.max_seq_length)
+    dataset = tokenize_rows(rows, tokenizer, args.max_length)
     loader = DataLoader(
         dataset,
         batch_size=args.per_device_train_batch_size,
@@ -457,35 +469,37 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
     steps = args.max_steps
     if steps is None or steps <= 0:
         steps = max(1, math.ceil(args.num_train_epochs * len(loader) / args.gradient_accumulation_steps))
-    if args.gradient_checkpointing:  # before BlockStage swaps layers out: the kept ones keep the setting
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoPTConfig(num_blocks=args.num_blocks, aux_weight=args.lambda_aux)
+    if args.activation_checkpointing:  # before BlockStage swaps layers out: the kept ones keep the setting
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    config = lopt_args.lopt_config()
+    warmup = args.warmup_steps if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * steps)
     stage = BlockStage(
         model,
         config,
         learning_rate=args.learning_rate,
-        early_learning_rate=args.lr_k1,
+        early_learning_rate=early_lr,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         num_steps=steps,
-        warmup_steps=math.ceil(args.warmup_ratio * steps),
+        warmup_steps=int(warmup),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=args.seed,
         device=device,
         bf16=args.bf16,
     )
     start, end = stage.block_ranges[rank]
+    logging_steps = max(1, int(args.logging_steps))
     if rank == 0:
         print(
             f"lopt sft: block-parallel LoPT, k={world} processes, blocks={stage.block_ranges}, lambda="
-            f"{args.lambda_aux}, lr={args.learning_rate}, lr_k1={args.lr_k1 or args.learning_rate}, model="
+            f"{lopt_args.lambda_aux}, lr={args.learning_rate}, lr_k1={early_lr or args.learning_rate}, model="
             f"{model_path}, rows={len(dataset)}, batch={args.per_device_train_batch_size}x"
             f"{args.gradient_accumulation_steps}, steps={steps}, output_dir={args.output_dir}",
             file=sys.stderr,
         )
 
     def report(step: int, loss: float) -> None:  # the last rank holds the task loss
-        if stage.last and not args.no_progress and (step % args.logging_steps == 0 or step == steps):
+        if stage.last and not quiet and (step % logging_steps == 0 or step == steps):
             print(
                 f"lopt sft [block {rank}, layers {start}-{end - 1}]: step {step}/{steps} task_loss {loss:.4f}",
                 file=sys.stderr,
@@ -501,9 +515,14 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
     seconds = max(s[0] for s in per_rank_stats)
     tokens_per_s = result["tokens"] / seconds
     _write_metrics(
-        args.output_dir, per_rank_losses, per_rank_stats, tokens_per_s, args.logging_steps, args.lambda_aux
+        args.output_dir, per_rank_losses, per_rank_stats, tokens_per_s, logging_steps, lopt_args.lambda_aux
     )
-    _save(trained, tokenizer, config, args)
+    run_args = {
+        **dataclasses.asdict(lopt_args),
+        **dataclasses.asdict(data_args),
+        **dataclasses.asdict(model_args),
+    }
+    _save(trained, tokenizer, config, args, early_lr, run_args)
     summary = {
         "method": "lopt",
         "block_parallel": world,
@@ -511,14 +530,17 @@ def _run(args, rank: int, world: int, device: torch.device, builtin_data: bool) 
         "steps": steps,
         "tokens_per_s": round(tokens_per_s, 2),
     }
-    if builtin_data and args.eval_samples > 0:
+    if task is not None and data_args.eval_samples > 0:
         from transformers import AutoModelForCausalLM
 
-        saved = AutoModelForCausalLM.from_pretrained(args.output_dir).to(
-            device
-        )  # the checkpoint as users load it
-        summary["heldout_exact_match"] = common.builtin_task_accuracy(saved, tokenizer, args.eval_samples)
-    return common.finish("sft", args.output_dir, summary)
+        # the checkpoint as users load it
+        saved = AutoModelForCausalLM.from_pretrained(args.output_dir).to(device)
+        summary["heldout_exact_match"] = builtin_task_accuracy(saved, tokenizer, data_args.eval_samples, task)
+    atomic_write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    print(f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
+    for key, value in summary.items():
+        print(f"  {key}: {value}", file=sys.stderr)
+    return 0
 
 
 def _write_metrics(
@@ -544,21 +566,21 @@ def _write_metrics(
     atomic_write_text(os.path.join(output_dir, "metrics.jsonl"), "\n".join(lines) + "\n")
 
 
-def _save(model: nn.Module, tokenizer, config: LoPTConfig, args: argparse.Namespace) -> None:
+def _save(model: nn.Module, tokenizer, config: LoPTConfig, args, early_lr, run_args: dict) -> None:
     """The same layout as `lopt sft`: HF checkpoint, tokenizer, lopt_config.json, training and CLI arguments."""
     from lopt.io import atomic_directory_write
 
     training = {
-        "block_parallel": args.num_blocks,
+        "block_parallel": config.num_blocks,
+        "lr_k1": early_lr,
         **{
             k: getattr(args, k)
             for k in (
                 "learning_rate",
-                "lr_k1",
                 "per_device_train_batch_size",
                 "gradient_accumulation_steps",
                 "max_steps",
-                "warmup_ratio",
+                "warmup_steps",
                 "weight_decay",
                 "max_grad_norm",
                 "bf16",
@@ -574,6 +596,6 @@ def _save(model: nn.Module, tokenizer, config: LoPTConfig, args: argparse.Namesp
         with open(os.path.join(tmp, "training_args.json"), "w") as f:
             json.dump(training, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "lopt_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+            json.dump({**run_args, **training}, f, indent=2, sort_keys=True, default=str)
 
     atomic_directory_write(args.output_dir, write)

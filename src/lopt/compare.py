@@ -92,9 +92,9 @@ class CompareSpec:
 
 
 def run_compare(spec: CompareSpec) -> dict:
-    from lopt.cli.common import load_model_and_tokenizer
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.lm_eval_tasks import CompareLMEval
+    from lopt.loading import load_model_and_tokenizer
 
     os.makedirs(spec.output_dir, exist_ok=True)
     builtin = spec.model_name_or_path is None
@@ -201,15 +201,14 @@ def _learning_rate(spec: CompareSpec) -> float:
     """The lr every run trains with: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
     import argparse
 
-    from lopt.cli.common import BUILTIN_DEFAULTS, USER_MODEL_DEFAULTS, add_training_args
+    from lopt.arguments import sft_learning_rate
 
     parser = argparse.ArgumentParser(add_help=False)
-    add_training_args(parser)  # `lopt sft`'s own parsing of --learning_rate
+    parser.add_argument("--learning_rate", type=float, default=None)
     known, _ = parser.parse_known_args(spec.sft_args)
     if known.learning_rate is not None:
         return known.learning_rate
-    defaults = BUILTIN_DEFAULTS if spec.model_name_or_path is None else USER_MODEL_DEFAULTS
-    return defaults["learning_rate"]
+    return sft_learning_rate(builtin_model=spec.model_name_or_path is None)
 
 
 def _train(spec: CompareSpec, name: str, seed: int, run_dir: str) -> None:

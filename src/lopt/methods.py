@@ -47,11 +47,17 @@ def prepare_model(
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
     lora_target_modules: str | list[str] = "all-linear",
+    lopt_config: LoPTConfig | None = None,
+    lora_config=None,
 ) -> PreparedModel:
-    """Set up `model` for `method`. LoPT config errors (e.g. num_blocks > layers) are raised before any change."""
+    """Set up `model` for `method`. LoPT config errors (e.g. num_blocks > layers) are raised before any change.
+
+    `lopt_config` (a full LoPTConfig) replaces the LoPT keyword arguments, and `lora_config` (a peft LoraConfig)
+    the lora_* ones.
+    """
     method = canonical_method(method)
     if method in ("lopt", "lopt_joint"):
-        config = LoPTConfig(
+        config = lopt_config or LoPTConfig(
             num_blocks=num_blocks,
             aux_weight=aux_weight,
             backward="joint" if method == "lopt_joint" else "local",
@@ -70,7 +76,7 @@ def prepare_model(
         targets = lora_target_modules
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
-        lora = LoraConfig(
+        lora = lora_config or LoraConfig(
             r=lora_r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,

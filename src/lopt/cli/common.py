@@ -1,196 +1,195 @@
-"""Pieces shared by the training commands (sft, and later grpo/dpo): flags, model loading, final outputs."""
+"""Pieces shared by the training commands (sft, grpo, dpo): the recipe every command starts from, data and model
+checks, the method, the trainer's LoPT arguments and the final outputs. Flags come from `lopt.cli.parser`."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
-from lopt.config import ANCHOR_DTYPES, AUX_OBJECTIVES
-from lopt.data import ensure_pad_token
+from lopt.arguments import DataArguments, LoPTArguments
 from lopt.errors import UserError
 from lopt.io import atomic_directory_write, atomic_write_json
-from lopt.methods import METHODS
-
-# Defaults that depend on whether the built-in model is used: the built-in recipe is sized for 2 CPU cores.
-# Flags left unset (None) are filled from here; flags and YAML values always win.
-USER_MODEL_DEFAULTS = {
-    "learning_rate": 2e-5,
-    "per_device_train_batch_size": 8,
-    "max_seq_length": 1024,
-    "max_steps": -1,
-    "logging_steps": 10,
-}
-# `lopt sft` with a LoPT method and no --lr_k1: the early group learns at this fraction of --learning_rate.
-# Chosen from the 3-seed `lopt compare` study in the README (built-in model and task, 300 steps): 0.3 gave the
-# best held-out accuracy of the ratios 1 (the paper's), 0.3 and 0.1, and a smaller retention loss than 1.
-SFT_LR_K1_RATIO = 0.3
-
-BUILTIN_DEFAULTS = {
-    "learning_rate": 1e-3,
-    "per_device_train_batch_size": 16,
-    "max_seq_length": 128,
-    "max_steps": 300,
-    "logging_steps": 25,
-}
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model_name_or_path",
-        default=None,
-        help="HF hub id or local path of a causal LM. Default: the built-in pretrained model (no download).",
-    )
-    g.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="Allow custom model code from the hub (off by default).",
-    )
-    g.add_argument("--config", default=None, help="YAML file with defaults for any flag; flags override it.")
+def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    """lopt's defaults for every training command, applied to the fields the user did not set."""
+    import torch
+
+    recipe: dict[str, Any] = {
+        "output_dir": os.path.join("runs", f"{command}-{values['method']}"),
+        # no checkpoints unless asked for (--save_steps N alone means every N steps)
+        "save_strategy": "steps" if "save_steps" in set_fields else "no",
+        "include_num_input_tokens_seen": True,  # MetricsLogCallback's tokens/s
+        # LoPT's boundary needs non-reentrant checkpointing.
+        "activation_checkpointing_kwargs": values.get("gradient_checkpointing_kwargs")
+        or {"use_reentrant": False},
+        # TRL defaults gradient_checkpointing (transformers 5's deprecated alias) to True: lopt trains without
+        # checkpointing unless asked, and passes the user's --gradient_checkpointing under its new name.
+        "activation_checkpointing": values["gradient_checkpointing"]
+        if "gradient_checkpointing" in set_fields
+        else False,
+    }
+    if not torch.cuda.is_available():
+        recipe["use_cpu"] = True
+        if "fp16" not in set_fields:
+            recipe["bf16"] = False  # TRL's default bf16=True is slow on CPU and changes the numbers
+    return recipe
 
 
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("method (flag names follow the LoPT authors' scripts)")
-    g.add_argument("--method", default="lopt", choices=METHODS, help="ll is an alias of lopt. Default: lopt.")
-    g.add_argument("--num_blocks", type=int, default=2, help="LoPT blocks k (2 = cut at the midpoint).")
-    g.add_argument("--lambda_aux", type=float, default=10.0, help="Weight of the local aux loss (lambda).")
-    g.add_argument(
-        "--lr_k1",
-        type=float,
-        default=None,
-        help="LR of the early group (embedding, early blocks, aux heads). Default for sft: 0.3 x --learning_rate "
-        "(see README, 'Choosing the defaults'); pass --lr_k1 equal to --learning_rate for the paper's setting.",
-    )
-    g.add_argument(
-        "--aux_objective",
-        default="recon",
-        choices=AUX_OBJECTIVES,
-        help="Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained model's "
-        "hidden state at the boundary), or recon+anchor.",
-    )
-    g.add_argument(
-        "--anchor_weight", type=float, default=1.0, help="Weight of the anchor term in recon+anchor."
-    )
-    g.add_argument(
-        "--anchor_dtype",
-        default=None,
-        choices=ANCHOR_DTYPES,
-        help="dtype of the frozen pretrained copy the anchor needs (default: the model's; bfloat16 halves it).",
-    )
-    g.add_argument("--lora_r", type=int, default=16)
-    g.add_argument("--lora_alpha", type=int, default=32)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument(
-        "--lora_target_modules", default="all-linear", help="Comma-separated module names, or all-linear."
-    )
+def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, ...]) -> str | None:
+    """The built-in task to train on (None for the user's data). One-line errors for flags that do not combine."""
+    from lopt.builtin import BUILTIN_TASKS, DEFAULT_TASK
+
+    if data.task is not None:
+        if data.task not in tasks:
+            raise UserError(f"--task {data.task!r} is not one of {', '.join(tasks)}.")
+        if data.user_data:
+            raise UserError(
+                f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task."
+            )
+        if data.task in BUILTIN_TASKS and model_args.model_name_or_path is not None:
+            raise UserError(
+                f"--task {data.task} is made for the built-in model: drop --model_name_or_path, or give "
+                "--train_file/--dataset_name."
+            )
+        return data.task
+    if data.user_data:
+        return None
+    if model_args.model_name_or_path is not None:
+        raise UserError(
+            "the built-in task is made for the built-in model: give --train_file or --dataset_name"
+            + (" (or a hub --task)." if command == "grpo" else ".")
+        )
+    return DEFAULT_TASK
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training")
-    g.add_argument(
-        "--learning_rate", type=float, default=None, help="Default 1e-3 built-in / 2e-5 user model."
-    )
-    g.add_argument("--per_device_train_batch_size", type=int, default=None, help="Default 16 built-in / 8.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--num_train_epochs", type=float, default=1.0)
-    g.add_argument("--max_steps", type=int, default=None, help="Default 300 built-in / -1 (use epochs).")
-    g.add_argument("--warmup_ratio", type=float, default=0.0)
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument(
-        "--fsdp", action="store_true", help="Under torchrun: shard the model with FSDP2 (sft only)."
-    )
-    g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", default=None, help="Default: runs/<command>-<method>.")
-    g.add_argument("--logging_steps", type=int, default=None)
-    g.add_argument(
-        "--save_steps", type=int, default=None, help="Checkpoint every N steps (default: no checkpoints)."
-    )
-    g.add_argument("--save_total_limit", type=int, default=None)
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint-N folder, or 'last' for the newest in output_dir.",
-    )
-    g.add_argument("--no_progress", action="store_true", help="Disable progress bars.")
+def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:
+    """TRL ModelConfig flags that lopt cannot honour, refused in one line."""
+    if model_args.use_peft and lopt_args.method != "lora":
+        raise UserError(
+            f"--use_peft trains LoRA adapters: use --method lora (the lora_* flags apply), not --method "
+            f"{lopt_args.method}."
+        )
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("--load_in_4bit/--load_in_8bit are not supported by lopt (train in bf16 or fp32).")
 
 
-def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
-    """Fill the flags left unset with the built-in or user-model recipe, and check flag combinations."""
-    builtin = args.model_name_or_path is None
-    for key, value in (BUILTIN_DEFAULTS if builtin else USER_MODEL_DEFAULTS).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{command}-{args.method}")
-    if args.bf16 and args.fp16:
+# TRL's dataset-preparation fields: lopt tokenizes rows itself (lopt.data), so TRL skips that step and these would
+# change nothing.
+DATASET_PREPARATION_FIELDS = (
+    "dataset_text_field",
+    "dataset_kwargs",
+    "chat_template_path",
+    "eos_token",
+    "pad_token",
+)
+
+
+def check_training_args(
+    training_args, lopt_args: LoPTArguments, command: str, set_fields: frozenset[str] = frozenset()
+) -> None:
+    """TRL/TrainingArguments flags that do not combine with lopt's commands, refused in one line each (the README
+    lists them); and values no trainer can use."""
+    import importlib.util
+
+    if training_args.fsdp:
+        if command != "sft":
+            raise UserError(
+                f"--fsdp is built for lopt sft only: train lopt {command} data-parallel (plain torchrun)."
+            )
+        if lopt_args.block_parallel:
+            raise UserError("--fsdp and --block_parallel are exclusive: choose one way to split the work.")
+        if "WORLD_SIZE" not in os.environ:
+            raise UserError(
+                "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+                f"--nproc_per_node N -m lopt {command} --fsdp ...`."
+            )
+
+    if training_args.torch_compile and lopt_args.is_lopt:
+        raise UserError(
+            "--torch_compile is not supported with LoPT methods yet (untested with the local backward)."
+        )
+
+    if training_args.push_to_hub:
+        raise UserError(
+            "--push_to_hub is not supported: lopt writes the checkpoint to --output_dir; upload it from there."
+        )
+    if getattr(training_args, "model_init_kwargs", None):
+        raise UserError(
+            "--model_init_kwargs is not used: lopt loads the model itself (use --dtype, --attn_implementation)."
+        )
+    if training_args.use_liger_kernel:
+        if lopt_args.is_lopt:
+            raise UserError(
+                "--use_liger_kernel is not supported with LoPT methods (its fused loss replaces the forward LoPT's "
+                "blocks hook into; untested), only with the baselines."
+            )
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")
+    if getattr(training_args, "assistant_only_loss", False):
+        raise UserError(
+            "--assistant_only_loss is not needed: lopt's rows train on the final response only (see README, row formats)."
+        )
+    if getattr(training_args, "completion_only_loss", None) is False:
+        raise UserError(
+            "--completion_only_loss false is not supported: lopt's rows train on the response tokens only."
+        )
+    if training_args.bf16 and training_args.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: choose one.")
-    if args.num_blocks < 2:
-        raise UserError(f"--num_blocks {args.num_blocks} is invalid: LoPT needs at least 2 blocks.")
-    for name in (
-        "learning_rate",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_seq_length",
-    ):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
-            raise UserError(f"--{name} {getattr(args, name)} must be positive.")
-    if not 0.0 <= args.warmup_ratio < 1.0:
-        raise UserError(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1).")
-    if getattr(args, "fsdp", False) and command != "sft":
-        raise UserError(
-            f"--fsdp is built for lopt sft only: train lopt {command} data-parallel (plain torchrun)."
-        )
-    if getattr(args, "fsdp", False) and getattr(args, "block_parallel", False):
-        raise UserError("--fsdp and --block_parallel are exclusive: choose one way to split the work.")
-    if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
-        raise UserError(
-            "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
-            f"--nproc_per_node N -m lopt {command} --fsdp ...`."
-        )
-    lopt_method = args.method in ("lopt", "ll", "lopt_joint")
-    if args.lr_k1 is not None and not lopt_method:
-        raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
-    if command == "sft" and lopt_method and args.lr_k1 is None:
-        args.lr_k1 = SFT_LR_K1_RATIO * args.learning_rate
-    if args.aux_objective != "recon" and not lopt_method:
-        raise UserError(f"--aux_objective only applies to LoPT methods, not --method {args.method}.")
-    return args
+    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) <= 0:
+            raise UserError(f"--{name} {getattr(training_args, name)} must be positive.")
+    if getattr(training_args, "max_length", 1) is not None and getattr(training_args, "max_length", 1) <= 0:
+        raise UserError(f"--max_length {training_args.max_length} must be positive.")
 
 
-def load_model_and_tokenizer(model_name_or_path: str | None, trust_remote_code: bool = False, progress=True):
-    """The user's model (safetensors only, no remote code unless asked) or the built-in one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model_args, training_args, model_name_or_path: str | None = None, progress: bool = True):
+    """The model and tokenizer ModelConfig names (or `model_name_or_path`), with its revision, dtype and attention."""
+    from lopt.loading import load_model_and_tokenizer
 
-    if model_name_or_path is None:
-        from lopt.builtin import builtin_model_path
-
-        model_name_or_path = str(builtin_model_path(progress=progress))
-    elif _looks_like_path(model_name_or_path) and not os.path.exists(model_name_or_path):
-        raise UserError(
-            f"--model_name_or_path {model_name_or_path!r} does not exist: give a local model folder or a hub id."
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model {model_name_or_path!r}: {first_line}") from err
-    ensure_pad_token(tokenizer)
-    return model, tokenizer, model_name_or_path
+    return load_model_and_tokenizer(
+        model_name_or_path or model_args.model_name_or_path,
+        trust_remote_code=training_args.trust_remote_code,
+        progress=progress,
+        revision=model_args.model_revision if model_args.model_revision != "main" else None,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are "name" or "org/name"; anything else with a slash, or starting like a path, is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+def prepare_model(model, lopt_args: LoPTArguments, model_args):
+    """`lopt.methods.prepare_model` with the method flags (LoRA from TRL's ModelConfig lora_* flags)."""
+    from lopt.methods import prepare_model as prepare
+
+    lora = lora_config(model_args) if lopt_args.method == "lora" else None
+    return prepare(model, lopt_args.method, lopt_config=lopt_args.lopt_config(), lora_config=lora)
+
+
+def lora_config(model_args):
+    """PEFT's LoraConfig from TRL's lora_* flags (default targets: every linear layer)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        target_parameters=model_args.lora_target_parameters,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def early_learning_rate(lopt_args: LoPTArguments, learning_rate: float, ratio: float | None) -> float | None:
+    """--lr_k1, else `ratio` x learning_rate for LoPT methods when the recipe has a ratio, else None (= lr)."""
+    if lopt_args.lr_k1 is not None or not lopt_args.is_lopt or ratio is None:
+        return lopt_args.lr_k1
+    return ratio * learning_rate
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -210,7 +209,37 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
-def save_final_model(trainer, prepared, tokenizer, output_dir: str, args: argparse.Namespace) -> None:
+def take_fsdp(training_args) -> bool:
+    """`--fsdp` (TrainingArguments' own flag): lopt shards the model itself with FSDP2 (lopt.distributed), which
+    handles LoPT's backward inside the forward, so transformers' accelerate FSDP plugin is turned off."""
+    if not training_args.fsdp:
+        return False
+    training_args.fsdp, training_args.fsdp_plugin_args = False, None
+    return True
+
+
+def lopt_trainer_kwargs(prepared, early_lr: float | None, output_dir: str, fsdp: bool = False) -> dict:
+    """The LoPT mixin's arguments and the metrics log, identical for every training command."""
+    from lopt.integrations import MetricsLogCallback
+
+    return dict(
+        lopt_config=prepared.lopt_config,
+        early_learning_rate=early_lr,
+        fsdp=fsdp,
+        callbacks=[MetricsLogCallback(os.path.join(output_dir, "metrics.jsonl"))],
+    )
+
+
+def run_arguments(*parsed, set_fields: frozenset[str] = frozenset()) -> dict:
+    """Every parsed value, flat (as flags are named), and which ones the user set: the run's lopt_args.json."""
+    values: dict[str, Any] = {}
+    for instance in parsed:
+        values.update(instance.to_dict() if hasattr(instance, "to_dict") else dataclasses.asdict(instance))
+    values["set_fields"] = sorted(set_fields)
+    return values
+
+
+def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: dict) -> None:
     """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, and the run's arguments."""
     model = trainer.model
     lopt_config = prepared.lopt_config
@@ -228,7 +257,7 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, args: argpar
         with open(os.path.join(tmp, "training_args.json"), "w") as f:
             f.write(trainer.args.to_json_string())
         with open(os.path.join(tmp, "lopt_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+            json.dump(run_args, f, indent=2, sort_keys=True, default=str)
 
     atomic_directory_write(output_dir, write)
 
@@ -242,15 +271,7 @@ def finish(command: str, output_dir: str, summary: dict) -> int:
     return 0
 
 
-def builtin_task_accuracy(model, tokenizer, n: int) -> float:
-    """Held-out exact match of the built-in task on its first n test rows."""
-    from lopt.evaluate import evaluate_checkpoint, load_task_rows
-
-    rows, match = load_task_rows(None, None, None, "test", n)
-    return evaluate_checkpoint(model, tokenizer, rows, None, match=match)["task_accuracy"]
-
-
-def describe_method(args: argparse.Namespace, prepared) -> str:
+def describe_method(prepared, learning_rate: float, early_lr: float | None) -> str:
     """ "method=lopt, k=2, lambda=10.0, ..." for the start-of-run line."""
     text = f"method={prepared.method}"
     if prepared.lopt_config is not None:
@@ -258,91 +279,54 @@ def describe_method(args: argparse.Namespace, prepared) -> str:
         text += (
             f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, aux_objective={c.aux_objective}"
             f"{f' (anchor_weight={c.anchor_weight})' if c.aux_objective == 'recon+anchor' else ''}"
-            f", lr_k1={args.lr_k1 or args.learning_rate}"
+            f", lr_k1={early_lr or learning_rate}"
         )
     return text
 
 
-def prepare_from_args(model, args: argparse.Namespace):
-    """`lopt.methods.prepare_model` with the shared method flags."""
-    from lopt.methods import prepare_model
+def starting_model(command: str, model_args, task: str | None, progress: bool = True) -> str | None:
+    """The model an RL command starts from: the user's, else for a built-in task the built-in SFT checkpoint of that
+    task (the raw base never answers it, so it has nothing to reinforce), else the built-in base (None).
 
-    return prepare_model(
-        model,
-        args.method,
-        num_blocks=args.num_blocks,
-        aux_weight=args.lambda_aux,
-        aux_objective=args.aux_objective,
-        anchor_weight=args.anchor_weight,
-        anchor_dtype=args.anchor_dtype,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
+    Announced as the command's first line; the checkpoint is made on first use with `lopt sft`'s built-in recipe."""
+    from lopt.builtin import BUILTIN_TASKS
+
+    if model_args.model_name_or_path is not None or task not in BUILTIN_TASKS:
+        return None
+    print(
+        f"lopt {command}: no --model_name_or_path: starting from the built-in SFT checkpoint of task {task} (the "
+        f"built-in model after `lopt sft --task {task}`, cached beside it; made now if missing)",
+        file=sys.stderr,
+        flush=True,
     )
+    return str(builtin_sft_checkpoint(task, progress=progress))
 
 
-def training_kwargs(args: argparse.Namespace) -> dict:
-    """TrainingArguments fields shared by every training command (each adds its trainer's own fields)."""
-    import torch
+def builtin_sft_checkpoint(task: str, progress: bool = True):
+    """Path of the built-in model after `lopt sft --task TASK` with the built-in recipe, made once under a file lock
+    beside the built-in model (the same cache, preset and version)."""
+    from pathlib import Path
 
-    return dict(
-        output_dir=args.output_dir,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoPT's boundary needs non-reentrant
-        bf16=args.bf16,
-        fp16=args.fp16,
-        seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        save_total_limit=args.save_total_limit,
-        report_to=[],
-        disable_tqdm=args.no_progress,
-        use_cpu=not torch.cuda.is_available(),
-        save_only_model=False,
-        include_num_input_tokens_seen=True,  # MetricsLogCallback's tokens/s
-    )
+    from filelock import FileLock
 
+    from lopt.builtin import builtin_model_path
 
-def lopt_trainer_kwargs(prepared, args: argparse.Namespace) -> dict:
-    """The LoPT mixin's arguments and the metrics log, identical for every training command."""
-    from lopt.integrations import MetricsLogCallback
+    base = Path(builtin_model_path(progress=progress))
+    path = base.parent / f"{base.name}-sft-{task}"
+    done = path / "summary.json"  # written after the checkpoint itself
+    if done.is_file():
+        return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
+        raise UserError(
+            f"the built-in SFT checkpoint is not made yet: run `lopt sft --task {task} --output_dir {path}` once in "
+            "one process, then launch again."
+        )
+    with FileLock(str(path) + ".lock"):
+        if not done.is_file():
+            from lopt.cli import sft
 
-    return dict(
-        lopt_config=prepared.lopt_config,
-        early_learning_rate=args.lr_k1,
-        fsdp=getattr(args, "fsdp", False),
-        callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
-    )
-
-
-def load_sft_rows(args: argparse.Namespace, builtin_data: bool) -> list[dict]:
-    """The training rows of `lopt sft`: the built-in task's train split, or the user's data flags."""
-    if builtin_data:
-        from lopt.builtin import builtin_task_rows
-
-        return builtin_task_rows("train", n=args.max_samples)
-    return load_user_rows(args)
-
-
-def load_user_rows(args: argparse.Namespace, dataset_name=None, dataset_config=None) -> list[dict]:
-    """Rows from --train_file or a dataset (the shared data flags)."""
-    from lopt.data import load_rows
-
-    return load_rows(
-        train_file=args.train_file,
-        dataset_name=dataset_name if dataset_name is not None else args.dataset_name,
-        dataset_config=dataset_config if dataset_config is not None else args.dataset_config,
-        split=args.split,
-        max_samples=args.max_samples,
-        trust_remote_code=args.trust_remote_code,
-    )
+            argv = ["--task", task, "--output_dir", str(path), "--eval_samples", "0"]
+            if not progress:
+                argv.append("--no_progress")
+            sft.main(argv)
+    return path

@@ -1,122 +1,59 @@
 """`lopt dpo`: Direct Preference Optimization with LoPT (or a baseline) through TRL's DPOTrainer.
 
-Rows hold `prompt`, `chosen` and `rejected`, each a string or a list of chat messages. Without --model_name_or_path
-it uses the built-in pretrained model; without data flags, the built-in preference pairs (chosen = the task's correct
-answer, rejected = a plausible wrong one).
+Flags: LoPTArguments, TRL's ModelConfig, DataArguments and TRL's DPOConfig (every field is a flag; `--config x.yaml`
+as in `trl dpo`). Rows hold `prompt`, `chosen` and `rejected`, each a string or a list of chat messages. Without
+--model_name_or_path it starts from the built-in SFT checkpoint (the built-in model after `lopt sft` on the built-in
+task, made on first use); without data flags it trains on that task's preference pairs (chosen = the correct answer,
+rejected = a plausible wrong one).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trl import DPOConfig, ModelConfig
+
+from lopt.arguments import DataArguments, LoPTArguments
 from lopt.cli import common
-from lopt.cli.grpo import BUILTIN_TASK_EARLY_LR_FACTOR, message_list, prompt_messages, set_help
+from lopt.cli.grpo import BUILTIN_TASK_EARLY_LR_FACTOR, message_list, prompt_messages
+from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
 
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
-
-BUILTIN_DEFAULTS = {
+DESCRIPTION = "Direct Preference Optimization with LoPT (or a baseline) on preference pairs."
+# Recipes for the fields the user did not set: the built-in task's sized for 2 CPU cores.
+BUILTIN_TASK_RECIPE = {
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 8,
-    "max_seq_length": 128,
+    "max_length": 128,
     "max_steps": 60,
     "logging_steps": 5,
 }
-USER_DEFAULTS = {
-    "learning_rate": 1e-6,
-    "per_device_train_batch_size": 4,
-    "max_seq_length": 1024,
-    "max_steps": -1,
-    "logging_steps": 10,
-}
+USER_RECIPE = {"per_device_train_batch_size": 4, "num_train_epochs": 1.0}
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
-    common.add_model_args(parser)
-    common.add_method_args(parser)
-    g = parser.add_argument_group("data (default: the built-in preference pairs)")
-    g.add_argument(
-        "--task",
-        default=None,
-        choices=("builtin",),
-        help="builtin: the built-in preference pairs (the default without data flags); give it explicitly to use "
-        "them with --model_name_or_path, e.g. a checkpoint of the built-in model after `lopt sft`.",
-    )
-    g.add_argument(
-        "--train_file",
-        default=None,
-        help="JSONL, JSON or Parquet rows with prompt/chosen/rejected (strings or chat message lists).",
-    )
-    g.add_argument("--dataset_name", default=None, help="A datasets hub id or local dataset folder.")
-    g.add_argument("--dataset_config", default=None)
-    g.add_argument("--split", default="train")
-    g.add_argument("--max_samples", type=int, default=None)
-    g.add_argument(
-        "--max_seq_length",
-        type=int,
-        default=None,
-        help="Prompt + completion tokens (longer pairs are truncated). Default 128 built-in / 1024.",
-    )
-    g.add_argument(
-        "--eval_samples",
-        type=int,
-        default=200,
-        help="Built-in data only: held-out rows scored (greedy, exact match) after training.",
-    )
-    g = parser.add_argument_group("DPO")
-    g.add_argument(
-        "--beta", type=float, default=0.1, help="DPO temperature: strength of the tie to the reference."
-    )
-    g.add_argument(
-        "--loss_type",
-        default="sigmoid",
-        help=f"One of {', '.join(LOSS_TYPES)}; several comma-separated are summed (TRL's loss_type list).",
-    )
-    common.add_training_args(parser)
-    set_help(
-        parser,
-        learning_rate="Default 1e-4 built-in data (early group: --lr_k1 = learning_rate/20) / 1e-6.",
-        per_device_train_batch_size="Preference pairs per device and step. Default 8 built-in / 4.",
-        max_steps="Default 60 built-in / -1 (use epochs).",
-        logging_steps="Default 5 built-in / 10.",
+def make_parser() -> LoPTParser:
+    return LoPTParser(
+        [LoPTArguments, ModelConfig, DataArguments, DPOConfig],
+        prog="lopt dpo",
+        description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
+        epilog="Built-in task recipe (fields not set): learning_rate 1e-4 (--lr_k1 = learning_rate/20), "
+        "per_device_train_batch_size 8 pairs, max_length 128, max_steps 60, logging_steps 5.",
     )
 
 
-def fill_defaults(args: argparse.Namespace, builtin_data: bool) -> None:
-    for key, value in (BUILTIN_DEFAULTS if builtin_data else USER_DEFAULTS).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    common.fill_defaults(args, "dpo")
-    if builtin_data and args.lr_k1 is None and args.method in ("lopt", "ll", "lopt_joint"):
-        args.lr_k1 = args.learning_rate * BUILTIN_TASK_EARLY_LR_FACTOR  # see lopt.cli.grpo
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserError(f"--max_samples {args.max_samples} must be a positive integer.")
-    if args.beta <= 0:
-        raise UserError(f"--beta {args.beta} must be positive.")
-    loss_types = [t.strip() for t in str(args.loss_type).split(",") if t.strip()]
-    unknown = [t for t in loss_types if t not in LOSS_TYPES]
-    if not loss_types or unknown:
-        raise UserError(f"--loss_type {args.loss_type!r}: use one or more of {', '.join(LOSS_TYPES)}.")
-    args.loss_type = loss_types
+def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    builtin = values["train_file"] is None and values["dataset_name"] is None
+    return {
+        **common.base_recipe("dpo", values, set_fields),
+        **(BUILTIN_TASK_RECIPE if builtin else USER_RECIPE),
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    parsed, set_fields = make_parser().parse(argv, recipe)
+    return run(*parsed, set_fields=set_fields)
 
 
 # --- rows -----------------------------------------------------------------------------------------------------
@@ -179,67 +116,90 @@ def build_dataset(rows: list, tokenizer):
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    user_data = args.train_file is not None or args.dataset_name is not None
-    if args.task == "builtin" and user_data:
-        raise UserError(
-            "--task builtin uses the built-in preference pairs: drop --train_file/--dataset_name."
-        )
-    builtin_data = not user_data
-    if builtin_data and args.task is None and args.model_name_or_path is not None:
-        raise UserError(
-            "the built-in preference pairs are made for the built-in model: give --train_file or --dataset_name "
-            "(or --task builtin to use them anyway, e.g. with a checkpoint of the built-in model)."
-        )
-    fill_defaults(args, builtin_data)
-    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    progress = not args.no_progress
+def run(
+    lopt_args: LoPTArguments,
+    model_args: ModelConfig,
+    data_args: DataArguments,
+    training_args: DPOConfig,
+    set_fields: frozenset[str] = frozenset(),
+) -> int:
+    from lopt.builtin import DEFAULT_TASK
 
-    # Data rows first: a bad file fails fast, before torch/TRL are imported or a model is loaded.
-    if builtin_data:
+    # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
+    # Preference pairs exist for the default built-in task only (its wrong answers are task-specific).
+    task = common.check_data("dpo", model_args, data_args, (DEFAULT_TASK,))
+    data_args.check()
+    if task is not None:
         from lopt.builtin import builtin_preference_rows
 
-        rows = builtin_preference_rows("train", n=args.max_samples)
+        rows = builtin_preference_rows("train", n=data_args.max_samples)
     else:
-        rows = common.load_user_rows(args)
+        from lopt.loading import load_user_rows
+
+        rows = load_user_rows(
+            data_args.train_file,
+            data_args.dataset_name,
+            data_args.dataset_config,
+            data_args.split,
+            data_args.max_samples,
+            training_args.trust_remote_code,
+        )
     for i, row in enumerate(rows):
         to_preference(row, i)
+    lopt_args.check(set_fields)
+    common.check_model_flags(model_args, lopt_args)
+    common.check_training_args(training_args, lopt_args, "dpo")
+    if training_args.eval_strategy != "no":
+        raise UserError(
+            "--eval_strategy is not supported by lopt dpo (no eval set): the built-in task's test split is scored "
+            "after training (--eval_samples)."
+        )
+    if training_args.beta <= 0:
+        raise UserError(f"--beta {training_args.beta} must be positive.")
+    if lopt_args.block_parallel:
+        raise UserError("--block_parallel is an sft option: lopt dpo trains data-parallel under torchrun.")
+    early_lr = common.early_learning_rate(
+        lopt_args, training_args.learning_rate, BUILTIN_TASK_EARLY_LR_FACTOR if task else None
+    )
+    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    progress = not training_args.disable_tqdm
+    start = common.starting_model("dpo", model_args, task, progress)
 
     from transformers import set_seed
-    from trl import DPOConfig
 
     from lopt.integrations import LoPTDPOTrainer
 
-    set_seed(args.seed)
-    model, tokenizer, model_path = common.load_model_and_tokenizer(
-        args.model_name_or_path, args.trust_remote_code, progress=progress
-    )
+    set_seed(training_args.seed)
+    model, tokenizer, model_path = common.load_model(model_args, training_args, start, progress=progress)
     train_dataset = build_dataset(rows, tokenizer)
-    prepared = common.prepare_from_args(model, args)
-    training_args = DPOConfig(
-        **common.training_kwargs(args),
-        max_length=args.max_seq_length,
-        beta=args.beta,
-        loss_type=args.loss_type,
-    )
+    prepared = common.prepare_model(model, lopt_args, model_args)
     trainer = LoPTDPOTrainer(
         model=prepared.model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(prepared, args),
+        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir),
     )
     if len(trainer.train_dataset) == 0:
         raise DataError(
-            f"every pair's prompt fills --max_seq_length {args.max_seq_length}: no completion token is left to "
-            "compare; raise --max_seq_length or shorten the prompts"
+            f"every pair's prompt fills --max_length {training_args.max_length}: no completion token is left to "
+            "compare; raise --max_length or shorten the prompts"
         )
-    print(_describe(args, prepared, model_path, len(trainer.train_dataset)), file=sys.stderr)
+    a = training_args
+    print(
+        f"lopt dpo: {common.describe_method(prepared, a.learning_rate, early_lr)}, model={model_path}, "
+        f"pairs={len(trainer.train_dataset)}, beta={a.beta}, loss_type={','.join(a.loss_type)}, lr={a.learning_rate}, "
+        f"batch={a.per_device_train_batch_size}x{a.gradient_accumulation_steps}, max_steps={a.max_steps}, "
+        f"output_dir={a.output_dir}",
+        file=sys.stderr,
+    )
     result = trainer.train(resume_from_checkpoint=resume)
-    common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
+    run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
 
     summary = {
         "method": prepared.method,
+        "start_model": model_path,
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
     }
@@ -247,17 +207,10 @@ def run(args: argparse.Namespace) -> int:
     if logged:
         summary["reward_accuracy_last_log"] = logged[-1]["rewards/accuracies"]
         summary["reward_margin_last_log"] = logged[-1].get("rewards/margins")
-    if builtin_data and args.eval_samples > 0:
-        summary["heldout_exact_match"] = common.builtin_task_accuracy(
-            trainer.model, tokenizer, args.eval_samples
+    if task is not None and data_args.eval_samples > 0:
+        from lopt.loading import builtin_task_accuracy
+
+        summary["heldout_exact_match"] = builtin_task_accuracy(
+            trainer.model, tokenizer, data_args.eval_samples, task
         )
-    return common.finish("dpo", args.output_dir, summary)
-
-
-def _describe(args, prepared, model_path: str, num_rows: int) -> str:
-    return (
-        f"lopt dpo: {common.describe_method(args, prepared)}, model={model_path}, pairs={num_rows}, beta={args.beta}, "
-        f"loss_type={','.join(args.loss_type)}, lr={args.learning_rate}, "
-        f"batch={args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
-        f"max_steps={args.max_steps}, output_dir={args.output_dir}"
-    )
+    return common.finish("dpo", training_args.output_dir, summary)

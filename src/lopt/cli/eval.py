@@ -73,9 +73,9 @@ def lm_eval_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopt.cli.common import load_model_and_tokenizer
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
+    from lopt.loading import load_model_and_tokenizer
 
     lm_eval_tasks = None
     if args.lm_eval_tasks and args.lm_eval_tasks != "none":

@@ -1,25 +1,31 @@
 """`lopt grpo`: on-policy GRPO with LoPT (or a baseline) through TRL's GRPOTrainer, with verifiable rewards.
 
-Without --model_name_or_path it uses the built-in pretrained model; without data flags, the built-in task (the
-reward is exact match with the task's answer). `--task gsm8k` / `--task numinamath` load those datasets from the hub.
+Flags: LoPTArguments, TRL's ModelConfig, DataArguments, GRPOTaskArguments and TRL's GRPOConfig (every field is a flag;
+`--config x.yaml` as in `trl grpo`). Without --model_name_or_path it starts from the built-in SFT checkpoint (the
+built-in model after `lopt sft` on the built-in task, made on first use); without data flags it trains on that task
+(the reward is exact match with the task's answer). `--task gsm8k` / `--task numinamath` load the LoPT authors' hub
+datasets.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from trl import GRPOConfig, ModelConfig
+
+from lopt.arguments import DataArguments, LoPTArguments
 from lopt.cli import common
+from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
 
-TASKS = ("builtin", "gsm8k", "numinamath")
+DESCRIPTION = "On-policy GRPO with LoPT (or a baseline) and verifiable rewards."
 # --task -> (hub dataset, config): the datasets of the authors' train_grpo.py.
 TASK_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "numinamath": ("AI-MO/NuminaMath-CoT", None)}
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 REWARDS = ("auto", "math", "exact_match")
 # Prepended to plain-text prompts of the hub tasks, so the model states its answer where the reward looks for it.
 TASK_INSTRUCTIONS = {
@@ -27,9 +33,11 @@ TASK_INSTRUCTIONS = {
     "numinamath": "Solve the problem step by step, then give the final answer as \\boxed{<answer>}.",
 }
 
-# Recipes for flags left unset. The built-in task's recipe is sized for 2 CPU cores (short answers, small batches);
-# the other follows the authors' train_grpo.py. Flags and YAML values always win.
-BUILTIN_TASK_DEFAULTS = {
+# Recipes for the fields the user did not set. The built-in task's is sized for 2 CPU cores (short answers, small
+# batches); the other follows the authors' train_grpo.py. Both sample at temperature 0.7 / top_p 0.95 with the
+# plain GRPO loss (TRL's defaults: 1.0 / 1.0, dapo).
+COMMON_RECIPE = {"temperature": 0.7, "top_p": 0.95, "loss_type": "grpo"}
+BUILTIN_TASK_RECIPE = {
     "learning_rate": 2e-4,
     "per_device_train_batch_size": 32,
     "num_generations": 8,
@@ -38,21 +46,19 @@ BUILTIN_TASK_DEFAULTS = {
     "max_steps": 150,
     "logging_steps": 10,
 }
+USER_TASK_RECIPE = {
+    "per_device_train_batch_size": 8,
+    "num_generations": 4,
+    "max_prompt_length": 1024,
+    "max_completion_length": 512,
+    "num_train_epochs": 1.0,
+}
 # Built-in task, LoPT methods, --lr_k1 unset: the early group learns at learning_rate / 20 (also used by `lopt dpo`).
 # Measured on the built-in task from E2E-SFT'd checkpoints: with the early group at the full rate, the reconstruction
 # objective moves the early blocks faster than the late block can follow. GRPO at lr 2e-4 from a 0.83 checkpoint:
 # reward 0.34 -> 0.00, held-out 0.00 (lr/20: reward 0.62 -> 0.80, held-out 0.84). DPO at lr 1e-4 from a 0.34
 # checkpoint: held-out 0.04 (lr/20: 0.36, preference accuracy 0.4 -> 0.65).
 BUILTIN_TASK_EARLY_LR_FACTOR = 1 / 20
-USER_TASK_DEFAULTS = {
-    "learning_rate": 1e-6,
-    "per_device_train_batch_size": 8,
-    "num_generations": 4,
-    "max_prompt_length": 1024,
-    "max_completion_length": 512,
-    "max_steps": -1,
-    "logging_steps": 10,
-}
 
 # (prompt field, answer field) pairs accepted in GRPO rows, tried in this order.
 PROMPT_ANSWER_FIELDS = (
@@ -65,121 +71,89 @@ PROMPT_ANSWER_FIELDS = (
 ROW_FORMATS_HELP = ", ".join(f"{p}/{a}" for p, a in PROMPT_ANSWER_FIELDS)
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
-    common.add_model_args(parser)
-    common.add_method_args(parser)
-    g = parser.add_argument_group("task and data (default: the built-in task)")
-    g.add_argument(
-        "--task",
-        default=None,
-        choices=TASKS,
-        help="builtin (default without data flags), gsm8k (openai/gsm8k main) or numinamath "
-        "(AI-MO/NuminaMath-CoT). Sets the dataset unless --train_file/--dataset_name is given.",
-    )
-    g.add_argument("--train_file", default=None, help=f"JSONL, JSON or Parquet rows with {ROW_FORMATS_HELP}.")
-    g.add_argument("--dataset_name", default=None, help="A datasets hub id or local dataset folder.")
-    g.add_argument("--dataset_config", default=None)
-    g.add_argument("--split", default="train")
-    g.add_argument("--max_samples", type=int, default=None)
-    g.add_argument(
-        "--reward",
+@dataclass
+class GRPOTaskArguments:
+    """What `lopt grpo` adds to TRL's GRPOConfig: the reward, a prompt-length filter and a plot."""
+
+    reward: str = field(
         default="auto",
-        choices=REWARDS,
-        help="math: final answer (\\boxed{} > '####' > last number) compared by value; exact_match: the whole "
-        "completion equals the answer after normalisation. auto: exact_match for the built-in task, else math.",
+        metadata={
+            "help": "math: final answer (\\boxed{} > '####' > last number) compared by value; exact_match: the "
+            "whole completion equals the answer after normalisation. auto: exact_match for a built-in task, else math.",
+            "choices": REWARDS,
+        },
     )
-    g.add_argument(
-        "--eval_samples",
-        type=int,
-        default=200,
-        help="Built-in task only: held-out rows scored (greedy, exact match) after training.",
+    max_prompt_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Rows whose prompt is longer (in tokens) are skipped. Default 128 built-in task / 1024."
+        },
     )
-    g = parser.add_argument_group("GRPO (flag names follow the LoPT authors' train_grpo.py)")
-    g.add_argument(
-        "--num_generations", type=int, default=None, help="Completions per prompt. Default 8 built-in / 4."
-    )
-    g.add_argument(
-        "--max_prompt_length",
-        type=int,
-        default=None,
-        help="Rows whose prompt is longer (in tokens) are skipped. Default 128 built-in / 1024.",
-    )
-    g.add_argument("--max_completion_length", type=int, default=None, help="Default 8 built-in / 512.")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top_p", type=float, default=0.95)
-    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model).")
-    g.add_argument("--loss_type", default="grpo", choices=LOSS_TYPES)
-    g.add_argument("--num_iterations", type=int, default=1, help="Optimisation passes per generation batch.")
-    g.add_argument(
-        "--steps_per_generation",
-        type=int,
-        default=None,
-        help="Micro-steps that share one generation batch. Default: --gradient_accumulation_steps.",
-    )
-    g.add_argument(
-        "--plot",
-        action="store_true",
-        help="Write reward_curve.png (mean reward per logged step) to output_dir.",
-    )
-    common.add_training_args(parser)
-    set_help(
-        parser,
-        learning_rate="Default 2e-4 built-in task (early group: --lr_k1 = learning_rate/20) / 1e-6.",
-        per_device_train_batch_size="Completions (not prompts) per device and step. Default 32 built-in task / 8.",
-        max_steps="Default 150 built-in task / -1 (use epochs).",
-        logging_steps="Default 10.",
-    )
-    parser.epilog = (
-        "Batches count completions: one generation batch (--per_device_train_batch_size x --steps_per_generation) "
-        "holds prompts x --num_generations completions, so it must be a multiple of --num_generations."
+    plot: bool = field(
+        default=False,
+        metadata={"help": "Write reward_curve.png (mean reward per logged step) to output_dir."},
     )
 
 
-def set_help(parser: argparse.ArgumentParser, **helps: str) -> None:
-    """Replace the help text of shared flags whose defaults differ for this command."""
-    for action in parser._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
+def make_parser() -> LoPTParser:
+    return LoPTParser(
+        [LoPTArguments, ModelConfig, DataArguments, GRPOTaskArguments, GRPOConfig],
+        prog="lopt grpo",
+        description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
+        epilog="Batches count completions: one generation batch (--per_device_train_batch_size x "
+        "--steps_per_generation) holds prompts x --num_generations completions, so it must be a multiple of "
+        "--num_generations. Built-in task recipe (fields not set): learning_rate 2e-4 (--lr_k1 = learning_rate/20), "
+        "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; all tasks: "
+        "temperature 0.7, top_p 0.95, loss_type grpo.",
+    )
 
 
-def resolve_task(args: argparse.Namespace) -> str | None:
-    """The task whose data and recipe are used: 'builtin', 'gsm8k', 'numinamath', or None for the user's data."""
-    user_data = args.train_file is not None or args.dataset_name is not None
-    if args.task == "builtin" and user_data:
-        raise UserError("--task builtin uses the built-in data: drop --train_file/--dataset_name.")
-    if args.task is not None:
-        return args.task
-    if user_data:
-        return None
-    if args.model_name_or_path is not None:
-        raise UserError(
-            "the built-in task is made for the built-in model: give --train_file, --dataset_name or --task "
-            "(--task builtin to use it anyway, e.g. with a checkpoint of the built-in model)."
-        )
-    return "builtin"
+def builtin_task(values: dict[str, Any]) -> bool:
+    """Whether the run trains on a built-in task (the recipe's choice; check_data rejects bad combinations)."""
+    from lopt.builtin import BUILTIN_TASKS
+
+    if values["task"] is not None:
+        return values["task"] in BUILTIN_TASKS
+    return values["train_file"] is None and values["dataset_name"] is None
 
 
-def fill_defaults(args: argparse.Namespace, recipe: dict) -> None:
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    common.fill_defaults(args, "grpo")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserError(f"--max_samples {args.max_samples} must be a positive integer.")
-    if recipe is BUILTIN_TASK_DEFAULTS and args.lr_k1 is None and args.method in ("lopt", "ll", "lopt_joint"):
-        args.lr_k1 = args.learning_rate * BUILTIN_TASK_EARLY_LR_FACTOR
-    vars(args).pop("max_seq_length", None)  # an SFT/DPO setting common.fill_defaults fills in; GRPO has none
-    for name in ("num_generations", "max_prompt_length", "max_completion_length", "num_iterations"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} {getattr(args, name)} must be positive.")
-    if args.steps_per_generation is not None and args.steps_per_generation <= 0:
-        raise UserError(f"--steps_per_generation {args.steps_per_generation} must be positive.")
-    if args.num_generations < 2:
+def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    task_recipe = BUILTIN_TASK_RECIPE if builtin_task(values) else USER_TASK_RECIPE
+    return {**common.base_recipe("grpo", values, set_fields), **COMMON_RECIPE, **task_recipe}
+
+
+def main(argv: Sequence[str]) -> int:
+    parsed, set_fields = make_parser().parse(argv, recipe)
+    return run(*parsed, set_fields=set_fields)
+
+
+def check_grpo_args(task_args: GRPOTaskArguments, training_args: GRPOConfig) -> None:
+    for name in ("num_generations", "max_completion_length", "num_iterations"):
+        if getattr(training_args, name) <= 0:
+            raise UserError(f"--{name} {getattr(training_args, name)} must be positive.")
+    if task_args.max_prompt_length <= 0:
+        raise UserError(f"--max_prompt_length {task_args.max_prompt_length} must be positive.")
+    if training_args.steps_per_generation is not None and training_args.steps_per_generation <= 0:
+        raise UserError(f"--steps_per_generation {training_args.steps_per_generation} must be positive.")
+    if training_args.num_generations < 2:
         raise UserError("--num_generations must be at least 2: GRPO compares completions of the same prompt.")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature {args.temperature} must be positive (GRPO samples completions).")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p {args.top_p} must be in (0, 1].")
+    if training_args.temperature <= 0:
+        raise UserError(
+            f"--temperature {training_args.temperature} must be positive (GRPO samples completions)."
+        )
+    if not 0 < training_args.top_p <= 1:
+        raise UserError(f"--top_p {training_args.top_p} must be in (0, 1].")
+    if training_args.remove_unused_columns:
+        raise UserError(
+            "--remove_unused_columns true would drop the `answer` column the reward reads: drop it."
+        )
+    if training_args.eval_strategy != "no":
+        raise UserError(
+            "--eval_strategy is not supported by lopt grpo (no eval set): a built-in task's test split is scored "
+            "after training (--eval_samples)."
+        )
+    if training_args.use_vllm:
+        raise UserError("--use_vllm is not supported by lopt grpo: LoPT trains the model that generates.")
 
 
 # --- rows -----------------------------------------------------------------------------------------------------
@@ -284,93 +258,121 @@ def build_dataset(rows: list, tokenizer, max_prompt_length: int, instruction: st
     return datasets.Dataset.from_list(items)
 
 
-def load_task_rows(args: argparse.Namespace, task: str | None) -> list:
+def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list:
+    """GRPO rows: a built-in task's train split as prompt/answer, a hub task, or the user's rows."""
+    from lopt.builtin import BUILTIN_TASKS
+    from lopt.loading import load_user_rows
 
-    if task == "builtin":
-        from lopt.builtin import builtin_grpo_rows
+    if task in BUILTIN_TASKS:
+        from lopt.builtin import builtin_task_rows
 
-        return builtin_grpo_rows("train", n=args.max_samples)
-    dataset_name, dataset_config = args.dataset_name, args.dataset_config
-    if args.train_file is None and dataset_name is None:
+        rows = builtin_task_rows("train", n=data_args.max_samples, task=task)
+        return [{"prompt": row["prompt"], "answer": row["completion"]} for row in rows]
+    dataset_name, dataset_config = data_args.dataset_name, data_args.dataset_config
+    if task is not None:
         dataset_name, default_config = TASK_DATASETS[task]
         dataset_config = dataset_config or default_config
-    return common.load_user_rows(args, dataset_name, dataset_config)
+    return load_user_rows(
+        data_args.train_file,
+        dataset_name,
+        dataset_config,
+        data_args.split,
+        data_args.max_samples,
+        trust_remote_code,
+    )
 
 
-def reward_function(args: argparse.Namespace, task: str | None):
+def reward_function(name: str, task: str | None):
+    from lopt.builtin import BUILTIN_TASKS
     from lopt.rewards import REWARD_FUNCTIONS
 
-    name = args.reward
     if name == "auto":
-        name = "exact_match" if task == "builtin" else "math"
+        name = "exact_match" if task in BUILTIN_TASKS else "math"
     return REWARD_FUNCTIONS[name]
 
 
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    task = resolve_task(args)
-    fill_defaults(args, BUILTIN_TASK_DEFAULTS if task == "builtin" else USER_TASK_DEFAULTS)
-    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    progress = not args.no_progress
+def run(
+    lopt_args: LoPTArguments,
+    model_args: ModelConfig,
+    data_args: DataArguments,
+    task_args: GRPOTaskArguments,
+    training_args: GRPOConfig,
+    set_fields: frozenset[str] = frozenset(),
+) -> int:
+    from lopt.builtin import BUILTIN_TASKS
 
-    # Data rows first: a bad file fails fast, before torch/TRL are imported or a model is loaded.
-    rows = load_task_rows(args, task)
+    # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
+    task = common.check_data("grpo", model_args, data_args, (*BUILTIN_TASKS, *TASK_DATASETS))
+    data_args.check()
+    rows = load_task_rows(data_args, task, training_args.trust_remote_code)
     for i, row in enumerate(rows):
         to_prompt_answer(row, i)
-    reward = reward_function(args, task)
+    lopt_args.check(set_fields)
+    common.check_model_flags(model_args, lopt_args)
+    common.check_training_args(training_args, lopt_args, "grpo")
+    check_grpo_args(task_args, training_args)
+    if lopt_args.block_parallel:
+        raise UserError("--block_parallel is an sft option: lopt grpo trains data-parallel under torchrun.")
+    reward = reward_function(task_args.reward, task)
+    builtin = task in BUILTIN_TASKS
+    early_lr = common.early_learning_rate(
+        lopt_args, training_args.learning_rate, BUILTIN_TASK_EARLY_LR_FACTOR if builtin else None
+    )
+    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    progress = not training_args.disable_tqdm
+    start = common.starting_model("grpo", model_args, task, progress)
 
     from transformers import set_seed
-    from trl import GRPOConfig
 
     from lopt.integrations import LoPTGRPOTrainer
 
-    set_seed(args.seed)
-    model, tokenizer, model_path = common.load_model_and_tokenizer(
-        args.model_name_or_path, args.trust_remote_code, progress=progress
-    )
-    train_dataset = build_dataset(rows, tokenizer, args.max_prompt_length, TASK_INSTRUCTIONS.get(task))
-    prepared = common.prepare_from_args(model, args)
-    training_args = GRPOConfig(
-        **common.training_kwargs(args),
-        remove_unused_columns=False,  # the reward reads the `answer` column
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        beta=args.beta,
-        loss_type=args.loss_type,
-        num_iterations=args.num_iterations,
-        steps_per_generation=args.steps_per_generation,
-    )
+    set_seed(training_args.seed)
+    model, tokenizer, model_path = common.load_model(model_args, training_args, start, progress=progress)
+    train_dataset = build_dataset(rows, tokenizer, task_args.max_prompt_length, TASK_INSTRUCTIONS.get(task))
+    prepared = common.prepare_model(model, lopt_args, model_args)
     trainer = LoPTGRPOTrainer(
         model=prepared.model,
         reward_funcs=reward,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(prepared, args),
+        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir),
     )
-    print(_describe(args, prepared, model_path, task, reward.__name__, len(train_dataset)), file=sys.stderr)
+    a = training_args
+    print(
+        f"lopt grpo: {common.describe_method(prepared, a.learning_rate, early_lr)}, model={model_path}, "
+        f"task={task or 'custom'}, reward={reward.__name__}, rows={len(train_dataset)}, lr={a.learning_rate}, "
+        f"batch={a.per_device_train_batch_size}x{a.gradient_accumulation_steps} completions ({a.num_generations} "
+        f"per prompt), max_steps={a.max_steps}, output_dir={a.output_dir}",
+        file=sys.stderr,
+    )
     result = trainer.train(resume_from_checkpoint=resume)
-    common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
+    run_args = common.run_arguments(
+        lopt_args, model_args, data_args, task_args, training_args, set_fields=set_fields
+    )
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
 
     summary = {
         "method": prepared.method,
         "task": task or "custom",
+        "start_model": model_path,
         "reward_function": reward.__name__,
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
-        **reward_summary(os.path.join(args.output_dir, "metrics.jsonl")),
+        **reward_summary(os.path.join(training_args.output_dir, "metrics.jsonl")),
     }
-    if task == "builtin" and args.eval_samples > 0:
-        summary["heldout_exact_match"] = common.builtin_task_accuracy(
-            trainer.model, tokenizer, args.eval_samples
+    if builtin and data_args.eval_samples > 0:
+        from lopt.loading import builtin_task_accuracy
+
+        summary["heldout_exact_match"] = builtin_task_accuracy(
+            trainer.model, tokenizer, data_args.eval_samples, task
         )
-    if args.plot:
-        summary["reward_curve"] = plot_reward_curve(args.output_dir)
-    return common.finish("grpo", args.output_dir, summary)
+    if task_args.plot:
+        summary["reward_curve"] = plot_reward_curve(training_args.output_dir)
+    return common.finish("grpo", training_args.output_dir, summary)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -432,12 +434,3 @@ def plot_reward_curve(output_dir: str, filename: str = "reward_curve.png", windo
     plt.close(fig)
     os.replace(tmp, path)
     return path
-
-
-def _describe(args, prepared, model_path: str, task: str | None, reward: str, num_rows: int) -> str:
-    return (
-        f"lopt grpo: {common.describe_method(args, prepared)}, model={model_path}, task={task or 'custom'}, reward={reward}, "
-        f"rows={num_rows}, lr={args.learning_rate}, batch={args.per_device_train_batch_size}x"
-        f"{args.gradient_accumulation_steps} completions ({args.num_generations} per prompt), "
-        f"max_steps={args.max_steps}, output_dir={args.output_dir}"
-    )

@@ -1,4 +1,8 @@
-"""`lopt` command line: one module per subcommand, each with `add_parser(subparsers)` and `run(args)`."""
+"""`lopt` command line, one module per subcommand.
+
+The training commands (sft, grpo, dpo) parse their own flags with TRL's parser (`lopt.cli.parser`): each module has
+`make_parser()` and `main(argv)`. The others (compare, eval, bench) have `add_parser(subparser)` and `run(args)`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import importlib
 import os
 import sys
 
+# Commands parsed by TRL's parser: their modules are imported only when run, so `lopt --help` stays fast.
+TRAINING_COMMANDS = {"sft", "grpo", "dpo"}
 # subcommand -> module under lopt.cli; imported lazily so `lopt --help` stays fast.
 COMMANDS = {
     "sft": "Post-train a causal LM with LoPT (or a baseline) on SFT data.",
@@ -27,9 +33,9 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     sub.required = True
     subparsers = {}
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"lopt.cli.{name}")
         subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_parser(subparsers[name])
+        if name not in TRAINING_COMMANDS:
+            importlib.import_module(f"lopt.cli.{name}").add_parser(subparsers[name])
     return parser, subparsers
 
 
@@ -57,20 +63,35 @@ def apply_yaml_defaults(subparser: argparse.ArgumentParser, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINING_COMMANDS:
+        command = argv[0]
+        return _run_user_facing(
+            command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:])
+        )
     parser, subparsers = make_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(f"lopt.cli.{args.command}")
-    try:
+
+    def run() -> int:
+        nonlocal args
         if getattr(args, "config", None):
             apply_yaml_defaults(subparsers[args.command], args.config)
             args = parser.parse_args(argv)
         return module.run(args) or 0
+
+    return _run_user_facing(args.command, run)
+
+
+def _run_user_facing(command: str, run) -> int:
+    """User errors (UserError, config validation, unsupported models, missing files) are one line, exit 2.
+    LOPT_DEBUG=1 shows the traceback."""
+    try:
+        return run() or 0
     except (ValueError, TypeError, FileNotFoundError) as err:
-        # User errors (UserError, config validation, unsupported models, missing files) are one line, exit 2.
-        # LOPT_DEBUG=1 shows the traceback.
         if os.environ.get("LOPT_DEBUG"):
             raise
-        print(f"lopt {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lopt {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,8 @@
 """`lopt sft`: supervised post-training with LoPT or a baseline, through TRL's SFTTrainer.
 
-Without --model_name_or_path it uses the built-in pretrained model; without data flags, the built-in task.
+Flags: LoPTArguments, TRL's ModelConfig, DataArguments and TRL's SFTConfig (every field is a flag; `--config x.yaml`
+as in `trl sft`). Without --model_name_or_path it uses the built-in pretrained model and, without data flags, a
+built-in task, with the built-in recipe for the fields left unset.
 
 Multi-process: `torchrun --nproc_per_node N -m lopt sft ...` (or `accelerate launch`) trains data-parallel (DDP; the
 trainer mixin syncs what DDP cannot, see lopt.distributed); only rank 0 writes the outputs. `--block_parallel` puts
@@ -9,108 +11,169 @@ one LoPT block on each process instead (lopt.block_parallel).
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
+from typing import Any
 
+from trl import ModelConfig, SFTConfig
+
+from lopt.arguments import SFT_LR_K1_RATIO, DataArguments, LoPTArguments, sft_recipe
 from lopt.cli import common
+from lopt.cli.parser import LoPTParser
+from lopt.errors import UserError
+
+# SFTConfig's dataset-preparation fields: lopt tokenizes the rows itself (lopt.data), so SFTTrainer skips that step
+# and these would change nothing.
+DATASET_PREPARATION_FIELDS = (
+    "dataset_text_field",
+    "dataset_kwargs",
+    "chat_template_path",
+    "eos_token",
+    "pad_token",
+)
+DESCRIPTION = "Post-train a causal LM with LoPT (or a baseline) on SFT data."
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
-    common.add_model_args(parser)
-    common.add_method_args(parser)
-    g = parser.add_argument_group("data (default: the built-in task)")
-    g.add_argument(
-        "--train_file", default=None, help="JSONL, JSON or Parquet rows (see README for row formats)."
-    )
-    g.add_argument("--dataset_name", default=None, help="A datasets hub id or local dataset folder.")
-    g.add_argument("--dataset_config", default=None)
-    g.add_argument("--split", default="train")
-    g.add_argument("--max_samples", type=int, default=None)
-    g.add_argument("--max_seq_length", type=int, default=None, help="Default 128 built-in / 1024.")
-    g.add_argument(
-        "--eval_samples",
-        type=int,
-        default=200,
-        help="Built-in task only: held-out rows scored after training.",
-    )
-    common.add_training_args(parser)
-    g = parser.add_argument_group("multi-process")
-    g.add_argument(
-        "--block_parallel",
-        action="store_true",
-        help="One LoPT block per process (launch with torchrun --nproc_per_node K, K = --num_blocks): blocks train "
-        "at once, only activations travel forward. Without it, torchrun/accelerate launch train data-parallel (DDP).",
+def make_parser() -> LoPTParser:
+    return LoPTParser(
+        [LoPTArguments, ModelConfig, DataArguments, SFTConfig],
+        prog="lopt sft",
+        description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
+        epilog="Built-in recipe (built-in model, fields not set): learning_rate 1e-3, per_device_train_batch_size 16, "
+        "max_length 128, max_steps 300, logging_steps 25; LoPT's --lr_k1 defaults to 0.3 x learning_rate.",
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.block_parallel:
+def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    return {
+        **common.base_recipe("sft", values, set_fields),
+        **sft_recipe(values["model_name_or_path"] is None),
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    (lopt_args, model_args, data_args, training_args), set_fields = make_parser().parse(argv, recipe)
+    return run(lopt_args, model_args, data_args, training_args, set_fields)
+
+
+def training_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list[dict]:
+    """The training rows: a built-in task's train split, or the user's file or dataset."""
+    if task is not None:
+        from lopt.builtin import builtin_task_rows
+
+        return builtin_task_rows("train", n=data_args.max_samples, task=task)
+    from lopt.loading import load_user_rows
+
+    return load_user_rows(
+        data_args.train_file,
+        data_args.dataset_name,
+        data_args.dataset_config,
+        data_args.split,
+        data_args.max_samples,
+        trust_remote_code,
+    )
+
+
+def eval_rows(data_args: DataArguments, task: str | None, training_args) -> list[dict] | None:
+    """Rows the trainer scores under --eval_strategy: a built-in task's validation split, or --eval_file."""
+    if training_args.eval_strategy == "no":
+        if data_args.eval_file is not None:
+            raise UserError(
+                "--eval_file is scored during training only: add --eval_strategy steps (or epoch)."
+            )
+        return None
+    if task is not None:
+        from lopt.builtin import builtin_task_rows
+
+        return builtin_task_rows("validation", task=task)
+    if data_args.eval_file is None:
+        raise UserError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs rows to score: give --eval_file."
+        )
+    from lopt.loading import load_user_rows
+
+    return load_user_rows(data_args.eval_file, None, None, "train", None)
+
+
+def run(
+    lopt_args: LoPTArguments,
+    model_args: ModelConfig,
+    data_args: DataArguments,
+    training_args: SFTConfig,
+    set_fields: frozenset[str] = frozenset(),
+) -> int:
+    from lopt.builtin import BUILTIN_TASKS
+
+    # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
+    task = common.check_data("sft", model_args, data_args, tuple(BUILTIN_TASKS))
+    data_args.check()
+    rows = training_rows(data_args, task, training_args.trust_remote_code)
+    evaluation = eval_rows(data_args, task, training_args)
+    lopt_args.check(set_fields)
+    common.check_model_flags(model_args, lopt_args)
+    common.check_training_args(training_args, lopt_args, "sft")
+    for name in DATASET_PREPARATION_FIELDS:
+        if name in set_fields:
+            raise UserError(
+                f"--{name} has no effect in lopt sft: it tokenizes the rows itself with the model's chat template "
+                "(see README, row formats)."
+            )
+    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, SFT_LR_K1_RATIO)
+    if lopt_args.block_parallel:
         from lopt.block_parallel import run_block_parallel
 
-        return run_block_parallel(args)
+        return run_block_parallel(rows, lopt_args, model_args, data_args, training_args, early_lr, task)
 
     from transformers import set_seed
-    from trl import SFTConfig
 
     from lopt.data import tokenize_rows
     from lopt.distributed import finish
-    from lopt.errors import UserError
     from lopt.integrations import LoPTSFTTrainer
 
-    common.fill_defaults(args, "sft")
-    builtin_data = args.train_file is None and args.dataset_name is None
-    if builtin_data and args.model_name_or_path is not None:
-        raise UserError(
-            "the built-in task is made for the built-in model: give --train_file or --dataset_name."
-        )
-    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    set_seed(args.seed)
-    progress = not args.no_progress
-
-    # Data rows first: a bad file fails fast, before a model is loaded.
-    rows = common.load_sft_rows(args, builtin_data)
-    model, tokenizer, model_path = common.load_model_and_tokenizer(
-        args.model_name_or_path, args.trust_remote_code, progress=progress
+    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    set_seed(training_args.seed)
+    model, tokenizer, model_path = common.load_model(
+        model_args, training_args, progress=not training_args.disable_tqdm
     )
-    train_dataset = tokenize_rows(rows, tokenizer, args.max_seq_length)
-    prepared = common.prepare_from_args(model, args)
-    training_args = SFTConfig(
-        **common.training_kwargs(args),
-        max_length=args.max_seq_length,
-    )
+    train_dataset = tokenize_rows(rows, tokenizer, training_args.max_length)
+    eval_dataset = tokenize_rows(evaluation, tokenizer, training_args.max_length) if evaluation else None
+    prepared = common.prepare_model(model, lopt_args, model_args)
+    fsdp = common.take_fsdp(training_args)
     trainer = LoPTSFTTrainer(
         model=prepared.model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(prepared, args),
+        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir, fsdp=fsdp),
     )
     main_process = trainer.args.should_save  # rank 0 under DDP; the only process that writes or evaluates
     if main_process:
-        print(_describe(args, prepared, model_path, len(train_dataset)), file=sys.stderr)
+        print(
+            f"lopt sft: {common.describe_method(prepared, training_args.learning_rate, early_lr)}, "
+            f"model={model_path}, task={task or 'custom'}, rows={len(train_dataset)}, lr={training_args.learning_rate}, "
+            f"batch={training_args.per_device_train_batch_size}x{training_args.gradient_accumulation_steps}, "
+            f"max_steps={training_args.max_steps}, output_dir={training_args.output_dir}",
+            file=sys.stderr,
+        )
     result = trainer.train(resume_from_checkpoint=resume)
     if not main_process:
         finish()  # wait for rank 0's outputs (and exit cleanly: see lopt.distributed.finish)
         return 0
-    common.save_final_model(trainer, prepared, tokenizer, args.output_dir, args)
+    run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
 
     summary = {
         "method": prepared.method,
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
     }
-    if builtin_data and args.eval_samples > 0:
-        summary["heldout_exact_match"] = common.builtin_task_accuracy(
-            trainer.model, tokenizer, args.eval_samples
+    if task is not None and data_args.eval_samples > 0:
+        from lopt.loading import builtin_task_accuracy
+
+        summary["heldout_exact_match"] = builtin_task_accuracy(
+            trainer.model, tokenizer, data_args.eval_samples, task
         )
-    code = common.finish("sft", args.output_dir, summary)
+    code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
-
-
-def _describe(args, prepared, model_path: str, num_rows: int) -> str:
-    return (
-        f"lopt sft: {common.describe_method(args, prepared)}, model={model_path}, rows={num_rows}, "
-        f"lr={args.learning_rate}, batch={args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
-        f"max_steps={args.max_steps}, output_dir={args.output_dir}"
-    )
