@@ -228,12 +228,13 @@ def finish(command: str, output_dir: str, summary: dict) -> int:
     return 0
 
 
-def builtin_task_accuracy(model, tokenizer, n: int) -> float:
-    """Held-out exact match of the built-in task on its first n test rows."""
-    from lopt.evaluate import evaluate_checkpoint, load_task_rows
+def builtin_task_accuracy(model, tokenizer, n: int, task: str | None = None) -> float:
+    """Held-out exact match of a built-in task (default: successor) on its first n test rows."""
+    from lopt.builtin import DEFAULT_TASK, builtin_task_rows, exact_match
+    from lopt.evaluate import evaluate_checkpoint
 
-    rows, match = load_task_rows(None, None, None, "test", n)
-    return evaluate_checkpoint(model, tokenizer, rows, None, match=match)["task_accuracy"]
+    rows = builtin_task_rows("test", n=n, task=task or DEFAULT_TASK)
+    return evaluate_checkpoint(model, tokenizer, rows, None, match=exact_match)["task_accuracy"]
 
 
 def describe_method(args: argparse.Namespace, prepared) -> str:
@@ -311,11 +312,18 @@ def lopt_trainer_kwargs(prepared, args: argparse.Namespace) -> dict:
 
 
 def load_sft_rows(args: argparse.Namespace, builtin_data: bool) -> list[dict]:
-    """The training rows of `lopt sft`: the built-in task's train split, or the user's data flags."""
+    """The training rows of `lopt sft`: a built-in task's train split (--task), or the user's data flags."""
+    task = getattr(args, "task", None)
     if builtin_data:
-        from lopt.builtin import builtin_task_rows
+        from lopt.builtin import BUILTIN_TASKS, DEFAULT_TASK, builtin_task_rows
 
-        return builtin_task_rows("train", n=args.max_samples)
+        if task is not None and task not in BUILTIN_TASKS:
+            raise UserError(f"--task {task!r} is unknown: choose from {', '.join(BUILTIN_TASKS)}.")
+        return builtin_task_rows("train", n=args.max_samples, task=task or DEFAULT_TASK)
+    if task is not None:
+        raise UserError(
+            f"--task {task!r} picks a built-in task: drop it, or drop --train_file/--dataset_name."
+        )
     return load_user_rows(args)
 
 

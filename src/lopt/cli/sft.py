@@ -22,6 +22,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--train_file", default=None, help="JSONL, JSON or Parquet rows (see README for row formats)."
     )
+    g.add_argument(
+        "--task",
+        default=None,
+        help="A built-in task (lopt.builtin.BUILTIN_TASKS) for the built-in model. Default: successor.",
+    )
     g.add_argument("--dataset_name", default=None, help="A datasets hub id or local dataset folder.")
     g.add_argument("--dataset_config", default=None)
     g.add_argument("--split", default="train")
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if builtin_data and args.eval_samples > 0:
         summary["heldout_exact_match"] = common.builtin_task_accuracy(
-            trainer.model, tokenizer, args.eval_samples
+            trainer.model, tokenizer, args.eval_samples, task=args.task
         )
     code = common.finish("sft", args.output_dir, summary)
     finish()
