@@ -148,7 +148,7 @@ class CompareSpec:
     def learning_rates_of(self, name: str) -> list[float]:
         """The lr grid of one method: its own (exact name, else base name), else --learning_rates, else one lr."""
         grid = self.method_learning_rates.get(name) or self.method_learning_rates.get(_base_name(name))
-        return list(grid or self.learning_rates or [_learning_rate(self)])
+        return list(dict.fromkeys(grid or self.learning_rates or [_learning_rate(self)]))  # once each
 
     def points_of(self, name: str) -> list[tuple[float, int]]:
         """(lr, max_steps) of every point of one method, in a fixed order."""
@@ -185,9 +185,8 @@ def run_compare(spec: CompareSpec) -> dict:
         if record is not None:
             reused += 1
         else:
-            if not _checkpoint_complete(
-                run_dir, command, base_path
-            ):  # half-written or another command's: redo
+            # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
+            if not _checkpoint_complete(run_dir, command, base_path):
                 _train(command, base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
             trained = AutoModelForCausalLM.from_pretrained(run_dir)
             record = {
@@ -337,7 +336,7 @@ def _method_flags(name: str, lr: float) -> list[str]:
     flags = list(METHOD_FLAGS[_base_name(name)])
     if _is_lopt(name):  # always explicit, so a name means the same recipe whatever `lopt sft`'s default is
         ratio = _lr_k1_ratio(name) or 1.0
-        flags += ["--lr_k1", f"{ratio * lr:g}"]
+        flags += ["--lr_k1", f"{ratio * lr:.10g}"]
     return flags
 
 
@@ -358,7 +357,7 @@ def _learning_rate(spec: CompareSpec) -> float:
 
 def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int) -> list[str]:
     """The `lopt sft` arguments of one run (all but --output_dir, so an output folder can be moved)."""
-    cmd = ["sft", *_method_flags(name, lr), "--learning_rate", f"{lr:g}", "--seed", str(seed)]
+    cmd = ["sft", *_method_flags(name, lr), "--learning_rate", f"{lr:.10g}", "--seed", str(seed)]
     cmd += ["--max_steps", str(steps), "--eval_samples", "0", "--no_progress"]
     if spec.model_name_or_path is not None:
         cmd += ["--model_name_or_path", spec.model_name_or_path, "--train_file", spec.train_file]
@@ -596,15 +595,10 @@ def format_report(results: dict) -> str:
         act = m["activation_peak_bytes"] / 2**20
         act_ratio = _ratio(m["activation_peak_bytes"], e2e.get("activation_peak_bytes"))
         time_ratio = _ratio(m.get("step_time_s"), e2e.get("step_time_s"))
-        acc = m.get("task_accuracy")
-        acc_text = (
-            "—"
-            if acc is None
-            else f"{100 * acc:.1f}%" + (f" ± {100 * m['task_accuracy_std']:.1f}" if spread else "")
-        )
+        acc_text = _pct(m.get("task_accuracy"), m.get("task_accuracy_std") if spread else None)
         ppl = m.get("retention_ppl")
         ppl_text = "—" if ppl is None else f"{m['retention_ppl_before']:.1f} → {ppl:.1f}"
-        if spread and ppl is not None:
+        if spread and ppl is not None and "retention_ppl_std" in m:
             ppl_text += f" ± {m['retention_ppl_std']:.1f}"
         rise_text = "—"
         if ppl is not None and e2e.get("retention_ppl") is not None:
@@ -833,7 +827,7 @@ def issue11_targets(results: dict) -> list[str]:
         ]
         if same and rise(best) is not None and rise(same[0]) is not None:
             out.append(
-                f"- k=4 does not collapse: {best['method']} {_describe_point(best)} vs e2e at the same setting "
+                f"- k=4 does not collapse (rise ≤ e2e's at the same lr and steps): {_describe_point(best)} vs "
                 f"{_describe_point(same[0])}: {check(rise(best) <= rise(same[0]))}."
             )
         else:
@@ -1003,6 +997,7 @@ def _plot_fronts(results: dict, output_dir: str, colors: dict, markers: dict) ->
             color=colors[name],
             label=name,
         )
+    ax.set_ylim(-2, 102)
     ax.set_xscale("symlog", linthresh=10)  # rises run from a few % to orders of magnitude
     ax.set(
         xlabel="retention perplexity rise over the base model (% of base, test half of the retention texts)",
