@@ -34,7 +34,17 @@ def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
 def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin_tiny, tmp_path):
     out = tmp_path / "sweep"
     args = ["compare", "--methods", "e2e,lopt", "--learning_rates", "1e-3,3e-3", "--max_steps", "4"]
-    args += ["--seeds", "1", "--eval_samples", "6", "--output_dir", str(out), "--no_progress"]
+    args += [
+        "--seeds",
+        "1",
+        "--eval_samples",
+        "6",
+        "--task",
+        "successor",
+        "--output_dir",
+        str(out),
+        "--no_progress",
+    ]
     args += ["--sft_args", "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32"]
     lopt(args, builtin_tiny["env"])
     results = json.loads((out / "results.json").read_text())
@@ -49,6 +59,7 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     runs = out / "runs"
     lopt_args = json.loads((runs / "lopt-lr0.003-steps4-seed0" / "lopt_args.json").read_text())
     assert lopt_args["learning_rate"] == 3e-3 and lopt_args["lr_k1"] == 3e-3  # plain name: lr_k1 = lr
+    assert lopt_args["task"] == "successor" and lopt_args["max_steps"] == 4
     assert (
         json.loads((runs / "e2e-lr0.001-steps4-seed0" / "lopt_args.json").read_text())["learning_rate"]
         == 1e-3

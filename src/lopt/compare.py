@@ -1,9 +1,11 @@
-"""`lopt compare`: the same base model, data, step budget and seeds under each method; memory, time, task
+"""`lopt compare`: the same base model, data, step budgets and seeds under each method; memory, time, task
 accuracy and retention side by side, written as results.json, report.md and PNG plots.
 
-Each training run is a `lopt sft` subprocess (so its peak memory is its own) followed by an in-process evaluation
-of the checkpoint it wrote. The activation peak (bytes saved for backward) is measured per method on one training
-batch with the same meter as `lopt bench`.
+A sweep runs every method at every (learning rate, step budget) point. Each run is a `lopt sft` subprocess (so its
+peak memory is its own), then its checkpoint is scored on two disjoint sides: validation (task rows and half the
+retention texts) for every choice, test (the other rows and half) for every reported number. Finished runs are
+reused when compare is run again (resume). The activation peak (bytes saved for backward) is measured per method
+on one training batch with the same meter as `lopt bench`.
 """
 
 from __future__ import annotations
