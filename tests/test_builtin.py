@@ -185,3 +185,55 @@ def test_preset_selection(monkeypatch):
     assert preset_config().hidden_size == builtin.PRESETS["default"].hidden_size
     with pytest.raises(ValueError):
         preset_config("huge")
+
+
+def test_code_documents_never_include_heldout_modules():
+    code = builtin.code_documents()
+    assert len(code) > 100 and code == builtin.code_documents()
+    heldout = [
+        text
+        for doc_id, text in builtin.pretraining_documents()
+        if doc_id.startswith("stdlib:") and builtin._is_heldout(doc_id)
+    ]
+    # A held-out module's docstrings must not reach training through its source code.
+    long_paragraphs = [p for text in heldout for p in text.split("\n\n")[1:] if len(p) > 300][:10]
+    assert len(long_paragraphs) == 10
+    joined = " ".join(" ".join(code).split())
+    assert not any(" ".join(p.split()[:30]) in joined for p in long_paragraphs)
+
+
+def test_code_fraction_mixes_code_into_every_batch(tmp_path, monkeypatch):
+    # The evidence preset's recipe at tiny size: half of each batch from source code (a few files, to stay fast).
+    tiny = builtin.PRESETS["tiny"]
+    recipe = builtin.Preset(**{**tiny.__dict__, "steps": 30, "code_fraction": 0.5})
+    monkeypatch.setitem(builtin.PRESETS, "tiny-code", recipe)
+    monkeypatch.setattr(builtin, "code_documents", _few_code_files)
+    path = builtin_model_path("tiny-code", cache_dir=tmp_path, progress=False)
+    meta = json.loads((path / builtin.METADATA_FILE).read_text())
+    assert meta["train_code_tokens"] > 0 and meta["recipe"]["code_fraction"] == 0.5
+    assert meta["heldout_ppl"] < recipe.vocab_size  # it trained
+
+
+def _few_code_files() -> list[str]:
+    import inspect
+    import json as json_module
+    import textwrap
+
+    return [inspect.getsource(json_module.decoder), inspect.getsource(textwrap)]
+
+
+def test_evidence_preset_shape():
+    config = preset_config("evidence")
+    assert config.num_hidden_layers == 16 and config.hidden_size % config.num_attention_heads == 0
+    assert builtin.PRESETS["evidence"].code_fraction > 0
+
+
+def test_modules_task_asks_only_sft_facts():
+    from lopt.knowledge import knowledge_facts
+
+    probe = {(f.name, f.module) for f in knowledge_facts("probe")}
+    rows = [r for s in ("train", "validation", "test") for r in builtin_task_rows(s, task="modules")]
+    assert len(rows) == len(knowledge_facts("sft"))
+    for row in rows:
+        name = row["prompt"].rsplit(" ", 1)[-1].removesuffix("?")
+        assert (name, row["completion"]) not in probe  # the retention probe stays held out

@@ -20,8 +20,9 @@ Public API
     The task's metric.
 
 Presets: ``"default"`` (Llama-shaped, 8 layers, ~3M parameters, builds in a few minutes on
-2 CPU cores) and ``"tiny"`` (same recipe scaled down, builds in well under a minute; for
-tests).  ``$LOPT_BUILTIN_PRESET`` chooses the preset when none is given; the cache lives
+2 CPU cores), ``"evidence"`` (16 layers, ~8M parameters, pretrained longer on the docs plus the
+standard library's source code; the base for evidence runs) and ``"tiny"`` (same recipe scaled
+down, builds in well under a minute; for tests).  ``$LOPT_BUILTIN_PRESET`` chooses the preset when none is given; the cache lives
 under ``$LOPT_CACHE_DIR`` or ``~/.cache/lopt``.
 """
 
@@ -104,6 +105,10 @@ class Preset:
     vocab_size: int = 2048
     weight_decay: float = 0.1
     seed: int = 0
+    # Share of every pretraining batch drawn from the standard library's own source code (of the training
+    # modules only), next to the documentation corpus: more text for a larger model, with the docs still seen
+    # as often as a docs-only recipe would see them.
+    code_fraction: float = 0.0
 
 
 PRESETS: dict[str, Preset] = {
@@ -119,6 +124,22 @@ PRESETS: dict[str, Preset] = {
         lr=2e-3,
         warmup_steps=30,
         eval_tokens=65536,
+    ),
+    # The stronger base for evidence runs (`--preset evidence` / LOPT_BUILTIN_PRESET=evidence): twice the depth, so
+    # k=2 leaves 8 layers to the task and k=4 has 4-layer blocks.  A quarter of each batch is stdlib source code,
+    # so the docs are still seen ~2.5 times (1100 x 6 rows x 256 tokens) while the model sees more text.
+    "evidence": Preset(
+        hidden_size=192,
+        intermediate_size=512,
+        num_layers=16,
+        num_heads=6,
+        seq_len=256,
+        batch_size=8,
+        steps=1100,
+        lr=1.5e-3,
+        warmup_steps=50,
+        eval_tokens=65536,
+        code_fraction=0.25,
     ),
     # Same recipe, scaled down so CI can build it in seconds.
     "tiny": Preset(
@@ -256,6 +277,20 @@ def _corpus() -> tuple[tuple[str, str], ...]:
         if body:
             docs.append((doc_id, header + body))
     return tuple(docs)
+
+
+def code_documents() -> list[str]:
+    """Source code of the standard-library modules whose documentation is in the training split (never of a
+    held-out one, whose docstrings would otherwise leak into training), in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for filename in sorted(filenames):
+            rel = Path(dirpath, filename).relative_to(root).as_posix()
+            if filename.endswith(".py") and not _is_heldout(f"stdlib:{rel}"):
+                texts.append(Path(dirpath, filename).read_bytes().decode("utf-8", errors="replace"))
+    return texts
 
 
 def _is_heldout(doc_id: str) -> bool:
@@ -445,11 +480,16 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
     torch.manual_seed(p.seed)  # weight init; the caller's RNG state is restored afterwards
 
     train_texts, heldout_texts = _split_corpus()
-    tokenizer = train_tokenizer(train_texts, vocab_size=p.vocab_size, model_max_length=p.seq_len)
+    code_texts = code_documents() if p.code_fraction > 0 else []
+    tokenizer = train_tokenizer(train_texts + code_texts, vocab_size=p.vocab_size, model_max_length=p.seq_len)
     for token in SPECIAL_TOKENS:  # preset_config relies on these fixed ids
         assert tokenizer.convert_tokens_to_ids(token) == SPECIAL_TOKENS.index(token), token
 
-    train_rows = _pack(tokenizer, train_texts, p.seq_len)
+    sources = [_pack(tokenizer, train_texts, p.seq_len)]  # each source is sampled in its own shuffled order
+    per_batch = [p.batch_size - round(p.code_fraction * p.batch_size)]
+    if code_texts:
+        sources.append(_pack(tokenizer, code_texts, p.seq_len))
+        per_batch.append(p.batch_size - per_batch[0])
     eval_rows = _pack(tokenizer, heldout_texts, p.seq_len, max_tokens=p.eval_tokens)
 
     config = preset_config(preset)
@@ -465,17 +505,20 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
         betas=(0.9, 0.95),
     )
 
-    # Deterministic data order: a seeded permutation of the packed rows, reshuffled per epoch.
+    # Deterministic data order: a seeded permutation of each source's packed rows, reshuffled per epoch.
     gen = torch.Generator().manual_seed(p.seed)
-    order = torch.empty(0, dtype=torch.long)
+    orders = [torch.empty(0, dtype=torch.long) for _ in sources]
     model.train()
     bar = tqdm(range(p.steps), desc=f"building lopt builtin '{preset}'", disable=not progress)
     ema_loss = None
     for step in bar:
-        if len(order) < p.batch_size:
-            order = torch.cat([order, torch.randperm(len(train_rows), generator=gen)])
-        idx, order = order[: p.batch_size], order[p.batch_size :]
-        batch = train_rows[idx]
+        parts = []
+        for i, (rows, n) in enumerate(zip(sources, per_batch)):
+            if len(orders[i]) < n:
+                orders[i] = torch.cat([orders[i], torch.randperm(len(rows), generator=gen)])
+            parts.append(rows[orders[i][:n]])
+            orders[i] = orders[i][n:]
+        batch = torch.cat(parts)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, p)
         loss = model(input_ids=batch, labels=batch).loss
@@ -512,7 +555,8 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
         "heldout_ppl": round(ppl, 3),
         "heldout_tokens": int(eval_rows.numel()),
         "train_tokens_seen": p.steps * p.batch_size * p.seq_len,
-        "train_corpus_tokens": int(train_rows.numel()),
+        "train_corpus_tokens": int(sources[0].numel()),
+        "train_code_tokens": int(sources[1].numel()) if code_texts else 0,
         "final_train_loss_ema": round(ema_loss, 4),
         "build_seconds": round(time.time() - start, 1),
         "recipe": asdict(p),
@@ -541,9 +585,17 @@ _TASK_VALIDATION_PERCENT = 10  # of the problems that are not test
 _TASK_PROMPT = "What number comes after {n}?"
 TASK_SPLITS = ("train", "validation", "test")
 
+# "modules": "<first sentence of a docstring>\nWhich module defines the function NAME?" -> "module.name".  Narrow
+# supervision over what pretraining taught the model (lopt.knowledge): the answer is in the corpus it was pretrained
+# on (the module's document lists the name), and in the prompt only as a hint for 17% of items (a summary that
+# names the module).  Only the "sft" facts are used; the "probe" facts are held out for retention.
+MODULES_TASK = "modules"
+
 # name -> one line for --help and reports.  Every task is scored by greedy generation + exact_match.
 BUILTIN_TASKS: dict[str, str] = {
     TASK_NAME: "What number comes after N? (a new skill; N = 0..999)",
+    MODULES_TASK: "Which standard-library module defines NAME, given its docstring's first sentence? (recall of "
+    "what pretraining taught)",
 }
 
 
@@ -581,6 +633,17 @@ def _task_items(task: str) -> list[tuple[str, str, str]]:
         for number in range(TASK_MAX_N + 1):
             prompt = _TASK_PROMPT.format(n=number)
             items.append((prompt, str(number + 1), _successor_split(prompt)))
+        return items
+    if task == MODULES_TASK:
+        from lopt.knowledge import knowledge_facts
+
+        items = []
+        for fact in knowledge_facts("sft"):
+            kind = "function" if fact.kind == "def" else "class"
+            prompt = f"{fact.summary}\nWhich module defines the {kind} {fact.name}?"
+            percent = _hash_percent(f"{MODULES_TASK}:{fact.key}")
+            split = "test" if percent < 20 else "validation" if percent < 30 else "train"
+            items.append((prompt, fact.module, split))
         return items
     raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(BUILTIN_TASKS)}.")
 

@@ -1,0 +1,106 @@
+"""Facts the built-in model was pretrained on, for tasks that test what pretraining taught it.
+
+The built-in corpus (``lopt.builtin``) renders each standard-library module as ``Module <name>`` followed by the
+docstrings of its module, classes and functions (``def <name>:`` / ``class <name>:``).  A *fact* here is one public
+top-level function or class of a module whose document the model was trained on: its name, its defining module and
+the first sentence of its docstring.
+
+Facts are split once and for all, by a stable hash of ``module.name``, into two disjoint roles:
+
+- ``"probe"``: the knowledge-retention probe (multiple choice, scored by log-likelihood, never trained on);
+- ``"sft"``: the question-answering SFT task (its own train / validation / test split, see ``lopt.builtin``).
+
+So a retention probe never asks about an item that any SFT task taught.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Fact", "knowledge_facts", "fact_role", "PROBE_PERCENT"]
+
+PROBE_PERCENT = 50  # share of facts held out for the retention probe
+_MIN_SUMMARY_CHARS = 20
+
+
+@dataclass(frozen=True)
+class Fact:
+    name: str  # "urljoin"
+    module: str  # "urllib.parse"
+    kind: str  # "def" or "class"
+    summary: str  # first sentence of the docstring
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def fact_role(fact: Fact) -> str:
+    """``"probe"`` or ``"sft"``: a stable hash of the fact's qualified name (never Python's salted hash())."""
+    digest = hashlib.sha256(f"knowledge-role:{fact.key}".encode()).digest()
+    return "probe" if int.from_bytes(digest[:8], "big") % 100 < PROBE_PERCENT else "sft"
+
+
+def knowledge_facts(role: str | None = None) -> list[Fact]:
+    """Facts from the built-in model's pretraining *training* documents, in a fixed order (by module, then line).
+
+    Only names defined at the top level of exactly one module are kept, so every question has one right module.
+    ``role`` keeps only ``"probe"`` or ``"sft"`` facts.
+    """
+    if role not in (None, "probe", "sft"):
+        raise ValueError(f"role must be 'probe', 'sft' or None, not {role!r}")
+    facts = _facts()
+    return list(facts) if role is None else [f for f in facts if fact_role(f) == role]
+
+
+@functools.lru_cache(maxsize=1)
+def _facts() -> tuple[Fact, ...]:
+    from lopt.builtin import _SKIP_DIRS, _is_heldout, pretraining_documents
+
+    trained_modules = {
+        doc_id.removeprefix("stdlib:")
+        for doc_id, _ in pretraining_documents()
+        if doc_id.startswith("stdlib:") and not _is_heldout(doc_id)
+    }
+    root = Path(sysconfig.get_paths()["stdlib"])
+    candidates: list[Fact] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for filename in sorted(filenames):
+            rel = Path(dirpath, filename).relative_to(root).as_posix()
+            if not filename.endswith(".py") or rel not in trained_modules:
+                continue
+            module = rel[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+            if any(part.startswith("_") for part in module.split(".")):
+                continue  # private modules: nobody asks which of them defines a name
+            try:
+                tree = ast.parse(Path(dirpath, filename).read_bytes(), filename=rel)
+            except (SyntaxError, ValueError):
+                continue
+            for node in tree.body:
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    continue
+                if node.name.startswith("_") or not (doc := ast.get_docstring(node)):
+                    continue
+                summary = _first_sentence(doc)
+                if len(summary) >= _MIN_SUMMARY_CHARS:
+                    kind = "class" if isinstance(node, ast.ClassDef) else "def"
+                    candidates.append(Fact(node.name, module, kind, summary))
+    # A name defined in several modules (os.path.join, posixpath.join, ...) has no single answer.
+    modules_of: dict[str, set[str]] = {}
+    for fact in candidates:
+        modules_of.setdefault(fact.name, set()).add(fact.module)
+    return tuple(f for f in candidates if len(modules_of[f.name]) == 1)
+
+
+def _first_sentence(doc: str) -> str:
+    """The docstring's first paragraph up to its first full stop, on one line."""
+    para = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    end = para.find(". ")
+    return para if end < 0 else para[: end + 1]
