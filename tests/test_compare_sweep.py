@@ -92,6 +92,13 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
         "0.1",
     ]
 
+    # Other evaluation rows: every run is re-scored, none retrained.
+    kept = {d: os.stat(runs / d / "model.safetensors").st_mtime_ns for d in os.listdir(runs)}
+    lopt([*args, "--eval_samples", "5"], builtin_tiny["env"])  # the last --eval_samples wins
+    rescored = json.loads((out / "results.json").read_text())
+    assert rescored["setup"]["runs_reused"] == 0 and rescored["setup"]["test_rows"] == 5
+    assert all(os.stat(runs / d / "model.safetensors").st_mtime_ns == m for d, m in kept.items())
+
 
 # --- synthetic results: the choices and the tables ---------------------------------------------------------------
 def point(method, lr, steps, val_acc, test_acc, val_ppl, test_ppl, step_time=0.1):
