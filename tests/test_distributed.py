@@ -63,7 +63,13 @@ def equal_length_rows(n: int = 16) -> list[dict]:
     return [{"input_ids": row, "attention_mask": [1] * SEQ, "labels": row} for row in ids]
 
 
-def make_trainer(output_dir: str, batch_size: int, backward: str = "local"):
+def make_trainer(
+    output_dir: str,
+    batch_size: int,
+    backward: str = "local",
+    fsdp: bool = False,
+    aux_objective: str = "recon",
+):
     from datasets import Dataset
     from transformers import TrainingArguments, default_data_collator
 
@@ -77,6 +83,11 @@ def make_trainer(output_dir: str, batch_size: int, backward: str = "local"):
         max_steps=STEPS,
         learning_rate=LR,
         max_grad_norm=1.0,
+        # AdamW's first steps move every weight by ~lr * sign(gradient), also where the gradient is ~0 and its sign
+        # is rounding noise (the ranks' partial sums are added in another order than one process's matmul): an eps
+        # of 1e-6 keeps those steps ~0, so one process and N ranks agree to 1e-5 (with 1e-8 a few weights differ by
+        # ~5e-5).
+        adam_epsilon=1e-6,
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
@@ -90,7 +101,8 @@ def make_trainer(output_dir: str, batch_size: int, backward: str = "local"):
         args=args,
         train_dataset=Dataset.from_list(equal_length_rows()),
         data_collator=default_data_collator,
-        lopt_config=LoPTConfig(num_blocks=2, backward=backward),
+        lopt_config=LoPTConfig(num_blocks=2, backward=backward, aux_objective=aux_objective),
+        fsdp=fsdp,
     )
 
 
@@ -198,58 +210,223 @@ def full_weights(lopt_model) -> dict[str, torch.Tensor]:
     return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in weights.items()}
 
 
-def worker_fsdp2_joint(out_dir: str) -> None:
-    """Joint mode under FSDP2 (`fully_shard` on every decoder layer and on the HF model; the aux heads stay
-    replicated, their gradients averaged by LoPTGradientSync). Each rank trains on its half of the global batch;
-    clipping uses one global norm over the sharded model gradients and the replicated aux-head gradients."""
+# FSDP2 variants: (backward, hook order). "lopt_first" is lopt.distributed.fully_shard_lopt_model; "fsdp_first" is
+# plain fully_shard calls after get_lopt_model (FSDP2's pre-forward runs before LoPT's boundary hook).
+FSDP2_VARIANTS = {
+    "local": ("local", "lopt_first"),
+    "joint": ("joint", "lopt_first"),
+    "local_fsdp_first": ("local", "fsdp_first"),
+}
+FSDP2_ACCUMULATION = 2
+FSDP2_MAX_NORM = 0.5  # below the gradient norms of these steps, so the clipping acts
+
+
+def fsdp2_micro_batches(step: int, rank: int | None = None) -> list[dict]:
+    """The micro-batches of one optimizer step: 2 of 4 rows each (the global batch), or this rank's 2 rows of each."""
+    batches = [make_batch(batch_size=4, seq_len=SEQ, seed=10 * step + i) for i in range(FSDP2_ACCUMULATION)]
+    if rank is None:
+        return batches
+    return [{k: v[2 * rank : 2 * rank + 2] for k, v in b.items()} for b in batches]
+
+
+def fsdp2_step(lopt_model, optimizer, micro_batches, sync=None) -> float:
+    """One optimizer step as the trainer takes it: gradient accumulation (the local backward scaled like the loss),
+    the aux heads synced, one global clipping norm over the model and the aux heads, AdamW."""
+    from lopt.distributed import clip_grad_norm_
+
+    lopt_model.loss_scale = 1 / len(micro_batches)
+    for batch in micro_batches:
+        out = lopt_model.model(**batch)
+        ((out.loss + lopt_model.take_aux_loss()) / len(micro_batches)).backward()
+    if sync is not None:
+        sync.sync_gradients()
+    norm = clip_grad_norm_(lopt_model.model.parameters(), lopt_model.aux_heads.parameters(), FSDP2_MAX_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def worker_fsdp2(out_dir: str) -> None:
+    """LoPT under FSDP2 (`fully_shard` on every decoder layer and on the HF model; the aux heads stay replicated,
+    their gradients averaged by LoPTGradientSync). Each rank trains on its half of every micro-batch."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.fsdp import fully_shard
 
     from lopt import param_groups
-    from lopt.distributed import LoPTGradientSync
+    from lopt.distributed import LoPTGradientSync, fully_shard_lopt_model
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    lopt_model = lopt_model_for("joint")
-    sync = LoPTGradientSync(
-        lopt_model, sync_early=False
-    )  # FSDP reduces the whole model; we sync the aux heads
-    for layer in lopt_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(lopt_model.model)
-    optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))  # after fully_shard: DTensor parameters
-    model_params = list(lopt_model.model.parameters())
-    aux_params = list(lopt_model.aux_heads.parameters())
-    norms = []
-    for step in range(STEPS):
-        batch = make_batch(batch_size=2 * world, seq_len=SEQ, seed=step)
-        mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
-        out = lopt_model.model(**mine)
-        (out.loss + lopt_model.take_aux_loss()).backward()
-        sync.sync_gradients()
-        model_norm = torch.nn.utils.clip_grad_norm_(model_params, float("inf")).full_tensor()
-        aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux_params])
-        total = torch.sqrt(model_norm**2 + aux_norm**2)
-        # One coefficient, two calls: clip_grads_with_norm_ refuses a list that mixes DTensor and plain gradients.
-        torch.nn.utils.clip_grads_with_norm_(model_params, 1.0, total)
-        torch.nn.utils.clip_grads_with_norm_(aux_params, 1.0, total)
-        norms.append(float(total))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    weights = full_weights(lopt_model)
-    ranks_equal = _gather_equal(weights)
-    if rank == 0:
-        save_file(weights, os.path.join(out_dir, "fsdp2_joint.safetensors"))
+    rank = dist.get_rank()
+    report = {}
+    for name, (backward, order) in FSDP2_VARIANTS.items():
+        lopt_model = lopt_model_for(backward)
+        sync = LoPTGradientSync(
+            lopt_model, sync_early=False
+        )  # FSDP reduces the whole model; we sync the aux heads
+        if order == "lopt_first":
+            fully_shard_lopt_model(lopt_model)
+        else:
+            for layer in lopt_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(lopt_model.model)
+        optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))  # after sharding: DTensor parameters
+        norms = [fsdp2_step(lopt_model, optimizer, fsdp2_micro_batches(s, rank), sync) for s in range(STEPS)]
+        weights = full_weights(lopt_model)
+        report[name] = {"ranks_equal": _gather_equal(weights), "norms": norms}
+        if rank == 0:
+            save_file(weights, os.path.join(out_dir, f"fsdp2_{name}.safetensors"))
+    # The trainer path: LoPTTrainer(fsdp=True) shards the model itself (as `lopt sft --fsdp` does).
+    trainer = make_trainer(os.path.join(out_dir, "trainer"), batch_size=2, fsdp=True)
+    trainer.train()
+    aux = {f"aux.{n}": p.detach().clone() for n, p in trainer.lopt_model.aux_heads.named_parameters()}
+    report["trainer"] = {"ranks_equal": _gather_equal(aux), "log": trainer.state.log_history}
+    try:  # the anchor objectives are refused under fsdp=True, in one line, before the model is touched
+        make_trainer(os.path.join(out_dir, "anchor"), batch_size=2, fsdp=True, aux_objective="recon+anchor")
+        report["anchor_refusal"] = None
+    except ValueError as err:
+        report["anchor_refusal"] = str(err)
+    if rank == 0:  # after train(), rank 0's trainer.model is an unsharded copy
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        save_file({**weights, **aux}, os.path.join(out_dir, "fsdp2_trainer.safetensors"))
         with open(os.path.join(out_dir, "fsdp2.json"), "w") as f:
-            json.dump({"ranks_equal": ranks_equal, "norms": norms}, f)
+            json.dump(report, f)
+
+
+# --- TRL's DPO and GRPO under torchrun (DDP, through accelerate) -----------------------------------------------------
+# One length for every prompt and every answer (no padding): the aux loss is a mean over all positions of a rank's
+# batch, so only unpadded batches make the mean over ranks equal one process's mean.
+DPO_ROWS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+    for a, b in [(1, 2), (3, 4), (5, 3), (2, 2), (4, 1), (6, 2), (1, 1), (0, 5)]
+]
+
+
+def make_dpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
+    """LoPTDPOTrainer (local mode) on the tiny char-level checkpoint, float64 and SGD: DDP's gradient average and one
+    process's batch gradient then agree to rounding (in float32 a batch of 4 and 2 x 2 differ by up to ~1% of a
+    gradient entry on this model, see test_rl_gradients), and SGD's step is lr * gradient."""
+    from datasets import Dataset
+    from test_rl_gradients import _load
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    from lopt import LoPTConfig
+    from lopt.integrations import LoPTDPOTrainer
+
+    set_seed(0)
+    model, tokenizer = _load(checkpoint, torch.float64)
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=1.0,
+        beta=0.1,
+        max_length=32,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return LoPTDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(DPO_ROWS),
+        processing_class=tokenizer,
+        lopt_config=LoPTConfig(num_blocks=2),
+    )
+
+
+def make_grpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
+    """LoPTGRPOTrainer (local mode) with fixed generations: completion j of a prompt is a function of the prompt and
+    j, so one process and N ranks train on the same completions and rewards. float64 and SGD, as for DPO."""
+    from datasets import Dataset
+    from test_rl_gradients import _load, char_sum_reward
+    from transformers import set_seed
+    from trl import GRPOConfig
+
+    from lopt import LoPTConfig
+    from lopt.integrations import LoPTGRPOTrainer
+
+    class FixedGenerations(LoPTGRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+            completions = []
+            for i, ids in enumerate(prompt_ids):
+                j = i % num_generations  # prompts come in groups of num_generations copies
+                tokens = [5 + (int(sum(ids)) + 3 * j + t) % 20 for t in range(2 + j)]
+                completions.append([*tokens, self.eos_token_ids[0]])
+            return completions, None
+
+    set_seed(0)
+    model, tokenizer = _load(checkpoint, torch.float64)
+    args = GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        num_generations=2,
+        max_completion_length=4,
+        beta=0.1,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return FixedGenerations(
+        model=model,
+        reward_funcs=char_sum_reward,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["chosen"]} for r in DPO_ROWS]),
+        processing_class=tokenizer,
+        lopt_config=LoPTConfig(num_blocks=2),
+    )
+
+
+def worker_rl(out_dir: str) -> None:
+    """DPO (2 ranks x 2 pairs per step) and GRPO (2 ranks x 4 fixed completions per step) with LoPT, under torchrun."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    checkpoint = os.path.join(out_dir, "tiny")
+    report = {}
+    for name in (
+        "dpo",
+        "grpo",
+    ):  # each built right before it trains: the data order draws from the global RNG
+        if name == "dpo":
+            trainer = make_dpo_trainer(checkpoint, os.path.join(out_dir, name), batch_size=2)
+        else:
+            trainer = make_grpo_trainer(checkpoint, os.path.join(out_dir, name), batch_size=4)
+        before = all_weights(trainer.lopt_model)
+        trainer.train()
+        weights = all_weights(trainer.lopt_model)
+        changed = sorted(k for k in weights if not torch.equal(weights[k], before[k]))
+        report[name] = {
+            "ranks_equal": _gather_equal(weights),
+            "changed": changed,
+            "log": trainer.state.log_history,
+        }
+        if dist.get_rank() == 0:
+            save_file(weights, os.path.join(out_dir, f"{name}.safetensors"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "rl.json"), "w") as f:
+            json.dump(report, f)
 
 
 WORKERS = {
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
     "block_library": worker_block_library,
-    "fsdp2_joint": worker_fsdp2_joint,
+    "fsdp2": worker_fsdp2,
+    "rl": worker_rl,
 }
 
 if __name__ == "__main__":
@@ -390,32 +567,109 @@ def test_block_parallel_library_matches_single_process_lopt(tmp_path):
     assert len(aux_losses) == STEPS
 
 
-def test_fsdp2_joint_mode_matches_one_process(tmp_path):
-    """Joint mode under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks x batch 2, clipping
-    at 1.0 with one global norm): every rank ends equal, and equal to one process on the batch of 4."""
+@pytest.fixture(scope="module")
+def fsdp2_worker_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    run_worker("fsdp2", out)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(FSDP2_VARIANTS))
+def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_output):
+    """LoPT under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks), gradient accumulation 2,
+    clipping with one global norm: every rank ends equal, and equal to one process on the whole batches.
+    Local mode runs each early block's backward inside the forward (lopt.distributed.fsdp2_local_backward)."""
     from lopt import param_groups
 
-    run_worker("fsdp2_joint", tmp_path)
-    report = json.loads((tmp_path / "fsdp2.json").read_text())
+    report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())[variant]
     assert report["ranks_equal"]
-    lopt_model = lopt_model_for("joint")
+    lopt_model = lopt_model_for(FSDP2_VARIANTS[variant][0])
     initial = all_weights(lopt_model)
     optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
-    norms = []
-    for step in range(STEPS):
-        out = lopt_model.model(**make_batch(4, SEQ, seed=step))
-        (out.loss + lopt_model.take_aux_loss()).backward()
-        params = [*lopt_model.model.parameters(), *lopt_model.aux_heads.parameters()]
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    norms = [fsdp2_step(lopt_model, optimizer, fsdp2_micro_batches(step)) for step in range(STEPS)]
     reference = all_weights(lopt_model)
-    assert_close(load_file(tmp_path / "fsdp2_joint.safetensors"), reference)
+    assert_close(load_file(fsdp2_worker_output / f"fsdp2_{variant}.safetensors"), reference)
     assert report["norms"] == pytest.approx(norms, rel=1e-5)
-    assert min(norms) > 1.0  # the clipping acted at every step
+    assert min(norms) > FSDP2_MAX_NORM  # the clipping acted at every step
     for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
         name = next(n for n in reference if n.startswith(prefix))
         assert not torch.allclose(reference[name], initial[name]), name
+
+
+def test_fsdp2_trainer_matches_one_process(fsdp2_worker_output):
+    """LoPTTrainer(fsdp=True) under torchrun (local mode, gradient accumulation 2, clipping): equal to one process on
+    the batch of 4, the logged losses and gradient norms too."""
+    report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())
+    assert report["anchor_refusal"] == (
+        "--aux_objective recon+anchor is not supported with --fsdp (its frozen pretrained reference is not "
+        "sharded): use --aux_objective recon, or train without --fsdp (DDP)."
+    )
+    report = report["trainer"]
+    assert report["ranks_equal"]  # the replicated aux heads
+    single = make_trainer(str(fsdp2_worker_output / "single"), batch_size=4)
+    single.train()
+    assert_close(load_file(fsdp2_worker_output / "fsdp2_trainer.safetensors"), all_weights(single.lopt_model))
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == STEPS
+    for key in ("task_loss", "aux_loss_0", "grad_norm"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def rl_worker_output(tmp_path_factory):
+    from test_rl_gradients import char_tokenizer
+
+    out = tmp_path_factory.mktemp("rl")
+    tokenizer = char_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(out / "tiny")
+    tokenizer.save_pretrained(out / "tiny")
+    run_worker("rl", out)
+    return out
+
+
+def _assert_every_block_changed(changed: list[str]) -> None:
+    for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+        assert any(name.startswith(prefix) for name in changed), prefix
+
+
+def test_dpo_under_torchrun_matches_one_process(rl_worker_output):
+    """LoPTDPOTrainer under torchrun (accelerate's DDP): every rank ends equal, and equal to one process with the
+    batch of 4 pairs (same pairs per step), with clipping."""
+    report = json.loads((rl_worker_output / "rl.json").read_text())["dpo"]
+    assert report["ranks_equal"]
+    _assert_every_block_changed(report["changed"])
+    single = make_dpo_trainer(
+        str(rl_worker_output / "tiny"), str(rl_worker_output / "dpo-single"), batch_size=4
+    )
+    single.train()
+    # The late block, final norm and LM head agree to float64 rounding (~1e-9); the early blocks and aux heads to
+    # float32 rounding (~1e-5), since the aux heads and their MSE stay in float32 by design.
+    assert_close(load_file(rl_worker_output / "dpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == 2
+    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
+
+
+def test_grpo_under_torchrun_matches_one_process_with_fixed_generations(rl_worker_output):
+    """LoPTGRPOTrainer under torchrun (DDP) with fixed generations (sampling replaced by a function of the prompt):
+    every rank ends equal, and equal to one process generating all 8 completions of a step, with clipping."""
+    report = json.loads((rl_worker_output / "rl.json").read_text())["grpo"]
+    assert report["ranks_equal"]
+    _assert_every_block_changed(report["changed"])
+    single = make_grpo_trainer(
+        str(rl_worker_output / "tiny"), str(rl_worker_output / "grpo-single"), batch_size=8
+    )
+    single.train()
+    # As for DPO: the late block to float64 rounding, the early blocks and the float32 aux heads to float32's.
+    assert_close(load_file(rl_worker_output / "grpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
+    logged = [e for e in report["log"] if "aux_loss_0" in e]
+    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
+    assert len(logged) == 2
+    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm", "reward"):
+        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
 
 
 # --- the command line under torchrun ------------------------------------------------------------------------------
@@ -466,6 +720,54 @@ def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
     assert metrics[0]["epoch"] == pytest.approx(8 / 64)  # 2 ranks x 4 rows per step
     assert all(m["aux_loss_0"] > 0 and m["task_loss"] > 0 for m in metrics)
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(builtin_tiny, tmp_path):
+    """`lopt sft --fsdp` shards the model with FSDP2 (gloo): one standard HF checkpoint on rank 0, checkpoints with
+    each rank's optimizer shard, and a run resumed after step 2 ends with exactly the weights of the run that did not
+    stop."""
+    env = builtin_tiny["env"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["-m", "lopt", "sft", "--fsdp", "--method", "lopt", *FAST, "--max_steps", "3", "--save_steps", "2"]
+    proc = torchrun([*args, "--output_dir", str(full)], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_checkpoint(full, builtin_tiny["path"])
+    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3]
+    names = set(os.listdir(full / "checkpoint-2"))
+    assert {
+        "model.safetensors",
+        "optimizer.rank0-of-2.pt",
+        "optimizer.rank1-of-2.pt",
+        "scheduler.pt",
+    } <= names
+    checkpoint = str(full / "checkpoint-2")
+    proc = torchrun([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(resumed)] == [3]
+    expected, actual = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_fsdp_flag_refusals(capsys, monkeypatch):
+    """Without torchrun, and for the commands it is not built for: one line, exit 2 (before any model is loaded)."""
+    from lopt.cli.main import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for command, line in (
+        (
+            "sft",
+            "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+            "--nproc_per_node N -m lopt sft --fsdp ...`.",
+        ),
+        ("dpo", "--fsdp is built for lopt sft only: train lopt dpo data-parallel (plain torchrun)."),
+        (
+            "sft --block_parallel",
+            "--fsdp and --block_parallel are exclusive: choose one way to split the work.",
+        ),
+    ):
+        assert main([*command.split(), "--fsdp"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"lopt {command.split()[0]}: error: {line}"]
 
 
 def test_block_parallel_cli_trains_and_saves_one_checkpoint(builtin_tiny, tmp_path):

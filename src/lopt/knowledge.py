@@ -27,6 +27,7 @@ __all__ = ["Fact", "knowledge_facts", "fact_role", "PROBE_PERCENT"]
 
 PROBE_PERCENT = 50  # share of facts held out for the retention probe
 _MIN_SUMMARY_CHARS = 20
+_MAX_SUMMARY_CHARS = 120  # a question must fit the built-in models' short context (128 tokens in the tiny one)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _facts() -> tuple[Fact, ...]:
                 if node.name.startswith("_") or not (doc := ast.get_docstring(node)):
                     continue
                 summary = _first_sentence(doc)
-                if len(summary) >= _MIN_SUMMARY_CHARS:
+                if _MIN_SUMMARY_CHARS <= len(summary) <= _MAX_SUMMARY_CHARS:
                     kind = "class" if isinstance(node, ast.ClassDef) else "def"
                     candidates.append(Fact(node.name, module, kind, summary))
     # A name defined in several modules (os.path.join, posixpath.join, ...) has no single answer.

@@ -28,6 +28,7 @@ from torch import nn
 from lopt.anchor import ANCHOR_REFERENCE_NAME, PretrainedAnchor, anchor_loss
 from lopt.architectures import DecoderParts, find_decoder_parts, hidden_states_arg, unwrap_peft
 from lopt.config import LoPTConfig
+from lopt.distributed import fsdp2_local_backward
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.io import atomic_directory_write
 
@@ -87,10 +88,9 @@ class LoPTModel(nn.Module):
         self.last_task_loss: torch.Tensor | None = None
         self._block_inputs: dict[int, torch.Tensor] = {}
         self._pending_aux: torch.Tensor | None = None  # lambda * mean(aux) since the last take_aux_loss()
-        self._hook_handles = [
-            parts.layers[start].register_forward_pre_hook(self._make_block_start_hook(i), with_kwargs=True)
-            for i, (start, _) in enumerate(block_ranges)
-        ]
+        self._block_hook_handles = []
+        self.register_block_hooks()
+        self._hook_handles = []
         if self.anchor is not None:
             # On the wrapped model itself, since trainers call it (not this wrapper): the pretrained boundary
             # states for this input are computed before its forward and dropped after it.
@@ -98,6 +98,18 @@ class LoPTModel(nn.Module):
                 model.register_forward_pre_hook(self._compute_anchor_states, with_kwargs=True),
                 model.register_forward_hook(self._drop_anchor_states, always_call=True),
             ]
+
+    def register_block_hooks(self, prepend: bool = False) -> None:
+        """(Re-)register the block-start hooks; `prepend=True` puts them before every hook registered since (FSDP2's
+        pre-forward must come after the local backward: see lopt.distributed.fully_shard_lopt_model)."""
+        for handle in self._block_hook_handles:
+            handle.remove()
+        self._block_hook_handles = [
+            self._parts.layers[start].register_forward_pre_hook(
+                self._make_block_start_hook(i), with_kwargs=True, prepend=prepend
+            )
+            for i, (start, _) in enumerate(self.block_ranges)
+        ]
 
     # --- the LoPT step ---------------------------------------------------------------------------
     def _training_forward(self) -> bool:
@@ -152,8 +164,9 @@ class LoPTModel(nn.Module):
         weighted = aux * (config.aux_weight / self.num_boundaries)
         if self.lopt_config.backward == "local":
             # Backpropagate this block's objective now, so its activations are freed before the next block runs.
-            # Autocast is for forward ops only; the backward uses the dtypes the forward chose.
-            with torch.autocast(block_output.device.type, enabled=False):
+            # Autocast is for forward ops only; the backward uses the dtypes the forward chose. Under FSDP2 the guard
+            # keeps the units still in this forward gathered (see lopt.distributed.fsdp2_local_backward).
+            with torch.autocast(block_output.device.type, enabled=False), fsdp2_local_backward(self.model):
                 (weighted * self.loss_scale).backward()
             weighted = weighted.detach()
         self._pending_aux = weighted if self._pending_aux is None else self._pending_aux + weighted
@@ -209,6 +222,10 @@ class LoPTModel(nn.Module):
     def embedding(self) -> nn.Module:
         return self._parts.embedding
 
+    @property
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self._parts.layers)
+
     # --- the plain model back ------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
         """The wrapped model itself. While this LoPTModel is alive, training it still trains with LoPT."""
@@ -216,9 +233,9 @@ class LoPTModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove the hooks and return the plain model (aux heads are dropped)."""
-        for handle in self._hook_handles:
+        for handle in self._block_hook_handles + self._hook_handles:
             handle.remove()
-        self._hook_handles = []
+        self._block_hook_handles, self._hook_handles = [], []
         return self.model
 
     def generate(self, *args, **kwargs):

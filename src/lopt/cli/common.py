@@ -103,6 +103,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument(
+        "--fsdp", action="store_true", help="Under torchrun: shard the model with FSDP2 (sft only)."
+    )
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", default=None, help="Default: runs/<command>-<method>.")
     g.add_argument("--logging_steps", type=int, default=None)
@@ -140,6 +143,17 @@ def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
             raise UserError(f"--{name} {getattr(args, name)} must be positive.")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise UserError(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1).")
+    if getattr(args, "fsdp", False) and command != "sft":
+        raise UserError(
+            f"--fsdp is built for lopt sft only: train lopt {command} data-parallel (plain torchrun)."
+        )
+    if getattr(args, "fsdp", False) and getattr(args, "block_parallel", False):
+        raise UserError("--fsdp and --block_parallel are exclusive: choose one way to split the work.")
+    if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
+        raise UserError(
+            "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+            f"--nproc_per_node N -m lopt {command} --fsdp ...`."
+        )
     lopt_method = args.method in ("lopt", "ll", "lopt_joint")
     if args.lr_k1 is not None and not lopt_method:
         raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {args.method}.")
@@ -307,6 +321,7 @@ def lopt_trainer_kwargs(prepared, args: argparse.Namespace) -> dict:
     return dict(
         lopt_config=prepared.lopt_config,
         early_learning_rate=args.lr_k1,
+        fsdp=getattr(args, "fsdp", False),
         callbacks=[MetricsLogCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
     )
 

@@ -12,36 +12,69 @@ The mixin
   backpropagates (gradient accumulation, fp16 grad scaler); in joint mode it adds the aux objective to the loss;
 - logs the task loss and each boundary's aux loss (averaged over ranks);
 - writes checkpoints atomically and keeps the aux heads in them for resuming;
-- under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.distributed`. Local mode under
-  FSDP or DeepSpeed is refused with a one-line error; joint mode under FSDP syncs the aux heads and clips with one
-  global norm, but has not been run yet (no GPU here, and transformers ignores FSDP on CPU).
+- under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.distributed`;
+- with `fsdp=True` (under torchrun), shards the model itself with FSDP2 (`fully_shard` per decoder layer and on the
+  model; CPU/gloo or GPU), which transformers then treats as a model that owns its sharding and gradient reduction
+  (no DDP wrap); the local backward runs inside the forward as usual (lopt.distributed.fsdp2_local_backward), the
+  aux heads stay replicated, checkpoints hold one standard HF model (gathered on rank 0) plus each rank's optimizer
+  shard, and after `train()` rank 0's `trainer.model` is an unsharded copy on CPU (for saving and evaluating).
+  Accelerate's own FSDP2 plugin is accepted too (untested: no GPU here, and transformers ignores FSDP on CPU); its
+  FSDP1 and DeepSpeed are refused for local mode with a one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from lopt.architectures import unwrap_peft
 from lopt.config import LoPTConfig
-from lopt.distributed import LoPTGradientSync, all_reduce_mean_, is_distributed
+from lopt.distributed import (
+    LoPTGradientSync,
+    all_reduce_mean_,
+    clip_grad_norm_,
+    full_state_dict,
+    fully_shard_decoder,
+    fully_shard_lopt_model,
+    is_distributed,
+    is_fsdp2_sharded,
+    load_full_state_dict,
+    load_local_optimizer_state,
+    local_optimizer_state,
+    split_dtensor_groups,
+    unsharded_copy_on_rank0,
+)
 from lopt.model import AUX_HEADS_NAME, get_lopt_model
 from lopt.optim import param_groups
 
 
 class LoPTTrainerMixin:
-    """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines)."""
+    """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines).
+    `fsdp=True` shards the model with FSDP2 over the processes of a torchrun launch (baselines too)."""
 
     def __init__(
-        self, *args, lopt_config: LoPTConfig | None = None, early_learning_rate: float | None = None, **kwargs
+        self,
+        *args,
+        lopt_config: LoPTConfig | None = None,
+        early_learning_rate: float | None = None,
+        fsdp: bool = False,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.early_learning_rate = early_learning_rate
         self.lopt_model = None
         self._lopt_grad_sync = None
+        self.lopt_fsdp = fsdp
+        if fsdp:
+            self._check_fsdp(lopt_config)
         if lopt_config is not None:
             self._check_distributed_backend(lopt_config)
             self.lopt_model = get_lopt_model(self.model, lopt_config)
@@ -49,22 +82,58 @@ class LoPTTrainerMixin:
             # The trainer zeroes and clips only its model's gradients; the aux heads live beside it.
             self.add_callback(_ZeroAuxHeadGrads(self.lopt_model))
             # Multi-process: set up before train() wraps the model in DDP (a no-op in one process).
-            sync_early = not getattr(self, "is_fsdp_enabled", False)  # FSDP reduces the whole model itself
+            sync_early = not (getattr(self, "is_fsdp_enabled", False) or fsdp)  # FSDP reduces the whole model
             self._lopt_grad_sync = LoPTGradientSync(self.lopt_model, sync_early=sync_early)
+        if fsdp:
+            if self.lopt_model is not None:
+                fully_shard_lopt_model(self.lopt_model)
+            else:
+                fully_shard_decoder(self.model)
+            # transformers' flag for a model sharded before the trainer got it (`from_pretrained(distributed_config=
+            # ...)`): the trainer then neither moves it nor wraps it in DDP, and builds the optimizer on the DTensors.
+            self.is_distributed_loading_by_transformers = True
         self._lopt_sums: dict[str, float] = {}
         self._lopt_micro_steps = 0
         self._lopt_group_lrs: dict[str, float] = {}
 
+    def _check_fsdp(self, lopt_config: LoPTConfig | None) -> None:
+        """What `fsdp=True` needs, checked before the model is touched."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
+                "--nproc_per_node N -m lopt sft --fsdp ...`."
+            )
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "--fsdp shards the model itself: drop the accelerate FSDP / DeepSpeed settings (or drop --fsdp)."
+            )
+        if unwrap_peft(self.model) is not self.model:
+            raise ValueError(
+                "--fsdp with a PEFT (LoRA) model is not supported yet: train LoRA without --fsdp (DDP)."
+            )
+        if lopt_config is not None and lopt_config.uses_anchor:
+            raise ValueError(
+                f"--aux_objective {lopt_config.aux_objective} is not supported with --fsdp (its frozen pretrained "
+                "reference is not sharded): use --aux_objective recon, or train without --fsdp (DDP)."
+            )
+
     def _check_distributed_backend(self, lopt_config: LoPTConfig) -> None:
-        """Local mode backpropagates inside the forward: fine under DDP (see lopt.distributed), not under FSDP or
-        DeepSpeed, whose gradient reduction hooks expect one backward after the forward."""
+        """Local mode backpropagates inside the forward: fine under DDP (see lopt.distributed) and FSDP2
+        (lopt.distributed.fsdp2_local_backward), not under FSDP1's flat parameters or DeepSpeed, whose gradient
+        reduction hooks expect one backward after the forward."""
         if lopt_config.backward != "local":
             return
-        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
-            if getattr(self, flag, False):
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "LoPT's local backward (--method lopt) is not supported under DeepSpeed: shard the model with --fsdp "
+                "(FSDP2, under torchrun) instead, or use DDP (plain torchrun), or --method lopt_joint."
+            )
+        if getattr(self, "is_fsdp_enabled", False):
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
                 raise ValueError(
-                    f"LoPT's local backward (--method lopt) is not supported under {name}: use DDP "
-                    "(plain torchrun / accelerate launch), or --method lopt_joint (backward='joint')."
+                    f"LoPT's local backward (--method lopt) is not supported under FSDP version {version}: use "
+                    "--fsdp (FSDP2, sharded by lopt), or accelerate's fsdp_version: 2."
                 )
 
     # --- optimizer: the two LoPT groups --------------------------------------------------------
@@ -83,6 +152,8 @@ class LoPTTrainerMixin:
                 early_lr=self.early_learning_rate,
                 weight_decay=self.args.weight_decay,
             )
+            if self.lopt_fsdp:
+                groups = split_dtensor_groups(groups)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -96,25 +167,17 @@ class LoPTTrainerMixin:
 
     def _clip_grad_norm(self, model):
         """One global norm over the model and the aux heads (all that the optimizer steps), as in plain training."""
-        if self.lopt_model is None:
-            return super()._clip_grad_norm(model)
-        aux = [p for p in self.lopt_model.aux_heads.parameters() if p.grad is not None]
-        max_norm = self.args.max_grad_norm
-        if not getattr(self, "is_fsdp_enabled", False):
-            return self.accelerator.clip_grad_norm_([*model.parameters(), *aux], max_norm)
-        # FSDP: the model's gradients are sharded (accelerate computes their global norm); the aux heads' gradients
-        # are replicated and already averaged. Combine the two norms, then scale both by one coefficient.
-        model_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
-        model_norm = model_norm.full_tensor() if hasattr(model_norm, "full_tensor") else model_norm
-        aux_norm = torch.nn.utils.get_total_norm([p.grad for p in aux]) if aux else torch.zeros(())
-        total = torch.sqrt(model_norm.float() ** 2 + aux_norm.to(model_norm.device).float() ** 2)
-        # Two calls with one norm: a single foreach over DTensor (sharded) and plain (aux) gradients fails.
-        torch.nn.utils.clip_grads_with_norm_(
-            [p for p in model.parameters() if p.grad is not None], max_norm, total
+        aux = (
+            [p for p in self.lopt_model.aux_heads.parameters() if p.grad is not None]
+            if self.lopt_model
+            else []
         )
-        if aux:
-            torch.nn.utils.clip_grads_with_norm_(aux, max_norm, total.to(aux[0].device))
-        return total
+        if self.lopt_model is None and not self.lopt_fsdp:
+            return super()._clip_grad_norm(model)
+        if self.lopt_fsdp or getattr(self, "is_fsdp_enabled", False):
+            # Sharded (DTensor) model gradients and replicated aux-head gradients: one norm, two scalings.
+            return clip_grad_norm_(model.parameters(), aux, self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *aux], self.args.max_grad_norm)
 
     # --- the loss ------------------------------------------------------------------------------
     def _loss_factor_applied_by_trainer(self, num_items_in_batch) -> float:
@@ -180,6 +243,58 @@ class LoPTTrainerMixin:
             logs.update(self._lopt_group_lrs)
         return super().log(logs, *args, **kwargs)
 
+    # --- FSDP2 (fsdp=True) ---------------------------------------------------------------------------
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradient accumulation: FSDP2 reduce-scatters every micro-batch's gradients and sums them (transformers'
+        version of this reads a `distributed_config` that a model sharded by lopt does not have)."""
+        if self.lopt_fsdp:
+            return contextlib.nullcontext()
+        return super()._defer_fsdp_gradient_reduction()
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.lopt_fsdp and is_fsdp2_sharded(self.model):
+            # Every rank gathers; rank 0 keeps an unsharded copy to save and evaluate on its own.
+            plain = unsharded_copy_on_rank0(self.model)
+            if plain is not None:
+                self.model = self.model_wrapped = plain
+        return result
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not (self.lopt_fsdp and is_fsdp2_sharded(self.model)):
+            return super()._save(output_dir, state_dict)
+        state_dict = full_state_dict(self.model)  # a collective: every rank is here
+        if self.args.should_save:
+            super()._save(output_dir, state_dict)
+
+    def _fsdp_optimizer_file(self, directory: str) -> str:
+        return os.path.join(
+            directory, f"optimizer.rank{self.args.process_index}-of-{self.args.world_size}.pt"
+        )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.lopt_fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Each rank writes its own shard of the optimizer state; the scheduler is the same everywhere.
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(local_optimizer_state(self.optimizer), self._fsdp_optimizer_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.lopt_fsdp or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = self._fsdp_optimizer_file(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint!r} has no {os.path.basename(path)}: resume an --fsdp run with the number of processes "
+                "that saved it, from a checkpoint written with --fsdp."
+            )
+        load_local_optimizer_state(self.optimizer, torch.load(path, weights_only=True))
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True)
+        )
+
     # --- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a hidden staging folder, add the aux heads, then rename it into place:
@@ -193,6 +308,8 @@ class LoPTTrainerMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._get_output_dir = get_output_dir
+        if is_distributed():
+            dist.barrier()  # every rank's files (RNG state, FSDP optimizer shard) are staged before the rename
         if not self.args.should_save:
             return
         staged = os.path.join(staging_run_dir, name)
@@ -211,7 +328,10 @@ class LoPTTrainerMixin:
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.lopt_fsdp:  # every rank reads the whole checkpoint and keeps its shards
+            load_full_state_dict(self.model, _read_weights(resume_from_checkpoint))
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.lopt_model is not None:
             if not os.path.isfile(os.path.join(resume_from_checkpoint, AUX_HEADS_NAME)):
                 raise FileNotFoundError(
@@ -219,6 +339,25 @@ class LoPTTrainerMixin:
                     "aux heads cannot be restored. Resume from a LoPT checkpoint, or start a new run."
                 )
             self.lopt_model.load_aux_heads(resume_from_checkpoint)
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The weights of a safetensors HF checkpoint folder (one file or an index of shards)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {name} in {directory!r}: resume from a checkpoint-N folder of an --fsdp run."
+            )
+        weights.update(load_file(path))
+    return weights
 
 
 class _ZeroAuxHeadGrads(TrainerCallback):
