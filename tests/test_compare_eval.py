@@ -55,11 +55,15 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     for key in ("model", "vocab_size", "num_layers", "steps", "seeds", "device", "torch", "transformers"):
         assert key in results["setup"], key
     assert list(results["methods"]) == ["e2e", "lopt", "lopt@0.5", "lopt_joint", "lopt_recon_anchor"]
-    lopt_args = json.loads((out / "runs" / "lopt@0.5-seed0" / "lopt_args.json").read_text())
+    runs = out / "runs"
+    lopt_args = json.loads((runs / "lopt@0.5-lr0.001-steps3-seed0" / "lopt_args.json").read_text())
+    assert lopt_args["learning_rate"] == 1e-3  # `lopt sft`'s built-in default: no --learning_rates given
     assert lopt_args["lr_k1"] == 0.5 * lopt_args["learning_rate"]
-    paper_args = json.loads((out / "runs" / "lopt-seed0" / "lopt_args.json").read_text())
+    paper_args = json.loads((runs / "lopt-lr0.001-steps3-seed0" / "lopt_args.json").read_text())
     assert paper_args["lr_k1"] == paper_args["learning_rate"]  # plain names are the paper's recipe
-    anchor_config = json.loads((out / "runs" / "lopt_recon_anchor-seed0" / "lopt_config.json").read_text())
+    anchor_config = json.loads(
+        (runs / "lopt_recon_anchor-lr0.001-steps3-seed0" / "lopt_config.json").read_text()
+    )
     assert anchor_config["aux_objective"] == "recon+anchor"
     for name, entry in results["methods"].items():
         for key in (
@@ -78,7 +82,7 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     assert methods["lopt_joint"]["activation_peak_bytes"] >= methods["e2e"]["activation_peak_bytes"] * 0.9
     report = (out / "report.md").read_text()
     assert "| lopt |" in report and "What the numbers show" in report
-    for png in ("loss_curves.png", "memory_time.png", "accuracy_retention.png"):
+    for png in ("loss_curves.png", "memory_time.png", "accuracy_retention.png", "fronts.png"):
         assert (out / png).stat().st_size > 1000, png
 
 
@@ -120,4 +124,4 @@ def test_report_states_missed_targets_plainly():
     assert "step time is 1.20x e2e" in lines and "-30.0 points" in lines
     assert "freeze 60.0%, target above: MISSED" in lines and "Fewer than 3 seeds" in lines
     assert "retention rise +20.0 vs e2e +10.0 (target ≤ half: MISSED)" in lines
-    assert "| lopt | 0.0 (0.70x)" in format_report(results)
+    assert "| lopt | — | — | 0.0 (0.70x)" in format_report(results)

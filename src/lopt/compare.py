@@ -1,14 +1,17 @@
-"""`lopt compare`: the same base model, data, step budget and seeds under each method; memory, time, task
+"""`lopt compare`: the same base model, data, step budgets and seeds under each method; memory, time, task
 accuracy and retention side by side, written as results.json, report.md and PNG plots.
 
-Each training run is a `lopt sft` subprocess (so its peak memory is its own) followed by an in-process evaluation
-of the checkpoint it wrote. The activation peak (bytes saved for backward) is measured per method on one training
-batch with the same meter as `lopt bench`.
+A sweep runs every method at every (learning rate, step budget) point. Each run is a `lopt sft` subprocess (so its
+peak memory is its own), then its checkpoint is scored on two disjoint sides: validation (task rows and half the
+retention texts) for every choice, test (the other rows and half) for every reported number. Finished runs are
+reused when compare is run again (resume). The activation peak (bytes saved for backward) is measured per method
+on one training batch with the same meter as `lopt bench`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -43,18 +46,36 @@ METRICS = (
     "task_accuracy",
     "retention_ppl",
     "final_task_loss",
+    "validation_task_accuracy",
+    "validation_retention_ppl",
 )
+
+
+RETENTION_BUDGETS = (
+    0.25,
+    1.0,
+    4.0,
+)  # retention-perplexity rise, as a fraction of the base model's perplexity
+ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation task accuracy
+RUN_RECORD = "compare_run.json"  # written last in a run folder: training metrics and scores of a finished run
+COMMAND_MARKER = "compare_command.json"  # written first: the `lopt sft` command and base model of the run
+# `lopt sft` flags that compare sets itself, per run; in --sft_args they would silently override the sweep.
+_COMPARE_OWNED_FLAGS = ("--max_steps", "--seed", "--output_dir", "--task", "--eval_samples")
 
 
 @dataclass
 class CompareSpec:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: int = 3
-    max_steps: int = 300
+    max_steps: list[int] = field(default_factory=lambda: [300])  # the step-budget axis: one run per budget
+    learning_rates: list[float] | None = None  # None: --learning_rate in sft_args, else `lopt sft`'s default
+    method_learning_rates: dict[str, list[float]] = field(default_factory=dict)  # name or base name -> grid
     eval_samples: int = 300
+    task: str | None = None  # a built-in task; None: the default one
     model_name_or_path: str | None = None  # None: the built-in model and task
     train_file: str | None = None
-    eval_file: str | None = None
+    eval_file: str | None = None  # test rows: what the report states
+    validation_file: str | None = None  # validation rows: what the selection uses
     retention_file: str | None = None
     sft_args: list[str] = field(
         default_factory=list
@@ -62,12 +83,16 @@ class CompareSpec:
     output_dir: str = "runs/compare"
     progress: bool = True
     lr_k1_ratios: list[float] | None = None  # adds "lopt@r" for each ratio r != 1 (the learning-rate study)
+    retention_budgets: tuple[float, ...] = RETENTION_BUDGETS
+    accuracy_targets: tuple[float, ...] = ACCURACY_TARGETS
     # lm-evaluation-harness tasks scored before and after every run (lopt.lm_eval_tasks.CompareLMEval)
     lm_eval_tasks: str | None = None
     lm_eval_limit: float | None = None
     lm_eval_batch_size: int | str = 16
 
     def __post_init__(self):
+        if isinstance(self.max_steps, int):
+            self.max_steps = [self.max_steps]
         unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
         if unknown:
             raise UserError(
@@ -85,14 +110,64 @@ class CompareSpec:
             at = self.methods.index("lopt") + 1
             extra = [f"lopt@{r:g}" for r in self.lr_k1_ratios if r != 1 and f"lopt@{r:g}" not in self.methods]
             self.methods[at:at] = extra
-        if self.seeds < 1 or self.max_steps < 1:
-            raise UserError("--seeds and --max_steps must be >= 1.")
+        if self.seeds < 1 or not self.max_steps or min(self.max_steps) < 1:
+            raise UserError(f"--seeds {self.seeds} and --max_steps {self.max_steps} must be >= 1.")
+        self.max_steps = sorted(set(self.max_steps))
+        grids = {"--learning_rates": self.learning_rates or [], **self.method_learning_rates}
+        for flag, grid in grids.items():
+            if any(not lr > 0 for lr in grid):
+                raise UserError(f"learning rates {flag} {grid} must all be > 0.")
+        known = {*self.methods, *map(_base_name, self.methods)}
+        stray = [k for k in self.method_learning_rates if k not in known]
+        if stray:
+            raise UserError(
+                f"--method_learning_rates names {stray}, not in --methods {','.join(self.methods)}: fix the name."
+            )
+        owned = [flag for flag in _COMPARE_OWNED_FLAGS if _has_flag(self.sft_args, flag)]
+        if (self.learning_rates or self.method_learning_rates) and _has_flag(
+            self.sft_args, "--learning_rate"
+        ):
+            owned.append("--learning_rate")
+        if owned:
+            raise UserError(
+                f"--sft_args sets {', '.join(owned)}, which compare sets per run: use compare's own flags "
+                "(--max_steps, --seeds, --task, --learning_rates) instead."
+            )
         if self.model_name_or_path is not None and self.train_file is None:
             raise UserError("a user model needs --train_file (the built-in task is for the built-in model).")
+        if self.model_name_or_path is not None and self.task is not None:
+            raise UserError(
+                f"--task {self.task!r} is a built-in task: drop it for a user model and --train_file."
+            )
+        if self.task is not None:
+            from lopt.builtin import BUILTIN_TASKS
+
+            if self.task not in BUILTIN_TASKS:
+                raise UserError(f"--task {self.task!r} is unknown: choose from {', '.join(BUILTIN_TASKS)}.")
+        sweeping = any(len(self.points_of(name)) > 1 for name in self.methods)
+        if sweeping and self.eval_file and not self.validation_file:
+            raise UserError(
+                "a sweep chooses each method's best setting on validation rows: add --validation_file (rows "
+                "disjoint from --eval_file, which only reports)."
+            )
+
+    def learning_rates_of(self, name: str) -> list[float]:
+        """The lr grid of one method: its own (exact name, else base name), else --learning_rates, else one lr."""
+        grid = self.method_learning_rates.get(name) or self.method_learning_rates.get(_base_name(name))
+        return list(dict.fromkeys(grid or self.learning_rates or [_learning_rate(self)]))  # once each
+
+    def points_of(self, name: str) -> list[tuple[float, int]]:
+        """(lr, max_steps) of every point of one method, in a fixed order."""
+        return [(lr, steps) for lr in self.learning_rates_of(name) for steps in self.max_steps]
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def run_compare(spec: CompareSpec) -> dict:
-    from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
+    from transformers import AutoModelForCausalLM
+
     from lopt.lm_eval_tasks import CompareLMEval
     from lopt.loading import load_model_and_tokenizer
 
@@ -100,75 +175,161 @@ def run_compare(spec: CompareSpec) -> dict:
     builtin = spec.model_name_or_path is None
     lm_eval = CompareLMEval(spec.lm_eval_tasks, builtin, spec.lm_eval_limit, spec.lm_eval_batch_size)
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
-    eval_rows, match = (
-        load_task_rows(None, None, None, "test", spec.eval_samples)
-        if builtin
-        else (
-            load_task_rows(spec.eval_file, None, None, "test", spec.eval_samples)
-            if spec.eval_file
-            else (None, None)
-        )
+    sets = evaluation_sets(spec)
+    # lm-eval's tasks and limit are part of what a run is scored on: change them and runs are re-scored.
+    evaluation_key = _evaluation_key(
+        {**sets, "lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
     )
-    if spec.retention_file:
-        retention = read_retention_file(spec.retention_file)
-    elif builtin:
-        from lopt.builtin import retention_texts
-
-        retention = retention_texts()
-    else:
-        retention = None
-    evaluate = _evaluator(tokenizer, eval_rows, match, retention, evaluate_checkpoint)
-    before = evaluate(model)
+    before = evaluate_model(model, tokenizer, sets)
     by_base = {base: activation_peak_bytes(base_path, base, spec) for base in map(_base_name, spec.methods)}
-    activation = {name: by_base[_base_name(name)] for name in spec.methods}  # an lr does not change memory
     del model
     before.update(lm_eval(base_path))
 
-    runs: dict[str, list[dict]] = {name: [] for name in spec.methods}
-    jobs = [(seed, name) for seed in range(spec.seeds) for name in spec.methods]
+    points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
+    runs: dict[tuple, list[dict]] = {point: [] for point in points}
+    jobs = [(seed, point) for seed in range(spec.seeds) for point in points]  # seed 0 of everything first
+    reused = 0
     bar = tqdm(jobs, desc="compare", disable=not spec.progress)
-    for seed, name in bar:
-        bar.set_postfix_str(f"{name} seed {seed}")
-        run_dir = os.path.join(spec.output_dir, "runs", f"{name}-seed{seed}")
-        _train(spec, name, seed, run_dir)
-        from transformers import AutoModelForCausalLM
+    for seed, (name, lr, steps) in bar:
+        bar.set_postfix_str(f"{name} lr {lr:g} {steps} steps seed {seed}")
+        run_dir = os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed))
+        command = _sft_command(spec, name, lr, steps, seed)
+        record = finished_run(run_dir, command, base_path, evaluation_key)
+        if record is not None:
+            reused += 1
+        else:
+            # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
+            if not _checkpoint_complete(run_dir, command, base_path):
+                _train(command, base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
+            trained = AutoModelForCausalLM.from_pretrained(run_dir)
+            record = {
+                "command": command,
+                "base_model": base_path,
+                "evaluation_key": evaluation_key,
+                **_training_metrics(run_dir),
+                **evaluate_model(trained, tokenizer, sets),
+                "seed": seed,
+            }
+            del trained
+            record.update(lm_eval(run_dir))
+            atomic_write_json(os.path.join(run_dir, RUN_RECORD), record)  # last: marks the run finished
+        runs[(name, lr, steps)].append(record)
 
-        trained = AutoModelForCausalLM.from_pretrained(run_dir)
-        runs[name].append(
-            {**_training_metrics(run_dir), **evaluate(trained), **lm_eval(run_dir), "seed": seed}
-        )
-        del trained
-
-    results = {
-        "setup": _setup(base_path, spec, tokenizer),
-        "before": before,
-        "methods": {
-            name: _aggregate(runs[name], activation[name], before.get("retention_ppl"))
-            for name in spec.methods
-        },
-    }
-    lm_eval.add_summaries(results, runs)
+    results = collect_results(
+        spec,
+        runs,
+        before,
+        {name: by_base[_base_name(name)] for name in spec.methods},  # an lr does not change memory
+        _setup(base_path, spec, tokenizer, sets, reused, len(jobs)),
+    )
+    chosen = {n: p for n, p in results["methods"].items() if p is not None}
+    lm_eval.add_summaries(
+        results, {n: runs[(n, p["learning_rate"], p["max_steps"])] for n, p in chosen.items()}
+    )
     atomic_write_json(os.path.join(spec.output_dir, "results.json"), results)
     atomic_write_text(os.path.join(spec.output_dir, "report.md"), format_report(results))
     write_plots(results, spec.output_dir)
     return results
 
 
-def _evaluator(tokenizer, eval_rows, match, retention, evaluate_checkpoint):
-    def evaluate(model) -> dict:
-        model.eval()
-        result = {}
-        if eval_rows is not None:
-            scored = evaluate_checkpoint(model, tokenizer, eval_rows, retention, match=match)
-            result["task_accuracy"] = scored["task_accuracy"]
-            result["retention_ppl"] = scored["retention_ppl"]
-        elif retention is not None:
-            from lopt.evaluate import perplexity
+def run_name(name: str, lr: float, steps: int, seed: int) -> str:
+    return f"{name}-lr{lr:g}-steps{steps}-seed{seed}"
 
-            result["retention_ppl"] = perplexity(model, tokenizer, retention)
-        return result
 
-    return evaluate
+# --- resume: a run folder is reused only when it is complete and made by the same command ----------------------
+def finished_run(run_dir: str, command: list[str], base_path: str, evaluation_key: str) -> dict | None:
+    """The run's record if it finished under exactly this command, base model and evaluation; else None."""
+    record = _read_record(run_dir)
+    if record is None or not _checkpoint_complete(run_dir, command, base_path):
+        return None
+    return record if record.get("evaluation_key") == evaluation_key else None
+
+
+def _read_record(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            return None
+
+
+def _checkpoint_complete(run_dir: str, command: list[str], base_path: str) -> bool:
+    """Training finished under this command (only the evaluation may be missing or stale). The command marker is
+    written into an emptied folder before training and `lopt sft` writes summary.json last, so a killed run, or a
+    folder left by another command, never passes."""
+    needed = ("summary.json", "model.safetensors", "metrics.jsonl", COMMAND_MARKER)
+    if not all(os.path.isfile(os.path.join(run_dir, f)) for f in needed):
+        return False
+    with open(os.path.join(run_dir, COMMAND_MARKER)) as f:
+        return json.load(f) == {"command": command, "base_model": base_path}
+
+
+def _evaluation_key(sets: dict) -> str:
+    """A fingerprint of the rows and texts every run is scored on: change them and runs are re-scored."""
+    import hashlib
+
+    text = json.dumps(
+        {k: v if k.endswith("retention") else (v and v[0]) for k, v in sets.items()}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- evaluation: every model on the validation and the test side ------------------------------------------------
+def evaluation_sets(spec: CompareSpec) -> dict:
+    """{"validation"/"test": (task rows, match) or None, "validation_retention"/"test_retention": texts or None}.
+
+    The retention texts are split in two halves (documents alternate), so the retention a selection reads is not
+    the retention the report states.
+    """
+    from lopt.evaluate import read_retention_file
+
+    if spec.model_name_or_path is None:
+        from lopt.builtin import DEFAULT_TASK, builtin_task_rows, exact_match, retention_texts
+
+        task = spec.task or DEFAULT_TASK
+        validation = (builtin_task_rows("validation", n=spec.eval_samples, task=task), exact_match)
+        test = (builtin_task_rows("test", n=spec.eval_samples, task=task), exact_match)
+        retention = read_retention_file(spec.retention_file) if spec.retention_file else retention_texts()
+    else:
+        from lopt.data import load_rows
+
+        def rows(path):
+            return (load_rows(train_file=path, max_samples=spec.eval_samples), None) if path else None
+
+        validation, test = rows(spec.validation_file), rows(spec.eval_file)
+        retention = read_retention_file(spec.retention_file) if spec.retention_file else None
+    if retention is not None and len(retention) < 2:
+        raise UserError(
+            f"--retention_file {spec.retention_file!r} has one document: separate at least two with a blank line "
+            "(half select, half report)."
+        )
+    return {
+        "validation": validation,
+        "test": test,
+        "validation_retention": retention[0::2] if retention else None,
+        "test_retention": retention[1::2] if retention else None,
+    }
+
+
+def evaluate_model(model, tokenizer, sets: dict) -> dict:
+    """Task accuracy and retention perplexity on both sides: "validation_task_accuracy",
+    "validation_retention_ppl" (for choices) and "task_accuracy", "retention_ppl" (the test side, reported)."""
+    from lopt.evaluate import evaluate_checkpoint, perplexity
+
+    model.eval()
+    result = {}
+    for side, prefix in (("validation", "validation_"), ("test", "")):
+        if sets[side] is not None:
+            rows, match = sets[side]
+            result[f"{prefix}task_accuracy"] = evaluate_checkpoint(model, tokenizer, rows, None, match=match)[
+                "task_accuracy"
+            ]
+        if sets[f"{side}_retention"] is not None:
+            result[f"{prefix}retention_ppl"] = perplexity(model, tokenizer, sets[f"{side}_retention"])
+    return result
 
 
 def _base_name(name: str) -> str:
@@ -189,16 +350,16 @@ def _lr_k1_ratio(name: str) -> float | None:
     return ratio
 
 
-def _method_flags(spec: CompareSpec, name: str) -> list[str]:
+def _method_flags(name: str, lr: float) -> list[str]:
     flags = list(METHOD_FLAGS[_base_name(name)])
     if _is_lopt(name):  # always explicit, so a name means the same recipe whatever `lopt sft`'s default is
         ratio = _lr_k1_ratio(name) or 1.0
-        flags += ["--lr_k1", f"{ratio * _learning_rate(spec):g}"]
+        flags += ["--lr_k1", f"{ratio * lr:.10g}"]
     return flags
 
 
 def _learning_rate(spec: CompareSpec) -> float:
-    """The lr every run trains with: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
+    """The lr without a sweep: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
     import argparse
 
     from lopt.arguments import sft_learning_rate
@@ -211,24 +372,29 @@ def _learning_rate(spec: CompareSpec) -> float:
     return sft_learning_rate(builtin_model=spec.model_name_or_path is None)
 
 
-def _train(spec: CompareSpec, name: str, seed: int, run_dir: str) -> None:
-    cmd = [sys.executable, "-m", "lopt", "sft", *_method_flags(spec, name), "--seed", str(seed)]
-    cmd += [
-        "--max_steps",
-        str(spec.max_steps),
-        "--output_dir",
-        run_dir,
-        "--eval_samples",
-        "0",
-        "--no_progress",
-    ]
+def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int) -> list[str]:
+    """The `lopt sft` arguments of one run (all but --output_dir, so an output folder can be moved)."""
+    cmd = ["sft", *_method_flags(name, lr), "--learning_rate", f"{lr:.10g}", "--seed", str(seed)]
+    cmd += ["--max_steps", str(steps), "--eval_samples", "0", "--no_progress"]
     if spec.model_name_or_path is not None:
         cmd += ["--model_name_or_path", spec.model_name_or_path, "--train_file", spec.train_file]
-    cmd += spec.sft_args
+    elif spec.task is not None:
+        cmd += ["--task", spec.task]
+    return cmd + spec.sft_args
+
+
+def _train(command: list[str], base_path: str, run_dir: str, label: str) -> None:
+    import shutil
+
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # a half-written run, or another command's: start clean
+    os.makedirs(run_dir)
+    atomic_write_json(os.path.join(run_dir, COMMAND_MARKER), {"command": command, "base_model": base_path})
+    cmd = [sys.executable, "-m", "lopt", *command, "--output_dir", run_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"training {name} (seed {seed}) failed: {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"training {label} failed: {' '.join(cmd)}\n{tail}")
 
 
 def _training_metrics(run_dir: str) -> dict:
@@ -245,27 +411,17 @@ def _training_metrics(run_dir: str) -> dict:
     }
 
 
-def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: str = "fused") -> int:
-    """Bytes saved for backward during one training step of `name` on one batch of the training data.
-
-    head="fused" (default): through TRL's fused LM head (`add_fused_lm_head`, fused_lm_head=True), the loss path
-    `lopt sft` trains through, so no [B, T, V] logits; head="hf": the model's own loss, for contrast.
-    """
+def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec) -> int:
+    """Bytes saved for backward during one training step of `name` on one batch of the training data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lopt.bench import measure_saved_tensor_peak
     from lopt.methods import prepare_model
     from lopt.model import get_lopt_model
 
-    if head not in ("fused", "hf"):
-        raise ValueError(f"head must be 'fused' or 'hf', got {head!r}.")
     flags = dict(zip(METHOD_FLAGS[name][::2], METHOD_FLAGS[name][1::2]))
     model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if head == "fused":  # as SFTTrainer does: on the plain model, before PEFT or LoPT wrap it
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model)
     prepared = prepare_model(
         model,
         flags["--method"],
@@ -277,8 +433,6 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: st
         trained = get_lopt_model(trained, prepared.lopt_config)
     trained.train()
     batch = _one_batch(tokenizer, spec)
-    if head == "fused":
-        batch["fused_lm_head"] = True
 
     def step():
         trained(**batch).loss.backward()
@@ -291,9 +445,9 @@ def _one_batch(tokenizer, spec: CompareSpec) -> dict:
     from lopt.data import load_rows, make_collator, tokenize_rows
 
     if spec.model_name_or_path is None:
-        from lopt.builtin import builtin_task_rows
+        from lopt.builtin import DEFAULT_TASK, builtin_task_rows
 
-        rows = builtin_task_rows("train", n=16)
+        rows = builtin_task_rows("train", n=16, task=spec.task or DEFAULT_TASK)
     else:
         rows = load_rows(train_file=spec.train_file, max_samples=16)
     dataset = tokenize_rows(rows, tokenizer, max_seq_length=1024)
@@ -301,9 +455,11 @@ def _one_batch(tokenizer, spec: CompareSpec) -> dict:
     return dict(make_collator(tokenizer)(features))
 
 
-def _setup(base_path: str, spec: CompareSpec, tokenizer) -> dict:
+def _setup(base_path: str, spec: CompareSpec, tokenizer, sets: dict, reused: int, total: int) -> dict:
     import transformers
     from transformers import AutoConfig
+
+    from lopt.builtin import DEFAULT_TASK
 
     config = AutoConfig.from_pretrained(base_path)
     return {
@@ -312,8 +468,15 @@ def _setup(base_path: str, spec: CompareSpec, tokenizer) -> dict:
         "num_layers": config.num_hidden_layers,
         "steps": spec.max_steps,
         "seeds": spec.seeds,
+        "learning_rates": {name: spec.learning_rates_of(name) for name in spec.methods},
         "sft_args": spec.sft_args,
-        "data": spec.train_file or "built-in task",
+        "data": spec.train_file or f"built-in task {spec.task or DEFAULT_TASK}",
+        "validation_rows": len(sets["validation"][0]) if sets["validation"] else 0,
+        "test_rows": len(sets["test"][0]) if sets["test"] else 0,
+        "retention_budgets": list(spec.retention_budgets),
+        "accuracy_targets": list(spec.accuracy_targets),
+        "runs": total,
+        "runs_reused": reused,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -321,19 +484,95 @@ def _setup(base_path: str, spec: CompareSpec, tokenizer) -> dict:
     }
 
 
-def _aggregate(runs: list[dict], activation: int, retention_before: float | None) -> dict:
-    entry: dict = {"activation_peak_bytes": activation, "retention_ppl_before": retention_before}
+def _aggregate(runs: list[dict], activation: int, before: dict) -> dict:
+    """Mean (and std over seeds) of every metric of one (method, lr, steps) point."""
+    entry: dict = {
+        "activation_peak_bytes": activation,
+        "retention_ppl_before": before.get("retention_ppl"),
+        "validation_retention_ppl_before": before.get("validation_retention_ppl"),
+    }
     for key in METRICS[1:]:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             entry[key] = statistics.fmean(values)
             if len(values) > 1:
                 entry[f"{key}_std"] = statistics.stdev(values)
-    if len(runs) > 1:
-        entry["per_seed"] = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
+    entry["seeds"] = len(runs)
+    entry["per_seed"] = [{k: r.get(k) for k in ("seed", *METRICS[1:])} for r in runs]
     steps = [s for s, _ in runs[0]["curve"]]
     entry["curve"] = [[s, statistics.fmean(r["curve"][i][1] for r in runs)] for i, s in enumerate(steps)]
     return entry
+
+
+def collect_results(spec: CompareSpec, runs: dict, before: dict, activation: dict, setup: dict) -> dict:
+    """results.json: every (method, lr, steps) point, and per method the point chosen on validation."""
+    points = []
+    for (name, lr, steps), point_runs in runs.items():
+        entry = {"method": name, "learning_rate": lr, "max_steps": steps}
+        entry.update(_aggregate(point_runs, activation[name], before))
+        entry["compute_s"] = entry.get("step_time_s", 0.0) * steps  # median step time x steps
+        points.append(entry)
+    results = {"setup": setup, "before": before, "points": points}
+    results["methods"] = {name: select_on_validation(points_of(results, name)) for name in spec.methods}
+    return results
+
+
+def points_of(results: dict, name: str) -> list[dict]:
+    return [p for p in results["points"] if p["method"] == name]
+
+
+# --- choices on validation, numbers from test --------------------------------------------------------------------
+def rise(point: dict, side: str = "test") -> float | None:
+    """Retention-perplexity rise as a fraction of the base model's (0.25 = +25%), on the test or validation side."""
+    prefix = "" if side == "test" else "validation_"
+    ppl, base = point.get(f"{prefix}retention_ppl"), point.get(f"{prefix}retention_ppl_before")
+    return None if ppl is None or not base else (ppl - base) / base
+
+
+def _validation_rank(point: dict) -> tuple:
+    """Higher validation accuracy first; ties go to the smaller validation retention rise."""
+    accuracy = point.get("validation_task_accuracy")
+    r = rise(point, "validation")
+    return (-(accuracy if accuracy is not None else -1.0), r if r is not None else math.inf)
+
+
+def select_on_validation(points: list[dict]) -> dict | None:
+    """The point with the best validation accuracy: no test number takes part in the choice."""
+    return min(points, key=_validation_rank) if points else None
+
+
+def accuracy_at_retention(points: list[dict], budget: float) -> dict | None:
+    """Among points whose *validation* retention rise is within budget, the one with the best *validation*
+    accuracy; the report states its test accuracy and test rise."""
+    fits = [p for p in points if (r := rise(p, "validation")) is not None and r <= budget]
+    return select_on_validation(fits)
+
+
+def retention_at_accuracy(points: list[dict], target: float) -> dict | None:
+    """Among points whose *validation* accuracy reaches the target, the one with the smallest *validation*
+    retention rise; the report states its test rise and test accuracy."""
+    reach = [p for p in points if (p.get("validation_task_accuracy") or 0.0) >= target]
+    ranked = [p for p in reach if rise(p, "validation") is not None]
+    return min(ranked, key=lambda p: rise(p, "validation")) if ranked else None
+
+
+def steps_to_accuracy(points: list[dict], target: float) -> dict | None:
+    """The point with the fewest steps (then the least compute) whose validation accuracy reaches the target."""
+    reach = [p for p in points if (p.get("validation_task_accuracy") or 0.0) >= target]
+    return min(reach, key=lambda p: (p["max_steps"], p.get("compute_s", 0.0))) if reach else None
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both test accuracy (higher) and test retention rise (lower), by rise.
+
+    A description of what the runs reached, drawn in the plot; no setting is chosen from it."""
+    scored = [p for p in points if p.get("task_accuracy") is not None and rise(p) is not None]
+    front, best = [], -1.0
+    for p in sorted(scored, key=lambda p: (rise(p), -p["task_accuracy"])):
+        if p["task_accuracy"] > best:
+            front.append(p)
+            best = p["task_accuracy"]
+    return front
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -343,41 +582,50 @@ def _ratio(value, reference):
 
 def format_report(results: dict) -> str:
     methods = results["methods"]
-    e2e = methods.get("e2e", {})
+    e2e = methods.get("e2e") or {}
     setup = results["setup"]
     spread = setup["seeds"] > 1
+    steps = setup["steps"] if isinstance(setup["steps"], list) else [setup["steps"]]
     lines = [
         "# lopt compare",
         "",
         f"Model `{setup['model']}` ({setup['num_layers']} layers, vocab {setup['vocab_size']}), data: "
-        f"{setup['data']}, {setup['steps']} steps, {setup['seeds']} seed(s), {setup['device']}, torch "
-        f"{setup['torch']}, transformers {setup['transformers']}.",
+        f"{setup['data']}, step budgets {', '.join(map(str, steps))}, {setup['seeds']} seed(s), "
+        f"{setup['device']}, torch {setup['torch']}, transformers {setup['transformers']}.",
+    ]
+    if "runs" in setup:
+        lines.append(
+            f"{setup['runs']} runs ({setup['runs_reused']} reused from earlier, finished runs); scored on "
+            f"{setup['validation_rows']} validation and {setup['test_rows']} test rows."
+        )
+    lines += [
         "",
-        "| method | act. peak MB (x e2e) | peak mem MB | step s (x e2e) | tokens/s | task acc | retention ppl "
-        "(before → after) | ppl rise (x e2e) | final task loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "## Each method at its setting chosen on validation, reported on test",
+        "",
+        "| method | lr | steps | act. peak MB (x e2e) | peak mem MB | step s (x e2e) | tokens/s | task acc | "
+        "retention ppl (before → after) | ppl rise (x e2e) | final task loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
+        if m is None:
+            continue
         act = m["activation_peak_bytes"] / 2**20
         act_ratio = _ratio(m["activation_peak_bytes"], e2e.get("activation_peak_bytes"))
         time_ratio = _ratio(m.get("step_time_s"), e2e.get("step_time_s"))
-        acc = m.get("task_accuracy")
-        acc_text = (
-            "—"
-            if acc is None
-            else f"{100 * acc:.1f}%" + (f" ± {100 * m['task_accuracy_std']:.1f}" if spread else "")
-        )
+        acc_text = _pct(m.get("task_accuracy"), m.get("task_accuracy_std") if spread else None)
         ppl = m.get("retention_ppl")
         ppl_text = "—" if ppl is None else f"{m['retention_ppl_before']:.1f} → {ppl:.1f}"
-        if spread and ppl is not None:
+        if spread and ppl is not None and "retention_ppl_std" in m:
             ppl_text += f" ± {m['retention_ppl_std']:.1f}"
         rise_text = "—"
         if ppl is not None and e2e.get("retention_ppl") is not None:
-            rise = ppl - m["retention_ppl_before"]
-            rise_ratio = _ratio(rise, e2e["retention_ppl"] - m["retention_ppl_before"])
-            rise_text = f"{rise:+.1f} ({_fmt_ratio(rise_ratio)})"
+            ppl_rise = ppl - m["retention_ppl_before"]
+            rise_ratio = _ratio(ppl_rise, e2e["retention_ppl"] - m["retention_ppl_before"])
+            rise_text = f"{ppl_rise:+.1f} ({_fmt_ratio(rise_ratio)})"
+        lr_text = f"{m['learning_rate']:g}" if "learning_rate" in m else "—"
         lines.append(
-            f"| {name} | {act:.1f} ({_fmt_ratio(act_ratio)}) | {m.get('peak_memory_bytes', 0) / 2**20:.0f} | "
+            f"| {name} | {lr_text} | {m.get('max_steps', '—')} | {act:.1f} ({_fmt_ratio(act_ratio)}) | "
+            f"{m.get('peak_memory_bytes', 0) / 2**20:.0f} | "
             f"{m.get('step_time_s', float('nan')):.3f} ({_fmt_ratio(time_ratio)}) | "
             f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
             f"{m.get('final_task_loss', float('nan')):.3f} |"
@@ -386,16 +634,241 @@ def format_report(results: dict) -> str:
 
     lines += ["", *format_lm_eval_report(results)]
     lines += ["", "## What the numbers show", "", *summarize(results), ""]
+    if results.get("points"):
+        lines += _sweep_sections(results)
     lines += [
         "Activation peak: bytes saved for backward during one training step on one batch (same meter as `lopt "
         "bench`; full-logits LM head for every method). Peak memory: the training process's peak RSS (CPU) or "
-        "max allocated (GPU). Step time and tokens/s: medians over logging intervals.",
+        "max allocated (GPU). Step time and tokens/s: medians over logging intervals; compute = median step "
+        "time x steps.",
         "",
-        "![loss curves](loss_curves.png) ![memory and time](memory_time.png) "
-        "![accuracy vs retention](accuracy_retention.png)",
+        "![accuracy vs retention fronts](fronts.png) ![loss curves](loss_curves.png) "
+        "![memory and time](memory_time.png) ![accuracy vs retention](accuracy_retention.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _pct(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}%" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+
+
+def _rise_text(point: dict, side: str = "test") -> str:
+    r = rise(point, side)
+    return "—" if r is None else f"{100 * r:+.0f}%"
+
+
+def _where(point: dict) -> str:
+    return f"lr {point['learning_rate']:g}, {point['max_steps']} steps"
+
+
+def _sweep_sections(results: dict) -> list[str]:
+    """Every point; accuracy at matched retention; retention at matched accuracy; steps to an accuracy."""
+    setup = results["setup"]
+    names = [n for n, m in results["methods"].items() if m is not None]
+    lines = [
+        "## Every (method, lr, steps) point",
+        "",
+        "Mean ± std over seeds. Validation columns choose, test columns report. Retention rise: perplexity rise "
+        "over the base model's, in % of the base model's (validation and test use disjoint halves of the "
+        "retention texts).",
+        "",
+        "| method | lr | steps | seeds | val acc | val rise | test acc | test ppl | test rise | step s | compute s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["points"]:
+        ppl = p.get("retention_ppl")
+        ppl_text = (
+            "—"
+            if ppl is None
+            else f"{ppl:.1f}" + (f" ± {p['retention_ppl_std']:.1f}" if "retention_ppl_std" in p else "")
+        )
+        lines.append(
+            f"| {p['method']} | {p['learning_rate']:g} | {p['max_steps']} | {p['seeds']} | "
+            f"{_pct(p.get('validation_task_accuracy'), p.get('validation_task_accuracy_std'))} | "
+            f"{_rise_text(p, 'validation')} | {_pct(p.get('task_accuracy'), p.get('task_accuracy_std'))} | "
+            f"{ppl_text} | {_rise_text(p)} | {p.get('step_time_s', float('nan')):.3f} | "
+            f"{p.get('compute_s', float('nan')):.1f} |"
+        )
+    budgets, targets = setup["retention_budgets"], setup["accuracy_targets"]
+    steps = setup["steps"]
+    lines += [
+        "",
+        "## Accuracy at matched retention",
+        "",
+        "For each retention budget (rise ≤ x% of the base model's perplexity), each method's run is chosen "
+        "without looking at the test split: among its points whose *validation*-side retention rise fits the "
+        "budget, the one with the best *validation* accuracy. The cell gives that point's *test* accuracy, its "
+        "setting and its test-side rise. — : no point fits.",
+        "",
+    ]
+    for label, pool_steps in [("any step budget", steps)] + (
+        [(f"{s} steps", [s]) for s in steps] if len(steps) > 1 else []
+    ):
+        lines += [
+            f"{label}:",
+            "",
+            "| method | " + " | ".join(f"rise ≤ {100 * b:.0f}%" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for name in names:
+            pool = [p for p in points_of(results, name) if p["max_steps"] in pool_steps]
+            cells = []
+            for b in budgets:
+                p = accuracy_at_retention(pool, b)
+                cells.append(
+                    "—"
+                    if p is None
+                    else f"{_pct(p.get('task_accuracy'))} ({_where(p)}; rise {_rise_text(p)})"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Retention at matched accuracy",
+        "",
+        "For each accuracy target, each method's point with the smallest *validation* retention rise among those "
+        "whose *validation* accuracy reaches it; the cell gives that point's *test* rise and test accuracy.",
+        "",
+        "| method | " + " | ".join(f"val acc ≥ {100 * t:.0f}%" for t in targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for name in names:
+        cells = []
+        for t in targets:
+            p = retention_at_accuracy(points_of(results, name), t)
+            cells.append(
+                "—"
+                if p is None
+                else f"rise {_rise_text(p)} ({_where(p)}; acc {_pct(p.get('task_accuracy'))})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Steps and compute to reach a validation accuracy",
+        "",
+        "The smallest step budget at which some lr reaches the target on validation (mean over seeds); compute = "
+        "median step time x steps on this machine. Budgets are separate runs, each with its own full schedule.",
+        "",
+        "| method | " + " | ".join(f"val acc ≥ {100 * t:.0f}%" for t in targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for name in names:
+        cells = []
+        for t in targets:
+            p = steps_to_accuracy(points_of(results, name), t)
+            cells.append(
+                "not reached"
+                if p is None
+                else f"{p['max_steps']} steps, {p['compute_s']:.1f} s (lr {p['learning_rate']:g})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Targets of issue 11 (chosen on validation, stated on test)",
+        "",
+        *issue11_targets(results),
+        "",
+    ]
+    return lines
+
+
+def _lopt_variants(results: dict) -> list[str]:
+    """LoPT methods that stand for the engine: lopt_joint has lopt's gradients, so it is not a variant."""
+    return [n for n in results["methods"] if _is_lopt(n) and _base_name(n) != "lopt_joint"]
+
+
+def issue11_targets(results: dict) -> list[str]:
+    """Each target of issue 11 as met / MISSED with its numbers. The best LoPT variant at a budget is chosen
+    from all LoPT methods' points on validation, exactly as each method's own point is."""
+    setup = results["setup"]
+    variants = _lopt_variants(results)
+    if "e2e" not in results["methods"] or not variants:
+        return ["- Needs e2e and at least one LoPT method."]
+    e2e_points = points_of(results, "e2e")
+    lopt_points = [p for n in variants for p in points_of(results, n)]
+    out = []
+
+    def check(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    def versus(mine, theirs, what, better) -> str:
+        if mine is None and theirs is None:
+            return f"{what}: neither e2e nor LoPT has a point (n/a)."
+        if theirs is None:
+            return f"{what}: {_describe_point(mine)}; e2e has no point: met."
+        if mine is None:
+            return f"{what}: {_describe_point(theirs)}; no LoPT point: MISSED."
+        return f"{what}: {_describe_point(mine)} vs {_describe_point(theirs)}: {check(better(mine, theirs))}."
+
+    def within_2_points(mine, theirs):
+        return 100 * (mine["task_accuracy"] - theirs["task_accuracy"]) >= -2
+
+    steps = setup["steps"]
+    for s in steps:
+        for b in setup["retention_budgets"]:
+            pick = [
+                accuracy_at_retention([p for p in pts if p["max_steps"] == s], b)
+                for pts in (lopt_points, e2e_points)
+            ]
+            out.append(
+                "- "
+                + versus(
+                    *pick,
+                    f"accuracy within 2 points of e2e at rise ≤ {100 * b:.0f}%, {s} steps",
+                    within_2_points,
+                )
+            )
+    if len(steps) > 1:
+        for b in setup["retention_budgets"]:
+            mine, theirs = accuracy_at_retention(lopt_points, b), accuracy_at_retention(e2e_points, b)
+            line = versus(
+                mine,
+                theirs,
+                f"the same with each at its own best step budget, rise ≤ {100 * b:.0f}%",
+                within_2_points,
+            )
+            if mine is not None and theirs is not None:
+                line += f" Compute: LoPT {mine['compute_s']:.1f} s, e2e {theirs['compute_s']:.1f} s."
+            out.append("- " + line)
+    for t in setup["accuracy_targets"]:
+        pick = retention_at_accuracy(lopt_points, t), retention_at_accuracy(e2e_points, t)
+        out.append(
+            "- "
+            + versus(
+                *pick, f"retention rise ≤ e2e's at val acc ≥ {100 * t:.0f}%", lambda m, e: rise(m) <= rise(e)
+            )
+        )
+    k4 = [p for n in variants if _base_name(n).startswith("lopt_k4") for p in points_of(results, n)]
+    best = select_on_validation(k4)
+    if best is not None:
+        same = [
+            p
+            for p in e2e_points
+            if (p["learning_rate"], p["max_steps"]) == (best["learning_rate"], best["max_steps"])
+        ]
+        if same and rise(best) is not None and rise(same[0]) is not None:
+            out.append(
+                f"- k=4 does not collapse (rise ≤ e2e's at the same lr and steps): {_describe_point(best)} vs "
+                f"{_describe_point(same[0])}: {check(rise(best) <= rise(same[0]))}."
+            )
+        else:
+            out.append(f"- k=4 does not collapse: no e2e run at {_where(best)} (n/a).")
+        freeze = results["methods"].get("freeze")
+        if freeze is not None and best.get("task_accuracy") is not None:
+            out.append(
+                f"- k=4 beats freeze on accuracy: {best['method']} {_pct(best['task_accuracy'])} vs freeze "
+                f"{_pct(freeze.get('task_accuracy'))} ({_where(freeze)}): "
+                f"{check(best['task_accuracy'] > (freeze.get('task_accuracy') or 0.0))}."
+            )
+    if setup["seeds"] < 3:
+        out.append("- Fewer than 3 seeds: these verdicts are not reliable.")
+    return out
+
+
+def _describe_point(p: dict) -> str:
+    return f"{p['method']} ({_where(p)}) {_pct(p.get('task_accuracy'))}, rise {_rise_text(p)}"
 
 
 def _is_lopt(name: str) -> bool:
@@ -467,7 +940,8 @@ def write_plots(results: dict, output_dir: str) -> None:
     methods = results["methods"]
     names = list(methods)
     # one colour and marker per method, the same in every plot (the default cycle repeats after 10)
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # tab20 pairs near-identical shades
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
     markers = {name: "osD^v<>ph*"[i % 10] for i, name in enumerate(names)}
 
     fig, ax = plt.subplots(figsize=(8.5, 4))
@@ -514,9 +988,51 @@ def write_plots(results: dict, output_dir: str) -> None:
         ylabel="retention perplexity (lower = kept more)",
     )
     ax.set_yscale("log")  # a collapsing method can sit orders of magnitude above the rest
-    ax.set_title("Accuracy vs retention")
+    ax.set_title("Accuracy vs retention (each method at its validation-chosen setting)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     _save(fig, output_dir, "accuracy_retention.png")
+    if results.get("points"):
+        _plot_fronts(results, output_dir, colors, markers)
+
+
+def _plot_fronts(results: dict, output_dir: str, colors: dict, markers: dict) -> None:
+    """Test accuracy against test retention rise for every (method, lr, steps) point; each method's front a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    rises = [100 * r for p in results["points"] if (r := rise(p)) is not None]
+    for name in results["methods"]:
+        points = [
+            p for p in points_of(results, name) if p.get("task_accuracy") is not None and rise(p) is not None
+        ]
+        if not points:
+            continue
+        ax.scatter(
+            [100 * rise(p) for p in points],
+            [100 * p["task_accuracy"] for p in points],
+            marker=markers[name],
+            color=colors[name],
+            alpha=0.6,
+        )
+        front = pareto_front(points)
+        ax.plot(
+            [100 * rise(p) for p in front],
+            [100 * p["task_accuracy"] for p in front],
+            marker=markers[name],
+            color=colors[name],
+            label=name,
+        )
+    ax.set_ylim(-2, 102)
+    if rises:  # room for the markers at both ends of the log-like axis
+        ax.set_xlim(min(rises) * 1.5 if min(rises) < 0 else -1, max(max(rises) * 1.5, 20))
+    ax.set_xscale("symlog", linthresh=10)  # rises run from a few % to orders of magnitude
+    ax.set(
+        xlabel="retention perplexity rise over the base model (% of base, test half of the retention texts)",
+        ylabel="task exact match on test (%)",
+        title="Accuracy vs retention: every (lr, steps) point, each method's front as a line",
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    _save(fig, output_dir, "fronts.png")
 
 
 def _save(fig, output_dir: str, name: str) -> None:

@@ -1,4 +1,9 @@
-"""`lopt compare`: every method on the same model, data, budget and seeds; results.json, report.md, plots."""
+"""`lopt compare`: every method on the same model, data, budget and seeds; results.json, report.md, plots.
+
+With --learning_rates and several --max_steps it is a sweep: every method at every (lr, steps) point, each
+method's setting chosen on validation and reported on test, accuracy-vs-retention fronts, and resume (finished
+runs in --output_dir are reused).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import shlex
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    from lopt.builtin import BUILTIN_TASKS
     from lopt.cli.eval import add_lm_eval_args
-    from lopt.compare import DEFAULT_METHODS, METHOD_FLAGS
+    from lopt.compare import ACCURACY_TARGETS, DEFAULT_METHODS, METHOD_FLAGS, RETENTION_BUDGETS
 
     parser.add_argument(
         "--methods",
@@ -21,23 +27,68 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Learning-rate study, e.g. 1,0.3,0.1: adds lopt@r for each ratio r != 1 (lr_k1 = r x lr).",
     )
+    parser.add_argument(
+        "--learning_rates",
+        default=None,
+        help="Sweep, e.g. 1e-4,3e-4,1e-3: every method at every rate (a LoPT 'name@r' trains its early group at "
+        "r x each rate). Default: --learning_rate in --sft_args, else `lopt sft`'s default.",
+    )
+    parser.add_argument(
+        "--method_learning_rates",
+        action="append",
+        default=[],
+        metavar="NAME=LR,LR,...",
+        help="A method's own grid, e.g. lora=1e-3,3e-3,1e-2 (LoRA usually needs ~10x the full-fine-tuning rate); "
+        "NAME is a --methods entry or its base name. Repeat the flag for more methods.",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="Default 3 (1 with --quick).")
     parser.add_argument(
         "--max_steps",
-        type=int,
         default=None,
-        help="Training steps per run. Default 300, the built-in sft budget (100 quick).",
+        help="Step budgets, e.g. 300,900: one separate run per budget (each with `lopt sft`'s full schedule over "
+        "its own budget). Default 300, the built-in sft budget (100 quick).",
     )
     parser.add_argument(
-        "--eval_samples", type=int, default=None, help="Held-out rows scored. Default 300 (100 quick)."
+        "--eval_samples",
+        type=int,
+        default=None,
+        help="Validation and test rows scored, each. Default 300 (100 quick).",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=list(BUILTIN_TASKS),
+        help="A built-in task for the built-in model (passed to `lopt sft --task`). Default: successor.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, short budget: a smoke run, not evidence."
     )
     parser.add_argument("--model_name_or_path", default=None, help="Default: the built-in model and task.")
     parser.add_argument("--train_file", default=None)
-    parser.add_argument("--eval_file", default=None, help="Held-out rows with answers, for task accuracy.")
-    parser.add_argument("--retention_file", default=None, help="Plain text for retention perplexity.")
+    parser.add_argument(
+        "--eval_file", default=None, help="Test rows with answers: the task accuracy the report states."
+    )
+    parser.add_argument(
+        "--validation_file",
+        default=None,
+        help="Validation rows with answers (disjoint from --eval_file): what a sweep's choices use.",
+    )
+    parser.add_argument(
+        "--retention_file",
+        default=None,
+        help="Plain text for retention perplexity (documents split by blank lines; alternate documents go to "
+        "the validation and the test side).",
+    )
+    parser.add_argument(
+        "--retention_budgets",
+        default=",".join(f"{b:g}" for b in RETENTION_BUDGETS),
+        help="Retention-perplexity rises, as fractions of the base model's, for 'accuracy at matched retention'.",
+    )
+    parser.add_argument(
+        "--accuracy_targets",
+        default=",".join(f"{t:g}" for t in ACCURACY_TARGETS),
+        help="Validation accuracies for 'retention at matched accuracy' and 'steps to reach an accuracy'.",
+    )
     parser.add_argument(
         "--sft_args", default="", help='Extra `lopt sft` flags for every run, e.g. "--lr_k1 1e-4".'
     )
@@ -46,7 +97,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default_help="Default: lopt_knowledge for the built-in model (when lm-eval is installed), none for a user's "
         "model; 'none' turns it off. Scored on the base model and after every run.",
     )
-    parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument(
+        "--output_dir",
+        default="runs/compare",
+        help="Finished runs already in it (same command, complete outputs) are reused: rerun to resume.",
+    )
     parser.add_argument("--no_progress", action="store_true")
 
 
@@ -55,23 +110,32 @@ def run(args: argparse.Namespace) -> int:
     from lopt.compare import CompareSpec, run_compare
 
     lm_eval = lm_eval_options(args)
-
     spec = CompareSpec(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
-        max_steps=args.max_steps if args.max_steps is not None else (100 if args.quick else 300),
+        max_steps=(
+            _numbers("--max_steps", args.max_steps, int)
+            if args.max_steps is not None
+            else [100 if args.quick else 300]
+        ),
+        learning_rates=_numbers("--learning_rates", args.learning_rates) if args.learning_rates else None,
+        method_learning_rates=_method_grids(args.method_learning_rates),
         eval_samples=args.eval_samples if args.eval_samples is not None else (100 if args.quick else 300),
+        task=args.task,
         model_name_or_path=args.model_name_or_path,
         train_file=args.train_file,
         eval_file=args.eval_file,
+        validation_file=args.validation_file,
         retention_file=args.retention_file,
         sft_args=shlex.split(args.sft_args),
         output_dir=args.output_dir,
         progress=not args.no_progress,
-        lr_k1_ratios=_ratios(args.lr_k1_ratios),
+        lr_k1_ratios=_numbers("--lr_k1_ratios", args.lr_k1_ratios) if args.lr_k1_ratios else None,
+        retention_budgets=tuple(_numbers("--retention_budgets", args.retention_budgets)),
         lm_eval_tasks=args.lm_eval_tasks,
         lm_eval_limit=lm_eval["limit"] if lm_eval["limit"] is not None else (100 if args.quick else None),
         lm_eval_batch_size=lm_eval["batch_size"],
+        accuracy_targets=tuple(_numbers("--accuracy_targets", args.accuracy_targets)),
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:
@@ -79,12 +143,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ratios(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
+def _numbers(flag: str, text: str, kind=float) -> list:
     try:
-        return [float(r) for r in text.split(",") if r.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(
-            f"--lr_k1_ratios {text!r} must be comma-separated numbers, e.g. 1,0.3,0.1."
-        ) from None
+        values = []
+    if not values:
+        raise ValueError(f"{flag} {text!r} must be comma-separated numbers, e.g. {flag} 1e-4,3e-4.")
+    return values
+
+
+def _method_grids(entries: list[str]) -> dict[str, list[float]]:
+    grids = {}
+    for entry in entries:
+        name, sep, rates = entry.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(
+                f"--method_learning_rates {entry!r} must be NAME=LR,LR,..., e.g. lora=1e-3,3e-3,1e-2."
+            )
+        grids[name.strip()] = _numbers(f"--method_learning_rates {name.strip()}=", rates)
+    return grids
