@@ -68,7 +68,14 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
         default="recon",
         choices=AUX_OBJECTIVES,
         help="Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained model's "
-        "hidden state at the boundary), or recon+anchor.",
+        "hidden state at the boundary), task (the batch's next-token loss read through the model's own final norm "
+        "and LM head; SFT only), or a sum such as recon+task.",
+    )
+    g.add_argument(
+        "--task_weight", type=float, default=1.0, help="Weight of the task term in recon+task etc."
+    )
+    g.add_argument(
+        "--aux_warmup_steps", type=int, default=0, help="First N steps: only the aux heads learn locally."
     )
     g.add_argument(
         "--anchor_weight", type=float, default=1.0, help="Weight of the anchor term in recon+anchor."
@@ -147,6 +154,8 @@ def fill_defaults(args: argparse.Namespace, command: str) -> argparse.Namespace:
         args.lr_k1 = SFT_LR_K1_RATIO * args.learning_rate
     if args.aux_objective != "recon" and not lopt_method:
         raise UserError(f"--aux_objective only applies to LoPT methods, not --method {args.method}.")
+    if args.aux_warmup_steps and not lopt_method:
+        raise UserError(f"--aux_warmup_steps only applies to LoPT methods, not --method {args.method}.")
     return args
 
 
@@ -261,6 +270,8 @@ def prepare_from_args(model, args: argparse.Namespace):
         aux_objective=args.aux_objective,
         anchor_weight=args.anchor_weight,
         anchor_dtype=args.anchor_dtype,
+        task_weight=args.task_weight,
+        aux_warmup_steps=args.aux_warmup_steps,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
