@@ -151,6 +151,11 @@ class BlockStage:
             raise ValueError(
                 "block-parallel LoPT is local by construction: use LoPTConfig(backward='local')."
             )
+        if lopt_config.aux_objective != "recon" or lopt_config.aux_warmup_steps:
+            raise ValueError(
+                f"block-parallel LoPT supports only aux_objective='recon' without aux_warmup_steps, not "
+                f"aux_objective={lopt_config.aux_objective!r}, aux_warmup_steps={lopt_config.aux_warmup_steps}."
+            )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.model, self.config = model, lopt_config
         self.device = torch.device(device)
@@ -394,6 +399,7 @@ def check_launch(args: argparse.Namespace) -> tuple[int, int, int]:
         "--save_steps": args.save_steps,
         "--fp16 (use --bf16)": args.fp16,
         f"--aux_objective {args.aux_objective} (only recon)": args.aux_objective != "recon",
+        "--aux_warmup_steps": getattr(args, "aux_warmup_steps", 0),
     }
     for flag, value in unsupported.items():
         if value:
