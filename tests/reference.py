@@ -15,6 +15,10 @@ parameter is the same with or without the stop-gradients (they only cut paths *i
     * block i (i < k-1) and aux head i                  <- lambda/(k-1) * aux_i only;
     * everything before layer 0 (embeddings, ...)       <- lambda/(k-1) * aux_0 only.
 
+The "task" term (aux_i += task_weight * CE(lm_head(final_norm(h_{s_{i+1}})), labels)) fits the same scheme: the
+norm and the head it reads through belong to the last block's group, which only the task cross-entropy may train,
+so restricting each term's gradient to its own parameters is exactly "the lens weights are held fixed".
+
 So one plain forward of the unmodified model (read-only hooks record h_j and the block outputs) and one
 `torch.autograd.grad` per term, restricted to that term's parameters, give the exact gradients of L.
 """
@@ -110,11 +114,14 @@ def reference_gradients(
     labels: torch.Tensor,
     anchor_states: Sequence[torch.Tensor] | None = None,
     anchor_weight: float = 1.0,
+    task_weight: float | None = None,
 ) -> tuple[dict[str, torch.Tensor | None], list[torch.Tensor | None], torch.Tensor, list[torch.Tensor]]:
     """Gradients of the LoPT objective for `model` (a plain HF causal LM, possibly inside PEFT) in train mode.
 
     With `anchor_states` (the pretrained model's block outputs, see `pretrained_block_outputs`), aux_i gains
     `anchor_weight * MSE(block i output, anchor_states[i])`; with `heads=None` aux_i is that anchor term alone.
+    With `task_weight`, aux_i gains `task_weight * CE(lm_head(final_norm(block i output)), labels)` (shifted, mean
+    over labelled tokens, like the task loss).
 
     Returns (model grads by parameter name, one list of grads per head in parameters() order, task loss, aux
     losses). A gradient is None where the objective does not reach the parameter. Only parameters with
@@ -125,7 +132,7 @@ def reference_gradients(
     layers = _get(base, layers_path)
     num_boundaries = len(block_ranges) - 1
     assert heads is None or len(heads) == num_boundaries
-    assert heads is not None or anchor_states is not None
+    assert heads is not None or anchor_states is not None or task_weight is not None
 
     block_inputs: dict[int, torch.Tensor] = {}
     block_outputs: dict[int, torch.Tensor] = {}
@@ -158,6 +165,9 @@ def reference_gradients(
             aux = aux + F.mse_loss(heads[i](block_outputs[i]).float(), block_inputs[i].detach().float())
         if anchor_states is not None:
             aux = aux + anchor_weight * F.mse_loss(block_outputs[i].float(), anchor_states[i].float())
+        if task_weight is not None:
+            lens = _get(base, head_path)(_get(base, norm_path)(block_outputs[i]))
+            aux = aux + task_weight * causal_lm_loss(lens, labels)
         auxes.append(aux)
     scale = aux_weight / num_boundaries
 

@@ -89,6 +89,7 @@ def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict, anchor_st
         batch["labels"],
         anchor_states=anchor_states,
         anchor_weight=lm.lopt_config.anchor_weight,
+        task_weight=lm.lopt_config.task_weight if lm.lopt_config.uses_task else None,
     )
 
 

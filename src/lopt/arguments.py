@@ -70,11 +70,22 @@ class LoPTArguments:
         default="recon",
         metadata={
             "help": "Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained "
-            "model's hidden state at the boundary), or recon+anchor.",
+            "model's hidden state at the boundary), task (the batch's next-token loss read through the model's own "
+            "final norm and LM head; sft only), or a sum such as recon+task or task+anchor.",
             "choices": AUX_OBJECTIVES,
         },
     )
     anchor_weight: float = field(default=1.0, metadata={"help": "Weight of the anchor term in recon+anchor."})
+    task_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the task term in a sum such as recon+task or task+anchor."}
+    )
+    aux_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "For the first N optimizer steps only the aux heads learn from the local objective (the early "
+            "blocks' local gradient is dropped), so early blocks do not follow a random head."
+        },
+    )
     anchor_dtype: str | None = field(
         default=None,
         metadata={
@@ -116,6 +127,10 @@ class LoPTArguments:
                     raise UserError(f"--{name} only applies to LoPT methods, not --method {self.method}.")
             if self.aux_objective != "recon":
                 raise UserError(f"--aux_objective only applies to LoPT methods, not --method {self.method}.")
+            if self.aux_warmup_steps:
+                raise UserError(
+                    f"--aux_warmup_steps only applies to LoPT methods, not --method {self.method}."
+                )
         if self.num_blocks < 2:
             raise UserError(f"--num_blocks {self.num_blocks} is invalid: LoPT needs at least 2 blocks.")
         bounds = self.boundary_list()

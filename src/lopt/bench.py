@@ -68,6 +68,9 @@ CONFIGS: dict[str, BenchConfig] = {
     "lopt-k2-anchor-bf16": BenchConfig(
         "LoPT k=2 recon+anchor bf16 copy", "local", 2, False, "recon+anchor", "bfloat16"
     ),
+    # the task objective's cost: a logit-lens cross-entropy per boundary, chunked so no full logits are kept
+    "lopt-k2-task": BenchConfig("LoPT k=2 task", "local", 2, False, "task"),
+    "lopt-k4-task": BenchConfig("LoPT k=4 task", "local", 4, False, "task"),
     "e2e+gc": BenchConfig("E2E", None, 1, True),
     "lopt-joint-k2+gc": BenchConfig("LoPT-joint k=2", "joint", 2, True),
     "lopt-k2+gc": BenchConfig("LoPT k=2", "local", 2, True),

@@ -153,6 +153,11 @@ class BlockStage:
             raise ValueError(
                 "block-parallel LoPT is local by construction: use LoPTConfig(backward='local')."
             )
+        if lopt_config.aux_objective != "recon" or lopt_config.aux_warmup_steps:
+            raise ValueError(
+                f"block-parallel LoPT supports only aux_objective='recon' without aux_warmup_steps, not "
+                f"aux_objective={lopt_config.aux_objective!r}, aux_warmup_steps={lopt_config.aux_warmup_steps}."
+            )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.model, self.config = model, lopt_config
         self.device = torch.device(device)
@@ -401,6 +406,7 @@ def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int
         "--fp16 (use --bf16)": training_args.fp16,
         f"--aux_objective {lopt_args.aux_objective} (only recon)": lopt_args.aux_objective != "recon",
         "--boundaries": lopt_args.boundaries,
+        "--aux_warmup_steps": lopt_args.aux_warmup_steps,
     }
     for flag, value in unsupported.items():
         if value:

@@ -36,6 +36,14 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "lopt_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "anchor"],
     "lopt_recon_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "recon+anchor"],
     "lopt_k4_anchor": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "recon+anchor"],
+    # The local task objective (logit-lens next-token loss at each boundary), at lambda 1: with the paper's 10 the
+    # early gradients dominate the global clipping norm and shrink the last block's step.
+    "lopt_task": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "task", "--lambda_aux", "1"],
+    "lopt_k4_task": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "task", "--lambda_aux", "1"],
+    "lopt_task_anchor": [
+        *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "task+anchor"),
+        *("--lambda_aux", "1", "--anchor_weight", "0.1"),
+    ],
 }
 DEFAULT_METHODS = ("e2e", "lopt", "lopt@0.3", "lopt_k4", "lopt_joint", "freeze", "lora")
 METRICS = (

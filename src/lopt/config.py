@@ -11,7 +11,8 @@ from lopt.io import atomic_write_json
 
 CONFIG_NAME = "lopt_config.json"
 BACKWARD_MODES = ("local", "joint")
-AUX_OBJECTIVES = ("recon", "anchor", "recon+anchor")
+# Each objective is a sum of terms: "recon" (the paper's), "anchor" (lopt.anchor), "task" (lopt.lens).
+AUX_OBJECTIVES = ("recon", "anchor", "recon+anchor", "task", "recon+task", "task+anchor")
 ANCHOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,12 +46,30 @@ class LoPTConfig:
         metadata={
             "help": "Local objective of each early block. 'recon': the paper's (an aux head reconstructs the "
             "block's input from its output). 'anchor': MSE between the block's output and the pretrained model's "
-            "hidden state at the same boundary for the same input. 'recon+anchor': recon + anchor_weight * anchor."
+            "hidden state at the same boundary for the same input. 'task': next-token cross-entropy on the batch's "
+            "labels of the block's output read through the model's own final norm and LM head, held fixed (a "
+            "'logit lens'; needs labels, so SFT only). Sums: 'recon+anchor', 'recon+task', 'task+anchor', each "
+            "non-recon term times its weight."
         },
     )
     anchor_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the anchor term inside aux_i ('anchor' and 'recon+anchor')."},
+    )
+    task_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the task (logit-lens cross-entropy) term inside aux_i ('task', 'recon+task', ...)."
+        },
+    )
+    aux_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "For the first N optimizer steps the local objective trains only the aux heads: the block outputs "
+            "are detached before it, so the embedding and early blocks get no gradient (and AdamW skips them) "
+            "until the heads are no longer random. The last block trains from step 0. Trainer integrations apply "
+            "it; with the bare model set LoPTModel.aux_heads_only yourself."
+        },
     )
     anchor_dtype: str | None = field(
         default=None,
@@ -88,16 +107,30 @@ class LoPTConfig:
         if self.aux_objective not in AUX_OBJECTIVES:
             raise ValueError(f"aux_objective={self.aux_objective!r} is not one of {AUX_OBJECTIVES}.")
         self.anchor_weight = _non_negative_float("anchor_weight", self.anchor_weight)
+        self.task_weight = _non_negative_float("task_weight", self.task_weight)
+        if (
+            isinstance(self.aux_warmup_steps, bool)
+            or not isinstance(self.aux_warmup_steps, int)
+            or self.aux_warmup_steps < 0
+        ):
+            raise ValueError(
+                f"aux_warmup_steps={self.aux_warmup_steps!r} must be an integer >= 0 (0: no warm-up)."
+            )
         if self.anchor_dtype is not None and self.anchor_dtype not in ANCHOR_DTYPES:
             raise ValueError(f"anchor_dtype={self.anchor_dtype!r} is not one of {ANCHOR_DTYPES} (or None).")
 
     @property
     def uses_reconstruction(self) -> bool:
-        return "recon" in self.aux_objective
+        return "recon" in self.aux_objective.split("+")
 
     @property
     def uses_anchor(self) -> bool:
-        return "anchor" in self.aux_objective
+        return "anchor" in self.aux_objective.split("+")
+
+    @property
+    def uses_task(self) -> bool:
+        """The local task term needs the batch's labels (SFT), which GRPO and DPO batches do not have."""
+        return "task" in self.aux_objective.split("+")
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """Contiguous (start, end) layer ranges; earlier blocks take the extra layer (9 layers, k=2 -> 5 + 4)."""

@@ -43,6 +43,8 @@ def prepare_model(
     aux_objective: str = "recon",
     anchor_weight: float = 1.0,
     anchor_dtype: str | None = None,
+    task_weight: float = 1.0,
+    aux_warmup_steps: int = 0,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
@@ -64,6 +66,8 @@ def prepare_model(
             aux_objective=aux_objective,
             anchor_weight=anchor_weight,
             anchor_dtype=anchor_dtype,
+            task_weight=task_weight,
+            aux_warmup_steps=aux_warmup_steps,
         )
         # Validate now (e.g. num_blocks > layers), before the trainer or the model is touched.
         config.block_ranges(find_decoder_parts(model).num_layers)

@@ -6,6 +6,8 @@ A training forward (module in train mode, grad enabled) goes like this, for k bl
     block 0:   h_1 = layers[b_0:b_1](h_0)
     boundary:  aux_0 = MSE(head_0(h_1), h_0.detach())     (pre-hook on block 1's first layer; "recon")
                      [+ anchor_weight * MSE(h_1, h_1 of the pretrained model)]   ("anchor", see lopt.anchor)
+                     [+ task_weight * CE(lm_head(final_norm(h_1)), labels)]       ("task", see lopt.lens)
+               aux-head warm-up (aux_heads_only): h_1 is detached before aux_0, so only the head learns
                local mode: backward(scale * lambda/(k-1) * aux_0) right now -> block 0's activations are freed
                joint mode: keep aux_0's graph; it joins the task loss in one backward later
                block 1 receives h_1.detach(): the gradient boundary
@@ -31,6 +33,7 @@ from lopt.config import LoPTConfig
 from lopt.distributed import fsdp2_local_backward
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.io import atomic_directory_write
+from lopt.lens import lens_cross_entropy
 
 AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
 
@@ -60,6 +63,9 @@ class LoPTModel(nn.Module):
             1/gradient_accumulation_steps, times a fp16 grad-scaler's scale). The local backward uses it so that
             early-block gradients scale exactly like the task gradient. Trainer integrations set it.
         last_aux_losses: detached aux_i of the most recent training forward, one per boundary (for logging).
+        aux_heads_only: while True (the aux-head warm-up, `LoPTConfig.aux_warmup_steps`), the block outputs are
+            detached before the local objective: only the aux heads learn from it, the embedding and early blocks
+            get no gradient (nor backward compute). Trainer integrations set it from the optimizer step.
     """
 
     def __init__(
@@ -83,6 +89,8 @@ class LoPTModel(nn.Module):
             dtype = getattr(torch, config.anchor_dtype) if config.anchor_dtype else None
             self.anchor = PretrainedAnchor(model, parts, block_ranges, late, dtype)
         self._anchor_states: list[torch.Tensor] | None = None
+        self._labels: torch.Tensor | None = None
+        self.aux_heads_only = False
         self.loss_scale = 1.0
         self.last_aux_losses: list[torch.Tensor] = []
         self.last_task_loss: torch.Tensor | None = None
@@ -97,6 +105,12 @@ class LoPTModel(nn.Module):
             self._hook_handles += [
                 model.register_forward_pre_hook(self._compute_anchor_states, with_kwargs=True),
                 model.register_forward_hook(self._drop_anchor_states, always_call=True),
+            ]
+        if config.uses_task:
+            # The task term needs this batch's labels at every boundary: taken from the call to the whole model.
+            self._hook_handles += [
+                model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
+                model.register_forward_hook(self._drop_labels, always_call=True),
             ]
 
     def register_block_hooks(self, prepend: bool = False) -> None:
@@ -139,6 +153,12 @@ class LoPTModel(nn.Module):
     def _drop_anchor_states(self, *_):
         self._anchor_states = None
 
+    def _capture_labels(self, module, args, kwargs):
+        self._labels = kwargs.get("labels")
+
+    def _drop_labels(self, *_):
+        self._labels = None
+
     def _begin_forward(self, embedding_output: torch.Tensor) -> None:
         self._check_checkpointing()
         self._block_inputs = {0: embedding_output}
@@ -148,6 +168,12 @@ class LoPTModel(nn.Module):
                 "The anchor objective computes the pretrained reference when the whole model is called: call the "
                 "model (or the LoPTModel), not one of its submodules."
             )
+        if self.lopt_config.uses_task and self._labels is None:
+            raise ValueError(
+                f"aux_objective={self.lopt_config.aux_objective!r} needs the batch's labels, and this training "
+                "forward has none (GRPO/DPO, or a loss computed outside the model): call the model with labels=..., "
+                "or use aux_objective='recon' or 'anchor'."
+            )
         heads = list(self.aux_heads.parameters())
         if heads and heads[0].device != embedding_output.device:
             self.aux_heads.to(embedding_output.device)  # in place: optimizer references stay valid
@@ -155,14 +181,20 @@ class LoPTModel(nn.Module):
     def _end_early_block(self, index: int, block_output: torch.Tensor) -> None:
         config = self.lopt_config
         block_input = self._block_inputs.pop(index)
+        if self.aux_heads_only:  # warm-up: the heads learn, the block is held (nothing flows back into it)
+            block_output, block_input = block_output.detach(), block_input.detach()
         aux = block_output.new_zeros((), dtype=torch.float32)
         if config.uses_reconstruction:
             aux = aux + reconstruction_loss(self.aux_heads[index], block_output, block_input)
         if config.uses_anchor:
             aux = aux + config.anchor_weight * anchor_loss(block_output, self._anchor_states[index])
+        if config.uses_task:
+            parts = self._parts
+            task = lens_cross_entropy(block_output, self._labels, parts.final_norm, parts.lm_head)
+            aux = aux + config.task_weight * task
         self.last_aux_losses.append(aux.detach())
         weighted = aux * (config.aux_weight / self.num_boundaries)
-        if self.lopt_config.backward == "local":
+        if self.lopt_config.backward == "local" and weighted.requires_grad:
             # Backpropagate this block's objective now, so its activations are freed before the next block runs.
             # Autocast is for forward ops only; the backward uses the dtypes the forward chose. Under FSDP2 the guard
             # keeps the units still in this forward gathered (see lopt.distributed.fsdp2_local_backward).

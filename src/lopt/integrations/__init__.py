@@ -18,12 +18,16 @@ class LoPTSFTTrainer(LoPTTrainerMixin, SFTTrainer):
 class LoPTGRPOTrainer(LoPTTrainerMixin, GRPOTrainer):
     """TRL GRPOTrainer with LoPT. The reward, generation and reference forwards run without grad: no aux work."""
 
+    lopt_batches_have_labels = False
+
 
 class LoPTDPOTrainer(LoPTTrainerMixin, DPOTrainer):
     """TRL DPOTrainer with LoPT. With ref_model=None (and no PEFT), TRL loads the reference model as a separate object
     from the policy's checkpoint (`config._name_or_path`) inside its __init__, before the mixin wraps the policy: it
     is the frozen initial model and carries no LoPT hooks. Its forwards (and every other no-grad forward) do no aux
     work."""
+
+    lopt_batches_have_labels = False
 
 
 __all__ = [

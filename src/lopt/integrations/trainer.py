@@ -60,6 +60,9 @@ class LoPTTrainerMixin:
     """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines).
     `fsdp=True` shards the model with FSDP2 over the processes of a torchrun launch (baselines too)."""
 
+    # False for trainers whose model calls carry no labels (GRPO, DPO): the "task" local objective needs them.
+    lopt_batches_have_labels = True
+
     def __init__(
         self,
         *args,
@@ -68,6 +71,11 @@ class LoPTTrainerMixin:
         fsdp: bool = False,
         **kwargs,
     ):
+        if lopt_config is not None and lopt_config.uses_task and not self.lopt_batches_have_labels:
+            raise ValueError(
+                f"aux_objective={lopt_config.aux_objective!r} needs labelled batches, which {type(self).__name__} "
+                "does not have: use aux_objective='recon' (or 'anchor', 'recon+anchor')."
+            )
         super().__init__(*args, **kwargs)
         self.early_learning_rate = early_learning_rate
         self.lopt_model = None
@@ -200,6 +208,8 @@ class LoPTTrainerMixin:
         grad_scaler = getattr(self.accelerator, "scaler", None)
         amp_scale = grad_scaler.get_scale() if grad_scaler is not None and grad_scaler.is_enabled() else 1.0
         lopt_model.loss_scale = aux_factor * amp_scale
+        # Aux-head warm-up: the early blocks wait until the heads are trained (global_step = steps done so far).
+        lopt_model.aux_heads_only = self.state.global_step < lopt_model.lopt_config.aux_warmup_steps
         lopt_model.take_aux_loss()  # drop anything left by a forward outside compute_loss
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
