@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -264,12 +263,16 @@ def test_cli_parses_grids_and_refuses_bad_ones():
 
 
 def test_sft_task_flag_picks_a_builtin_task_and_refuses_unknown_ones():
-    from lopt.builtin import builtin_task_rows
-    from lopt.cli.common import load_sft_rows
+    from trl import ModelConfig
 
-    args = argparse.Namespace(task="successor", max_samples=5)
-    assert load_sft_rows(args, builtin_data=True) == builtin_task_rows("train", n=5, task="successor")
-    with pytest.raises(UserError, match="--task 'nope' is unknown"):
-        load_sft_rows(argparse.Namespace(task="nope", max_samples=5), builtin_data=True)
-    with pytest.raises(UserError, match="picks a built-in task"):
-        load_sft_rows(argparse.Namespace(task="successor", max_samples=5), builtin_data=False)
+    from lopt.arguments import DataArguments
+    from lopt.builtin import BUILTIN_TASKS, builtin_task_rows
+    from lopt.cli import sft
+    from lopt.cli.common import check_data
+
+    data = DataArguments(task="modules", max_samples=5)
+    task = check_data("sft", ModelConfig(), data, tuple(BUILTIN_TASKS))
+    assert task == "modules"
+    assert sft.training_rows(data, task, False) == builtin_task_rows("train", n=5, task="modules")
+    with pytest.raises(UserError, match="--task 'nope' is not one of"):
+        check_data("sft", ModelConfig(), DataArguments(task="nope"), tuple(BUILTIN_TASKS))

@@ -588,6 +588,15 @@ def _ratio(value, reference):
     return None if value is None or not reference else value / reference
 
 
+def _method_table(names, columns, pick, describe, missing="—") -> list[str]:
+    """A markdown table with a row per method and a cell per column: describe(pick(name, column index))."""
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in names:
+        cells = [missing if (p := pick(name, i)) is None else describe(p) for i in range(len(columns))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_report(results: dict) -> str:
     methods = results["methods"]
     e2e = methods.get("e2e") or {}
@@ -715,23 +724,15 @@ def _sweep_sections(results: dict) -> list[str]:
     for label, pool_steps in [("any step budget", steps)] + (
         [(f"{s} steps", [s]) for s in steps] if len(steps) > 1 else []
     ):
-        lines += [
-            f"{label}:",
-            "",
-            "| method | " + " | ".join(f"rise ≤ {100 * b:.0f}%" for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for name in names:
-            pool = [p for p in points_of(results, name) if p["max_steps"] in pool_steps]
-            cells = []
-            for b in budgets:
-                p = accuracy_at_retention(pool, b)
-                cells.append(
-                    "—"
-                    if p is None
-                    else f"{_pct(p.get('task_accuracy'))} ({_where(p)}; rise {_rise_text(p)})"
-                )
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [f"{label}:", ""]
+        lines += _method_table(
+            names,
+            [f"rise ≤ {100 * b:.0f}%" for b in budgets],
+            lambda name, i, pool_steps=pool_steps: accuracy_at_retention(
+                [p for p in points_of(results, name) if p["max_steps"] in pool_steps], budgets[i]
+            ),
+            lambda p: f"{_pct(p.get('task_accuracy'))} ({_where(p)}; rise {_rise_text(p)})",
+        )
         lines.append("")
     lines += [
         "## Retention at matched accuracy",
@@ -739,19 +740,14 @@ def _sweep_sections(results: dict) -> list[str]:
         "For each accuracy target, each method's point with the smallest *validation* retention rise among those "
         "whose *validation* accuracy reaches it; the cell gives that point's *test* rise and test accuracy.",
         "",
-        "| method | " + " | ".join(f"val acc ≥ {100 * t:.0f}%" for t in targets) + " |",
-        "|---|" + "---|" * len(targets),
     ]
-    for name in names:
-        cells = []
-        for t in targets:
-            p = retention_at_accuracy(points_of(results, name), t)
-            cells.append(
-                "—"
-                if p is None
-                else f"rise {_rise_text(p)} ({_where(p)}; acc {_pct(p.get('task_accuracy'))})"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    target_columns = [f"val acc ≥ {100 * t:.0f}%" for t in targets]
+    lines += _method_table(
+        names,
+        target_columns,
+        lambda name, i: retention_at_accuracy(points_of(results, name), targets[i]),
+        lambda p: f"rise {_rise_text(p)} ({_where(p)}; acc {_pct(p.get('task_accuracy'))})",
+    )
     lines += [
         "",
         "## Steps and compute to reach a validation accuracy",
@@ -759,19 +755,14 @@ def _sweep_sections(results: dict) -> list[str]:
         "The smallest step budget at which some lr reaches the target on validation (mean over seeds); compute = "
         "median step time x steps on this machine. Budgets are separate runs, each with its own full schedule.",
         "",
-        "| method | " + " | ".join(f"val acc ≥ {100 * t:.0f}%" for t in targets) + " |",
-        "|---|" + "---|" * len(targets),
     ]
-    for name in names:
-        cells = []
-        for t in targets:
-            p = steps_to_accuracy(points_of(results, name), t)
-            cells.append(
-                "not reached"
-                if p is None
-                else f"{p['max_steps']} steps, {p['compute_s']:.1f} s (lr {p['learning_rate']:g})"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _method_table(
+        names,
+        target_columns,
+        lambda name, i: steps_to_accuracy(points_of(results, name), targets[i]),
+        lambda p: f"{p['max_steps']} steps, {p['compute_s']:.1f} s (lr {p['learning_rate']:g})",
+        missing="not reached",
+    )
     lines += [
         "",
         "## Targets of issue 11 (chosen on validation, stated on test)",

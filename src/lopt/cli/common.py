@@ -77,17 +77,6 @@ def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:
         raise UserError("--load_in_4bit/--load_in_8bit are not supported by lopt (train in bf16 or fp32).")
 
 
-# TRL's dataset-preparation fields: lopt tokenizes rows itself (lopt.data), so TRL skips that step and these would
-# change nothing.
-DATASET_PREPARATION_FIELDS = (
-    "dataset_text_field",
-    "dataset_kwargs",
-    "chat_template_path",
-    "eos_token",
-    "pad_token",
-)
-
-
 def check_training_args(
     training_args, lopt_args: LoPTArguments, command: str, set_fields: frozenset[str] = frozenset()
 ) -> None:
