@@ -419,17 +419,27 @@ def _training_metrics(run_dir: str) -> dict:
     }
 
 
-def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec) -> int:
-    """Bytes saved for backward during one training step of `name` on one batch of the training data."""
+def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: str = "fused") -> int:
+    """Bytes saved for backward during one training step of `name` on one batch of the training data.
+
+    head="fused" (default): through TRL's fused LM head (`add_fused_lm_head`, fused_lm_head=True), the loss path
+    `lopt sft` trains through, so no [B, T, V] logits; head="hf": the model's own loss, for contrast.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lopt.bench import measure_saved_tensor_peak
     from lopt.methods import prepare_model
     from lopt.model import get_lopt_model
 
+    if head not in ("fused", "hf"):
+        raise ValueError(f"head must be 'fused' or 'hf', got {head!r}.")
     flags = dict(zip(METHOD_FLAGS[name][::2], METHOD_FLAGS[name][1::2]))
     model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if head == "fused":  # as SFTTrainer does: on the plain model, before PEFT or LoPT wrap it
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
     prepared = prepare_model(
         model,
         flags["--method"],
@@ -441,6 +451,8 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec) -> int:
         trained = get_lopt_model(trained, prepared.lopt_config)
     trained.train()
     batch = _one_batch(tokenizer, spec)
+    if head == "fused":
+        batch["fused_lm_head"] = True
 
     def step():
         trained(**batch).loss.backward()
@@ -655,7 +667,7 @@ def format_report(results: dict) -> str:
         lines += _sweep_sections(results)
     lines += [
         "Activation peak: bytes saved for backward during one training step on one batch (same meter as `lopt "
-        "bench`; full-logits LM head for every method). Peak memory: the training process's peak RSS (CPU) or "
+        "bench`; through TRL's fused LM head, as `lopt sft` trains). Peak memory: the training process's peak RSS (CPU) or "
         "max allocated (GPU). Step time and tokens/s: medians over logging intervals; compute = median step "
         "time x steps.",
         "",
