@@ -39,28 +39,6 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     return parser, subparsers
 
 
-def apply_yaml_defaults(subparser: argparse.ArgumentParser, path: str) -> None:
-    """`--config FILE.yaml`: its keys become the subcommand's defaults, so flags still override them."""
-    import yaml
-
-    from lopt.errors import UserError
-
-    if not os.path.isfile(path):
-        raise UserError(f"--config {path!r} does not exist.")
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path!r} is not valid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path!r} must hold a mapping of flag names to values.")
-    known = {action.dest for action in subparser._actions} - {"help", "config"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"--config {path!r} has unknown keys {unknown}; known keys: {sorted(known)}.")
-    subparser.set_defaults(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINING_COMMANDS:
@@ -68,18 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_user_facing(
             command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:])
         )
-    parser, subparsers = make_parser()
+    # The other commands have no --config: YAML recipes belong to the training commands (TRL's parser).
+    parser, _ = make_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(f"lopt.cli.{args.command}")
-
-    def run() -> int:
-        nonlocal args
-        if getattr(args, "config", None):
-            apply_yaml_defaults(subparsers[args.command], args.config)
-            args = parser.parse_args(argv)
-        return module.run(args) or 0
-
-    return _run_user_facing(args.command, run)
+    return _run_user_facing(args.command, lambda: module.run(args))
 
 
 def _run_user_facing(command: str, run) -> int:
