@@ -633,42 +633,37 @@ def _assert_every_block_changed(changed: list[str]) -> None:
         assert any(name.startswith(prefix) for name in changed), prefix
 
 
-def test_dpo_under_torchrun_matches_one_process(rl_worker_output):
-    """LoPTDPOTrainer under torchrun (accelerate's DDP): every rank ends equal, and equal to one process with the
-    batch of 4 pairs (same pairs per step), with clipping."""
-    report = json.loads((rl_worker_output / "rl.json").read_text())["dpo"]
+@pytest.mark.parametrize(
+    ("algorithm", "make_trainer", "batch_size", "logged_keys"),
+    [
+        # DPO: the batch of 4 pairs (same pairs per step).
+        ("dpo", make_dpo_trainer, 4, ("loss", "task_loss", "aux_loss_0", "grad_norm")),
+        # GRPO with fixed generations (sampling replaced by a function of the prompt): one process generates all 8
+        # completions of a step.
+        ("grpo", make_grpo_trainer, 8, ("loss", "task_loss", "aux_loss_0", "grad_norm", "reward")),
+    ],
+)
+def test_rl_under_torchrun_matches_one_process(
+    rl_worker_output, algorithm, make_trainer, batch_size, logged_keys
+):
+    """LoPT's DPO/GRPO trainers under torchrun (accelerate's DDP): every rank ends equal, and equal to one process
+    on the global batch, with clipping."""
+    report = json.loads((rl_worker_output / "rl.json").read_text())[algorithm]
     assert report["ranks_equal"]
     _assert_every_block_changed(report["changed"])
-    single = make_dpo_trainer(
-        str(rl_worker_output / "tiny"), str(rl_worker_output / "dpo-single"), batch_size=4
+    single = make_trainer(
+        str(rl_worker_output / "tiny"), str(rl_worker_output / f"{algorithm}-single"), batch_size=batch_size
     )
     single.train()
     # The late block, final norm and LM head agree to float64 rounding (~1e-9); the early blocks and aux heads to
     # float32 rounding (~1e-5), since the aux heads and their MSE stay in float32 by design.
-    assert_close(load_file(rl_worker_output / "dpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
-    logged = [e for e in report["log"] if "aux_loss_0" in e]
-    reference = [e for e in single.state.log_history if "aux_loss_0" in e]
-    assert len(logged) == 2
-    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm"):
-        assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
-
-
-def test_grpo_under_torchrun_matches_one_process_with_fixed_generations(rl_worker_output):
-    """LoPTGRPOTrainer under torchrun (DDP) with fixed generations (sampling replaced by a function of the prompt):
-    every rank ends equal, and equal to one process generating all 8 completions of a step, with clipping."""
-    report = json.loads((rl_worker_output / "rl.json").read_text())["grpo"]
-    assert report["ranks_equal"]
-    _assert_every_block_changed(report["changed"])
-    single = make_grpo_trainer(
-        str(rl_worker_output / "tiny"), str(rl_worker_output / "grpo-single"), batch_size=8
+    assert_close(
+        load_file(rl_worker_output / f"{algorithm}.safetensors"), all_weights(single.lopt_model), atol=5e-5
     )
-    single.train()
-    # As for DPO: the late block to float64 rounding, the early blocks and the float32 aux heads to float32's.
-    assert_close(load_file(rl_worker_output / "grpo.safetensors"), all_weights(single.lopt_model), atol=5e-5)
     logged = [e for e in report["log"] if "aux_loss_0" in e]
     reference = [e for e in single.state.log_history if "aux_loss_0" in e]
     assert len(logged) == 2
-    for key in ("loss", "task_loss", "aux_loss_0", "grad_norm", "reward"):
+    for key in logged_keys:
         assert [e[key] for e in logged] == pytest.approx([e[key] for e in reference], rel=1e-4), key
 
 
