@@ -124,4 +124,4 @@ def test_report_states_missed_targets_plainly():
     assert "step time is 1.20x e2e" in lines and "-30.0 points" in lines
     assert "freeze 60.0%, target above: MISSED" in lines and "Fewer than 3 seeds" in lines
     assert "retention rise +20.0 vs e2e +10.0 (target ≤ half: MISSED)" in lines
-    assert "| lopt | — | — | 0.0 (0.70x)" in format_report(results)
+    assert "| lopt | — | — | — | 0.0 (0.70x)" in format_report(results)

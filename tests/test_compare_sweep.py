@@ -45,7 +45,7 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
         "--no_progress",
     ]
     args += ["--sft_args", "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32"]
-    lopt(args, builtin_tiny["env"])
+    lopt([*args, "--jobs", "2"], builtin_tiny["env"])  # two worker processes; the resumes below run in-process
     results = json.loads((out / "results.json").read_text())
     points = {(p["method"], p["learning_rate"], p["max_steps"]) for p in results["points"]}
     assert points == {(m, lr, 4) for m in ("e2e", "lopt") for lr in (1e-3, 3e-3)}
@@ -97,6 +97,13 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     rescored = json.loads((out / "results.json").read_text())
     assert rescored["setup"]["runs_reused"] == 0 and rescored["setup"]["test_rows"] == 5
     assert all(os.stat(runs / d / "model.safetensors").st_mtime_ns == m for d, m in kept.items())
+
+    # A time limit already passed: finished runs are still reused, no new run starts, and the report says so.
+    lopt([*args, "--eval_samples", "5", "--seeds", "2", "--time_limit", "0.001"], builtin_tiny["env"])
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["setup"]["runs"] == 8 and partial["setup"]["runs_finished"] == 4
+    assert all(p["seeds"] == 1 for p in partial["points"]) and not (runs / "e2e-lr0.001-steps4-seed1").exists()
+    assert "4 of 8 planned runs" in (out / "report.md").read_text()
 
 
 # --- synthetic results: the choices and the tables ---------------------------------------------------------------

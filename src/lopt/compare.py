@@ -97,6 +97,8 @@ class CompareSpec:
     lm_eval_tasks: str | None = None
     lm_eval_limit: float | None = None
     lm_eval_batch_size: int | str = 16
+    jobs: int = 1  # runs at once, each in its own worker process (a GPU is mostly idle with one small run)
+    time_limit: float | None = None  # seconds; past it no new run starts and the report covers finished runs
 
     def __post_init__(self):
         if isinstance(self.max_steps, int):
@@ -118,6 +120,10 @@ class CompareSpec:
             at = self.methods.index("lopt") + 1
             extra = [f"lopt@{r:g}" for r in self.lr_k1_ratios if r != 1 and f"lopt@{r:g}" not in self.methods]
             self.methods[at:at] = extra
+        if self.jobs < 1:
+            raise UserError(f"--jobs {self.jobs} must be >= 1.")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UserError(f"--time_limit {self.time_limit} must be > 0 seconds.")
         if self.seeds < 1 or not self.max_steps or min(self.max_steps) < 1:
             raise UserError(f"--seeds {self.seeds} and --max_steps {self.max_steps} must be >= 1.")
         self.max_steps = sorted(set(self.max_steps))
@@ -174,70 +180,208 @@ def _has_flag(args: list[str], flag: str) -> bool:
 
 
 def run_compare(spec: CompareSpec) -> dict:
-    from transformers import AutoModelForCausalLM
+    import time
 
-    from lopt.lm_eval_tasks import CompareLMEval
     from lopt.loading import load_model_and_tokenizer
 
+    started = time.monotonic()
     os.makedirs(spec.output_dir, exist_ok=True)
-    builtin = spec.model_name_or_path is None
-    lm_eval = CompareLMEval(spec.lm_eval_tasks, builtin, spec.lm_eval_limit, spec.lm_eval_batch_size)
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
-    sets = evaluation_sets(spec)
-    # lm-eval's tasks and limit are part of what a run is scored on: change them and runs are re-scored.
-    evaluation_key = _evaluation_key(
-        {**sets, "lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
-    )
-    before = evaluate_model(model, tokenizer, sets)
+    scorer = _Scorer.make(spec, base_path, tokenizer)
+    before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
     by_base = {base: activation_peak_bytes(base_path, base, spec) for base in map(_base_name, spec.methods)}
     del model
-    before.update(lm_eval(base_path))
+    before.update(scorer.lm_eval(base_path))
 
     points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
     runs: dict[tuple, list[dict]] = {point: [] for point in points}
-    jobs = [(seed, point) for seed in range(spec.seeds) for point in points]  # seed 0 of everything first
-    reused = 0
-    bar = tqdm(jobs, desc="compare", disable=not spec.progress)
-    for seed, (name, lr, steps) in bar:
-        bar.set_postfix_str(f"{name} lr {lr:g} {steps} steps seed {seed}")
-        run_dir = os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed))
-        command = _sft_command(spec, name, lr, steps, seed)
-        record = finished_run(run_dir, command, base_path, evaluation_key)
-        if record is not None:
-            reused += 1
-        else:
-            # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
-            if not _checkpoint_complete(run_dir, command, base_path):
-                _train(command, base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
-            trained = AutoModelForCausalLM.from_pretrained(run_dir)
-            record = {
-                "command": command,
-                "base_model": base_path,
-                "evaluation_key": evaluation_key,
-                **_training_metrics(run_dir),
-                **evaluate_model(trained, tokenizer, sets),
-                "seed": seed,
-            }
-            del trained
-            record.update(lm_eval(run_dir))
-            atomic_write_json(os.path.join(run_dir, RUN_RECORD), record)  # last: marks the run finished
-        runs[(name, lr, steps)].append(record)
+    total = spec.seeds * len(points)
+    bar = tqdm(total=total, desc="compare", disable=not spec.progress)
+    with _Pool(spec, base_path, scorer) as pool:
+        # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order), so
+        # a --time_limit leaves the chosen settings with the most seeds.
+        for seed in range(spec.seeds):
+            order = points if seed == 0 else _seed_order(spec, runs, before, points)
+            for point, record in pool.map([(seed, *point) for point in order], started):
+                runs[point].append(record)
+                bar.update()
+    bar.close()
 
+    runs = {point: sorted(rs, key=lambda r: r["seed"]) for point, rs in runs.items() if rs}
+    finished = sum(map(len, runs.values()))
+    if not finished:
+        raise UserError(f"--time_limit {spec.time_limit:g} s passed before any run finished: raise it.")
     results = collect_results(
         spec,
         runs,
         before,
         {name: by_base[_base_name(name)] for name in spec.methods},  # an lr does not change memory
-        _setup(base_path, spec, tokenizer, sets, reused, len(jobs)),
+        _setup(base_path, spec, tokenizer, scorer.sets, pool.reused, total, finished),
     )
     chosen = {n: p for n, p in results["methods"].items() if p is not None}
-    lm_eval.add_summaries(
+    scorer.lm_eval.add_summaries(
         results, {n: runs[(n, p["learning_rate"], p["max_steps"])] for n, p in chosen.items()}
     )
     atomic_write_json(os.path.join(spec.output_dir, "results.json"), results)
     atomic_write_text(os.path.join(spec.output_dir, "report.md"), format_report(results))
     write_plots(results, spec.output_dir)
     return results
+
+
+@dataclass
+class _Scorer:
+    """What training and scoring one run needs; made once per process (the parent, or each --jobs worker)."""
+
+    spec: CompareSpec
+    base_path: str
+    tokenizer: object
+    sets: dict
+    lm_eval: object
+    evaluation_key: str
+
+    @classmethod
+    def make(cls, spec: CompareSpec, base_path: str, tokenizer=None) -> _Scorer:
+        from transformers import AutoTokenizer
+
+        from lopt.lm_eval_tasks import CompareLMEval
+
+        lm_eval = CompareLMEval(
+            spec.lm_eval_tasks, spec.model_name_or_path is None, spec.lm_eval_limit, spec.lm_eval_batch_size
+        )
+        sets = evaluation_sets(spec)
+        # lm-eval's tasks and limit are part of what a run is scored on: change them and runs are re-scored.
+        key = _evaluation_key(
+            {**sets, "lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
+        )
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base_path)
+        return cls(spec, str(base_path), tokenizer, sets, lm_eval, key)
+
+    def finished(self, seed: int, name: str, lr: float, steps: int) -> dict | None:
+        """The record of this run if an earlier compare finished it under the same command and evaluation."""
+        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
+        command = _sft_command(self.spec, name, lr, steps, seed)
+        return finished_run(run_dir, command, self.base_path, self.evaluation_key)
+
+    def run(self, seed: int, name: str, lr: float, steps: int) -> dict:
+        """Trains (unless a complete checkpoint of this command is there) and scores one run; returns its record."""
+        from transformers import AutoModelForCausalLM
+
+        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
+        command = _sft_command(self.spec, name, lr, steps, seed)
+        # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
+        if not _checkpoint_complete(run_dir, command, self.base_path):
+            _train(command, self.base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
+        trained = _scoring_device(AutoModelForCausalLM.from_pretrained(run_dir))
+        record = {
+            "command": command,
+            "base_model": self.base_path,
+            "evaluation_key": self.evaluation_key,
+            **_training_metrics(run_dir),
+            **evaluate_model(trained, self.tokenizer, self.sets),
+            "seed": seed,
+        }
+        del trained
+        record.update(self.lm_eval(run_dir))
+        atomic_write_json(os.path.join(run_dir, RUN_RECORD), record)  # last: marks the run finished
+        return record
+
+
+def _scoring_device(model):
+    """The base model and every trained one are scored on the same device: the GPU when there is one."""
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+_WORKER: _Scorer | None = None  # a --jobs worker process's scorer
+
+
+def _init_worker(spec: CompareSpec, base_path: str, threads: int) -> None:
+    global _WORKER
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the `lopt sft` subprocesses share the cores too
+    torch.set_num_threads(threads)
+    _WORKER = _Scorer.make(spec, base_path)
+
+
+def _worker_run(seed: int, name: str, lr: float, steps: int) -> dict:
+    return _WORKER.run(seed, name, lr, steps)
+
+
+class _Pool:
+    """Runs compare's jobs: in this process with --jobs 1, else in that many worker processes (each trains with
+    `lopt sft` and scores). Past --time_limit no new run starts; the ones running finish."""
+
+    def __init__(self, spec: CompareSpec, base_path: str, scorer: _Scorer):
+        self.spec, self.scorer, self.reused = spec, scorer, 0
+        self.executor = None
+        if spec.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // spec.jobs)
+            self.executor = ProcessPoolExecutor(
+                spec.jobs,
+                mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot be forked
+                initializer=_init_worker,
+                initargs=(spec, str(base_path), threads),
+            )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+
+    def _out_of_time(self, started: float) -> bool:
+        import time
+
+        return self.spec.time_limit is not None and time.monotonic() - started > self.spec.time_limit
+
+    def map(self, jobs: list[tuple], started: float):
+        """Yields ((name, lr, steps), record) for each job that finished, in completion order. Runs an earlier
+        compare finished are reused at once, whatever the time."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        queue, pending = [], {}
+        for seed, *point in jobs:
+            record = self.scorer.finished(seed, *point)
+            if record is None:
+                queue.append((seed, *point))
+            else:
+                self.reused += 1
+                yield tuple(point), record
+        while queue or pending:
+            while queue and len(pending) < max(1, self.spec.jobs) and not self._out_of_time(started):
+                seed, *point = queue.pop(0)
+                if self.executor is None:
+                    yield tuple(point), self.scorer.run(seed, *point)
+                else:
+                    pending[self.executor.submit(_worker_run, seed, *point)] = tuple(point)
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+
+
+def _seed_order(spec: CompareSpec, runs: dict, before: dict, points: list[tuple]) -> list[tuple]:
+    """Points in the order their extra seeds are run: first those the report reads (each method's point chosen on
+    validation, then its points chosen at each retention budget and accuracy target), then the rest. The order
+    only matters under --time_limit, and it is decided on validation numbers alone."""
+    entries = []
+    for (name, lr, steps), rs in runs.items():
+        if rs:
+            entry = {"method": name, "learning_rate": lr, "max_steps": steps}
+            entry.update(_aggregate(rs, 0, before))
+            entries.append(entry)
+    first = []
+    for name in spec.methods:
+        own = [e for e in entries if e["method"] == name]
+        first.append(select_on_validation(own))
+        first += [accuracy_at_retention(own, b) for b in spec.retention_budgets]
+        first += [retention_at_accuracy(own, t) for t in spec.accuracy_targets]
+    keys = [(e["method"], e["learning_rate"], e["max_steps"]) for e in first if e is not None]
+    ranked = list(dict.fromkeys(k for k in keys if k in points))
+    return ranked + [p for p in points if p not in ranked]
 
 
 def run_name(name: str, lr: float, steps: int, seed: int) -> str:
@@ -475,7 +619,9 @@ def _one_batch(tokenizer, spec: CompareSpec) -> dict:
     return dict(make_collator(tokenizer)(features))
 
 
-def _setup(base_path: str, spec: CompareSpec, tokenizer, sets: dict, reused: int, total: int) -> dict:
+def _setup(
+    base_path: str, spec: CompareSpec, tokenizer, sets: dict, reused: int, total: int, finished: int
+) -> dict:
     import transformers
     from transformers import AutoConfig
 
@@ -496,7 +642,9 @@ def _setup(base_path: str, spec: CompareSpec, tokenizer, sets: dict, reused: int
         "retention_budgets": list(spec.retention_budgets),
         "accuracy_targets": list(spec.accuracy_targets),
         "runs": total,
+        "runs_finished": finished,  # fewer than runs when --time_limit stopped the sweep
         "runs_reused": reused,
+        "jobs": spec.jobs,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -623,17 +771,23 @@ def format_report(results: dict) -> str:
         f"{setup['device']}, torch {setup['torch']}, transformers {setup['transformers']}.",
     ]
     if "runs" in setup:
+        finished = setup.get("runs_finished", setup["runs"])
         lines.append(
-            f"{setup['runs']} runs ({setup['runs_reused']} reused from earlier, finished runs); scored on "
-            f"{setup['validation_rows']} validation and {setup['test_rows']} test rows."
+            f"{finished} of {setup['runs']} planned runs ({setup['runs_reused']} reused from earlier, finished "
+            f"runs); scored on {setup['validation_rows']} validation and {setup['test_rows']} test rows."
         )
+        if finished < setup["runs"]:
+            lines.append(
+                "**The time limit stopped this sweep before every run**: points show how many seeds they have; "
+                "rerun the same command without --time_limit to finish it (finished runs are reused)."
+            )
     lines += [
         "",
         "## Each method at its setting chosen on validation, reported on test",
         "",
-        "| method | lr | steps | act. peak MB (x e2e) | peak mem MB | step s (x e2e) | tokens/s | task acc | "
-        "retention ppl (before → after) | ppl rise (x e2e) | final task loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | steps | seeds | act. peak MB (x e2e) | peak mem MB | step s (x e2e) | tokens/s | "
+        "task acc | retention ppl (before → after) | ppl rise (x e2e) | final task loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         if m is None:
@@ -653,7 +807,8 @@ def format_report(results: dict) -> str:
             rise_text = f"{ppl_rise:+.1f} ({_fmt_ratio(rise_ratio)})"
         lr_text = f"{m['learning_rate']:g}" if "learning_rate" in m else "—"
         lines.append(
-            f"| {name} | {lr_text} | {m.get('max_steps', '—')} | {act:.1f} ({_fmt_ratio(act_ratio)}) | "
+            f"| {name} | {lr_text} | {m.get('max_steps', '—')} | {m.get('seeds', '—')} | "
+            f"{act:.1f} ({_fmt_ratio(act_ratio)}) | "
             f"{m.get('peak_memory_bytes', 0) / 2**20:.0f} | "
             f"{m.get('step_time_s', float('nan')):.3f} ({_fmt_ratio(time_ratio)}) | "
             f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
@@ -873,9 +1028,15 @@ def issue11_targets(results: dict) -> list[str]:
                 f"{_pct(freeze.get('task_accuracy'))} ({_where(freeze)}): "
                 f"{check(best['task_accuracy'] > (freeze.get('task_accuracy') or 0.0))}."
             )
-    if setup["seeds"] < 3:
+    if _fewest_seeds(results) < 3:
         out.append("- Fewer than 3 seeds: these verdicts are not reliable.")
     return out
+
+
+def _fewest_seeds(results: dict) -> int:
+    """Seeds behind the least-seeded chosen point (a --time_limit can leave some points short)."""
+    chosen = [m for m in results["methods"].values() if m is not None]
+    return min((m.get("seeds", results["setup"]["seeds"]) for m in chosen), default=0)
 
 
 def _describe_point(p: dict) -> str:
@@ -937,7 +1098,7 @@ def summarize(results: dict) -> list[str]:
             parts.append(text)
         if parts:
             out.append(f"- {name}: " + "; ".join(parts) + ".")
-    if results["setup"]["seeds"] < 3:
+    if _fewest_seeds(results) < 3:
         out.append("- Fewer than 3 seeds: accuracy and retention differences are not reliable.")
     return out
 

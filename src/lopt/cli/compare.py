@@ -102,6 +102,21 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default="runs/compare",
         help="Finished runs already in it (same command, complete outputs) are reused: rerun to resume.",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Runs at once, each in its own worker process (training and scoring). On a GPU a small model leaves "
+        "it mostly idle, so several runs share it well; on a CPU, 1 uses every core.",
+    )
+    parser.add_argument(
+        "--time_limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="No new run starts after this many seconds; the report covers the runs that finished (say how many), "
+        "and seeds beyond the first go first to the settings the report reads. Rerun without it to complete.",
+    )
     parser.add_argument("--no_progress", action="store_true")
 
 
@@ -136,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         lm_eval_limit=lm_eval["limit"] if lm_eval["limit"] is not None else (100 if args.quick else None),
         lm_eval_batch_size=lm_eval["batch_size"],
         accuracy_targets=tuple(_numbers("--accuracy_targets", args.accuracy_targets)),
+        jobs=args.jobs,
+        time_limit=args.time_limit,
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:
