@@ -681,7 +681,9 @@ def collect_results(spec: CompareSpec, runs: dict, before: dict, activation: dic
         entry["compute_s"] = entry.get("step_time_s", 0.0) * steps  # median step time x steps
         points.append(entry)
     results = {"setup": setup, "before": before, "points": points}
-    results["methods"] = {name: select_on_validation(points_of(results, name)) for name in spec.methods}
+    chosen = {name: select_on_validation(points_of(results, name)) for name in spec.methods}
+    results["methods"] = {name: point for name, point in chosen.items() if point is not None}
+    setup["methods_without_runs"] = [name for name, point in chosen.items() if point is None]  # --time_limit
     return results
 
 
@@ -781,6 +783,8 @@ def format_report(results: dict) -> str:
                 "**The time limit stopped this sweep before every run**: points show how many seeds they have; "
                 "rerun the same command without --time_limit to finish it (finished runs are reused)."
             )
+        if setup.get("methods_without_runs"):
+            lines.append(f"No run finished for: {', '.join(setup['methods_without_runs'])}.")
     lines += [
         "",
         "## Each method at its setting chosen on validation, reported on test",
