@@ -23,7 +23,8 @@ Presets: ``"default"`` (Llama-shaped, 8 layers, ~3M parameters, builds in a few 
 2 CPU cores), ``"evidence"`` (16 layers, ~8M parameters, pretrained longer on the docs plus the
 standard library's source code; the base for evidence runs) and ``"tiny"`` (same recipe scaled
 down, builds in well under a minute; for tests).  ``$LOPT_BUILTIN_PRESET`` chooses the preset when none is given; the cache lives
-under ``$LOPT_CACHE_DIR`` or ``~/.cache/lopt``.
+under ``$LOPT_CACHE_DIR`` or ``~/.cache/lopt``.  ``$LOPT_BUILTIN_DEVICE=cuda`` pretrains on the GPU instead of the CPU:
+much faster, but other arithmetic gives other weights, so such a build is cached under its own name (``-cuda``).
 """
 
 from __future__ import annotations
@@ -381,11 +382,19 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path.home() / ".cache" / "lopt"
 
 
+def _build_device() -> str:
+    device = os.environ.get("LOPT_BUILTIN_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"LOPT_BUILTIN_DEVICE={device!r}: use cpu (the default) or cuda.")
+    return device
+
+
 def _build_name(preset: str) -> str:
     # The corpus is the installed standard library, so the exact Python version is part of
-    # the recipe.
+    # the recipe; so is the device that pretrains (its arithmetic differs from the CPU's).
     py = ".".join(map(str, sys.version_info[:3]))
-    return f"builtin-{preset}-v{BUILTIN_VERSION}-py{py}"
+    device = "" if _build_device() == "cpu" else f"-{_build_device()}"
+    return f"builtin-{preset}-v{BUILTIN_VERSION}-py{py}{device}"
 
 
 def builtin_model_path(
@@ -459,7 +468,7 @@ def heldout_perplexity(model, rows, batch_size: int = 16) -> float:
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size]
+            batch = rows[i : i + batch_size].to(model.device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
@@ -493,7 +502,9 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
     eval_rows = _pack(tokenizer, heldout_texts, p.seq_len, max_tokens=p.eval_tokens)
 
     config = preset_config(preset)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # initialised on the CPU whatever the device, so both start alike
+    device = _build_device()
+    model.to(device)
     n_params = sum(t.numel() for t in model.parameters())
 
     # No weight decay on norms (1-d tensors), as usual.
@@ -518,7 +529,7 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
                 orders[i] = torch.cat([orders[i], torch.randperm(len(rows), generator=gen)])
             parts.append(rows[orders[i][:n]])
             orders[i] = orders[i][n:]
-        batch = torch.cat(parts)
+        batch = torch.cat(parts).to(device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, p)
         loss = model(input_ids=batch, labels=batch).loss
@@ -550,6 +561,7 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
         "preset": preset,
         "version": BUILTIN_VERSION,
         "python": sys.version.split()[0],
+        "device": device,
         "params": n_params,
         "vocab_size": p.vocab_size,
         "heldout_ppl": round(ppl, 3),
