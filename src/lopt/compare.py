@@ -201,7 +201,7 @@ def run_compare(spec: CompareSpec) -> dict:
         # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order), so
         # a --time_limit leaves the chosen settings with the most seeds.
         for seed in range(spec.seeds):
-            order = points if seed == 0 else _seed_order(spec, runs, before, points)
+            order = _first_seed_order(spec, points) if seed == 0 else _seed_order(spec, runs, before, points)
             for point, record in pool.map([(seed, *point) for point in order], started):
                 runs[point].append(record)
                 bar.update()
@@ -361,6 +361,18 @@ class _Pool:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield pending.pop(future), future.result()
+
+
+def _first_seed_order(spec: CompareSpec, points: list[tuple]) -> list[tuple]:
+    """Seed 0's order: the smallest step budget first, and within it the methods taking turns through their lr
+    grids, so a --time_limit leaves every method with its cheapest points rather than some methods with all."""
+    methods = {name: i for i, name in enumerate(spec.methods)}
+
+    def key(point):
+        name, lr, steps = point
+        return steps, spec.learning_rates_of(name).index(lr), methods[name]
+
+    return sorted(points, key=key)
 
 
 def _seed_order(spec: CompareSpec, runs: dict, before: dict, points: list[tuple]) -> list[tuple]:
