@@ -138,6 +138,14 @@ def test_aliases_and_lopt_defaults(tmp_path):
     )  # passed on under transformers 5's name: no deprecation warning
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bare_flag_of_an_optional_bool_means_true(command):
+    """TRL declares bf16 as `bool | None = None`, for which HfArgumentParser alone needs `--bf16 true`."""
+    bare, _ = training_args(command, ["--bf16"])
+    off, _ = training_args(command, ["--bf16", "false"])
+    assert bare.bf16 is True and off.bf16 is False
+
+
 def test_lopt_arguments_reach_the_config():
     (lopt_args, *_), set_fields = sft.make_parser().parse(
         ["--boundaries", "1,3", "--aux_head_ratio", "2", "--lambda_aux", "5", "--method", "lopt_joint"],

@@ -47,6 +47,17 @@ class LoPTParser(TrlParser):
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         self.fields = {f.name for dtype in self.dataclass_types for f in fields(dtype) if f.init}
+        # HfArgumentParser gives `bool | None = None` fields (TRL's --bf16, --gradient_checkpointing, ...) no bare
+        # form, so `--bf16` alone fails with "expected one argument". Let a bare flag mean true, as for plain bools.
+        optional_bools = {
+            f.name
+            for dtype in self.dataclass_types
+            for f in fields(dtype)
+            if f.type in (bool | None, "bool | None")
+        }
+        for action in self._actions:
+            if action.dest in optional_bools and action.nargs is None and action.option_strings:
+                action.nargs, action.const = "?", True
         for alias, (kind, help_text) in VALUE_ALIASES.items():
             if ALIASES[alias] in self.fields:
                 self.add_argument(
