@@ -16,6 +16,7 @@ from lopt.compare import (
     issue11_targets,
     pareto_front,
     retention_at_accuracy,
+    run_compare,
     select_on_validation,
     steps_to_accuracy,
 )
@@ -45,7 +46,8 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
         "--no_progress",
     ]
     args += ["--sft_args", "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32"]
-    lopt([*args, "--jobs", "2"], builtin_tiny["env"])  # two worker processes; the resumes below run in-process
+    # Two worker processes here; the resumes below run in-process.
+    lopt([*args, "--jobs", "2"], builtin_tiny["env"])
     results = json.loads((out / "results.json").read_text())
     points = {(p["method"], p["learning_rate"], p["max_steps"]) for p in results["points"]}
     assert points == {(m, lr, 4) for m in ("e2e", "lopt") for lr in (1e-3, 3e-3)}
@@ -102,8 +104,22 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     lopt([*args, "--eval_samples", "5", "--seeds", "2", "--time_limit", "0.001"], builtin_tiny["env"])
     partial = json.loads((out / "results.json").read_text())
     assert partial["setup"]["runs"] == 8 and partial["setup"]["runs_finished"] == 4
-    assert all(p["seeds"] == 1 for p in partial["points"]) and not (runs / "e2e-lr0.001-steps4-seed1").exists()
+    assert all(p["seeds"] == 1 for p in partial["points"])
+    assert not (runs / "e2e-lr0.001-steps4-seed1").exists()
     assert "4 of 8 planned runs" in (out / "report.md").read_text()
+
+    # --report_only rebuilds the same report from the run records alone (no weights, no base model needed).
+    for d in os.listdir(runs):
+        (runs / d / "model.safetensors").unlink()
+    lopt([*args, "--eval_samples", "5", "--report_only"], builtin_tiny["env"])
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert rebuilt["points"] == rescored["points"] and rebuilt["before"] == rescored["before"]
+
+
+def test_report_only_needs_an_earlier_compare(tmp_path):
+    spec = CompareSpec(methods=["e2e"], seeds=1, output_dir=str(tmp_path), report_only=True)
+    with pytest.raises(UserError, match="compare_base.json"):
+        run_compare(spec)
 
 
 # --- synthetic results: the choices and the tables ---------------------------------------------------------------

@@ -67,6 +67,9 @@ RETENTION_BUDGETS = (
 ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation task accuracy
 RUN_RECORD = "compare_run.json"  # written last in a run folder: training metrics and scores of a finished run
 COMMAND_MARKER = "compare_command.json"  # written first: the `lopt sft` command and base model of the run
+BASE_RECORD = (
+    "compare_base.json"  # in --output_dir: the base model's scores and each method's activation peak
+)
 # `lopt sft` flags that compare sets itself, per run; in --sft_args they would silently override the sweep.
 _COMPARE_OWNED_FLAGS = ("--max_steps", "--seed", "--output_dir", "--task", "--eval_samples")
 
@@ -99,6 +102,7 @@ class CompareSpec:
     lm_eval_batch_size: int | str = 16
     jobs: int = 1  # runs at once, each in its own worker process (a GPU is mostly idle with one small run)
     time_limit: float | None = None  # seconds; past it no new run starts and the report covers finished runs
+    report_only: bool = False  # no training or scoring: the report from the finished runs in output_dir
 
     def __post_init__(self):
         if isinstance(self.max_steps, int):
@@ -182,50 +186,139 @@ def _has_flag(args: list[str], flag: str) -> bool:
 def run_compare(spec: CompareSpec) -> dict:
     import time
 
-    from lopt.loading import load_model_and_tokenizer
-
     started = time.monotonic()
     os.makedirs(spec.output_dir, exist_ok=True)
-    model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
-    scorer = _Scorer.make(spec, base_path, tokenizer)
-    before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
-    by_base = {base: activation_peak_bytes(base_path, base, spec) for base in map(_base_name, spec.methods)}
-    del model
-    before.update(scorer.lm_eval(base_path))
-
     points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
     runs: dict[tuple, list[dict]] = {point: [] for point in points}
     total = spec.seeds * len(points)
-    bar = tqdm(total=total, desc="compare", disable=not spec.progress)
-    with _Pool(spec, base_path, scorer) as pool:
-        # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order), so
-        # a --time_limit leaves the chosen settings with the most seeds.
+    if spec.report_only:
+        base = _read_base(spec)
+        lm_eval = _lm_eval(spec)
         for seed in range(spec.seeds):
-            order = _first_seed_order(spec, points) if seed == 0 else _seed_order(spec, runs, before, points)
-            for point, record in pool.map([(seed, *point) for point in order], started):
-                runs[point].append(record)
-                bar.update()
-    bar.close()
+            for name, lr, steps in points:
+                record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
+                expected = {
+                    "command": _sft_command(spec, name, lr, steps, seed),
+                    "base_model": base["base_model"],
+                    "evaluation_key": base["evaluation_key"],
+                }
+                if record is not None and all(record.get(k) == v for k, v in expected.items()):
+                    runs[(name, lr, steps)].append(record)
+        reused = sum(map(len, runs.values()))
+    else:
+        base, scorer = _measure_base(spec)
+        lm_eval = scorer.lm_eval
+        bar = tqdm(total=total, desc="compare", disable=not spec.progress)
+        with _Pool(spec, base["base_model"], scorer) as pool:
+            # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order),
+            # so a --time_limit leaves the chosen settings with the most seeds.
+            for seed in range(spec.seeds):
+                order = (
+                    _first_seed_order(spec, points)
+                    if seed == 0
+                    else _seed_order(spec, runs, base["before"], points)
+                )
+                for point, record in pool.map([(seed, *point) for point in order], started):
+                    runs[point].append(record)
+                    bar.update()
+        bar.close()
+        reused = pool.reused
 
     runs = {point: sorted(rs, key=lambda r: r["seed"]) for point, rs in runs.items() if rs}
     finished = sum(map(len, runs.values()))
     if not finished:
+        if spec.report_only:
+            raise UserError(f"--report_only: no finished run of this command in {spec.output_dir!r}.")
         raise UserError(f"--time_limit {spec.time_limit:g} s passed before any run finished: raise it.")
     results = collect_results(
         spec,
         runs,
-        before,
-        {name: by_base[_base_name(name)] for name in spec.methods},  # an lr does not change memory
-        _setup(base_path, spec, tokenizer, scorer.sets, pool.reused, total, finished),
+        base["before"],
+        # An lr does not change memory. None: not measured (--report_only of a method no compare here measured).
+        {name: base["activation"].get(_base_name(name)) for name in spec.methods},
+        _setup(spec, base, reused, total, finished),
     )
     chosen = {n: p for n, p in results["methods"].items() if p is not None}
-    scorer.lm_eval.add_summaries(
+    lm_eval.add_summaries(
         results, {n: runs[(n, p["learning_rate"], p["max_steps"])] for n, p in chosen.items()}
     )
     atomic_write_json(os.path.join(spec.output_dir, "results.json"), results)
     atomic_write_text(os.path.join(spec.output_dir, "report.md"), format_report(results))
     write_plots(results, spec.output_dir)
     return results
+
+
+def _lm_eval(spec: CompareSpec):
+    from lopt.lm_eval_tasks import CompareLMEval
+
+    return CompareLMEval(
+        spec.lm_eval_tasks, spec.model_name_or_path is None, spec.lm_eval_limit, spec.lm_eval_batch_size
+    )
+
+
+def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
+    """Scores the base model and measures each method's activation peak; written to compare_base.json, so the
+    report can be rebuilt from the run records alone (--report_only), e.g. after a sweep was killed."""
+    import transformers
+    from transformers import AutoConfig
+
+    from lopt.loading import load_model_and_tokenizer
+
+    model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
+    scorer = _Scorer.make(spec, base_path, tokenizer)
+    before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
+    activation = {
+        name: activation_peak_bytes(base_path, name, spec) for name in map(_base_name, spec.methods)
+    }
+    del model
+    before.update(scorer.lm_eval(base_path))
+    sets = scorer.sets
+    base = {
+        "base_model": str(base_path),
+        "evaluation_key": scorer.evaluation_key,
+        "before": before,
+        "activation": activation,
+        "facts": {
+            "vocab_size": len(tokenizer),
+            "num_layers": AutoConfig.from_pretrained(base_path).num_hidden_layers,
+            "validation_rows": len(sets["validation"][0]) if sets["validation"] else 0,
+            "test_rows": len(sets["test"][0]) if sets["test"] else 0,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu_threads": torch.get_num_threads(),
+        },
+    }
+    path = os.path.join(spec.output_dir, BASE_RECORD)
+    previous = _read_json(path) or {}
+    # Keep what earlier compares measured for other methods (a later --report_only may ask for the union).
+    if (
+        previous.get("base_model") == base["base_model"]
+        and previous.get("evaluation_key") == base["evaluation_key"]
+    ):
+        base["activation"] = {**previous.get("activation", {}), **activation}
+    atomic_write_json(path, base)
+    return base, scorer
+
+
+def _read_base(spec: CompareSpec) -> dict:
+    base = _read_json(os.path.join(spec.output_dir, BASE_RECORD))
+    if base is None:
+        raise UserError(
+            f"--report_only needs {BASE_RECORD} in {spec.output_dir!r}, written when a compare starts: run compare "
+            "there once without --report_only."
+        )
+    return base
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            return None
 
 
 @dataclass
@@ -243,11 +336,7 @@ class _Scorer:
     def make(cls, spec: CompareSpec, base_path: str, tokenizer=None) -> _Scorer:
         from transformers import AutoTokenizer
 
-        from lopt.lm_eval_tasks import CompareLMEval
-
-        lm_eval = CompareLMEval(
-            spec.lm_eval_tasks, spec.model_name_or_path is None, spec.lm_eval_limit, spec.lm_eval_batch_size
-        )
+        lm_eval = _lm_eval(spec)
         sets = evaluation_sets(spec)
         # lm-eval's tasks and limit are part of what a run is scored on: change them and runs are re-scored.
         key = _evaluation_key(
@@ -410,14 +499,7 @@ def finished_run(run_dir: str, command: list[str], base_path: str, evaluation_ke
 
 
 def _read_record(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, RUN_RECORD)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError:
-            return None
+    return _read_json(os.path.join(run_dir, RUN_RECORD))
 
 
 def _checkpoint_complete(run_dir: str, command: list[str], base_path: str) -> bool:
@@ -631,36 +713,23 @@ def _one_batch(tokenizer, spec: CompareSpec) -> dict:
     return dict(make_collator(tokenizer)(features))
 
 
-def _setup(
-    base_path: str, spec: CompareSpec, tokenizer, sets: dict, reused: int, total: int, finished: int
-) -> dict:
-    import transformers
-    from transformers import AutoConfig
-
+def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int) -> dict:
     from lopt.builtin import DEFAULT_TASK
 
-    config = AutoConfig.from_pretrained(base_path)
     return {
-        "model": base_path,
-        "vocab_size": len(tokenizer),
-        "num_layers": config.num_hidden_layers,
+        "model": base["base_model"],
+        **base["facts"],
         "steps": spec.max_steps,
         "seeds": spec.seeds,
         "learning_rates": {name: spec.learning_rates_of(name) for name in spec.methods},
         "sft_args": spec.sft_args,
         "data": spec.train_file or f"built-in task {spec.task or DEFAULT_TASK}",
-        "validation_rows": len(sets["validation"][0]) if sets["validation"] else 0,
-        "test_rows": len(sets["test"][0]) if sets["test"] else 0,
         "retention_budgets": list(spec.retention_budgets),
         "accuracy_targets": list(spec.accuracy_targets),
         "runs": total,
         "runs_finished": finished,  # fewer than runs when --time_limit stopped the sweep
         "runs_reused": reused,
         "jobs": spec.jobs,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_threads": torch.get_num_threads(),
     }
 
 
@@ -808,8 +877,12 @@ def format_report(results: dict) -> str:
     for name, m in methods.items():
         if m is None:
             continue
-        act = m["activation_peak_bytes"] / 2**20
-        act_ratio = _ratio(m["activation_peak_bytes"], e2e.get("activation_peak_bytes"))
+        act = m.get("activation_peak_bytes")  # None: not measured (--report_only)
+        act_text = (
+            "—"
+            if act is None
+            else f"{act / 2**20:.1f} ({_fmt_ratio(_ratio(act, e2e.get('activation_peak_bytes')))})"
+        )
         time_ratio = _ratio(m.get("step_time_s"), e2e.get("step_time_s"))
         acc_text = _pct(m.get("task_accuracy"), m.get("task_accuracy_std") if spread else None)
         ppl = m.get("retention_ppl")
@@ -824,7 +897,7 @@ def format_report(results: dict) -> str:
         lr_text = f"{m['learning_rate']:g}" if "learning_rate" in m else "—"
         lines.append(
             f"| {name} | {lr_text} | {m.get('max_steps', '—')} | {m.get('seeds', '—')} | "
-            f"{act:.1f} ({_fmt_ratio(act_ratio)}) | "
+            f"{act_text} | "
             f"{m.get('peak_memory_bytes', 0) / 2**20:.0f} | "
             f"{m.get('step_time_s', float('nan')):.3f} ({_fmt_ratio(time_ratio)}) | "
             f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
@@ -1079,11 +1152,11 @@ def summarize(results: dict) -> list[str]:
         return "met" if ok else "MISSED"
 
     for name, limit in (("lopt", 0.56), ("lopt_k4", 0.35)):
-        if name in methods:
-            r = methods[name]["activation_peak_bytes"] / e2e["activation_peak_bytes"]
+        r = _ratio(methods.get(name, {}).get("activation_peak_bytes"), e2e.get("activation_peak_bytes"))
+        if r is not None:
             out.append(f"- {name} activation peak is {r:.2f}x e2e (target ≤ {limit}): {check(r <= limit)}.")
-    if "lopt_joint" in methods:
-        r = methods["lopt_joint"]["activation_peak_bytes"] / e2e["activation_peak_bytes"]
+    r = _ratio(methods.get("lopt_joint", {}).get("activation_peak_bytes"), e2e.get("activation_peak_bytes"))
+    if r is not None:
         out.append(
             f"- lopt_joint (the authors' single backward) activation peak is {r:.2f}x e2e: it saves no memory."
         )
@@ -1147,7 +1220,7 @@ def write_plots(results: dict, output_dir: str) -> None:
         ("step_time_s", 1, "median step time (s)"),
     )
     for ax, (key, scale, title) in zip(axes, bars):
-        ax.bar(names, [methods[n].get(key, 0) / scale for n in names], color=[colors[n] for n in names])
+        ax.bar(names, [(methods[n].get(key) or 0) / scale for n in names], color=[colors[n] for n in names])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=45)
     _save(fig, output_dir, "memory_time.png")

@@ -117,6 +117,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="No new run starts after this many seconds; the report covers the runs that finished (say how many), "
         "and seeds beyond the first go first to the settings the report reads. Rerun without it to complete.",
     )
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Train and score nothing: rebuild the report from the finished runs in --output_dir (e.g. of a sweep "
+        "that was stopped); needs the compare_base.json an earlier compare wrote there.",
+    )
     parser.add_argument("--no_progress", action="store_true")
 
 
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         accuracy_targets=tuple(_numbers("--accuracy_targets", args.accuracy_targets)),
         jobs=args.jobs,
         time_limit=args.time_limit,
+        report_only=args.report_only,
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:
