@@ -299,3 +299,10 @@ def test_sft_task_flag_picks_a_builtin_task_and_refuses_unknown_ones():
     assert sft.training_rows(data, task, False) == builtin_task_rows("train", n=5, task="modules")
     with pytest.raises(UserError, match="--task 'nope' is not one of"):
         check_data("sft", ModelConfig(), DataArguments(task="nope"), tuple(BUILTIN_TASKS))
+
+
+def test_a_run_that_logged_nothing_is_a_clear_error(tmp_path):
+    from lopt.compare import _training_metrics
+
+    with pytest.raises(UserError, match="--logging_steps"):
+        _training_metrics(str(tmp_path))

@@ -644,8 +644,16 @@ def _train(command: list[str], base_path: str, run_dir: str, label: str) -> None
 
 
 def _training_metrics(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        logs = [json.loads(line) for line in f]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    logs = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            logs = [json.loads(line) for line in f if line.strip()]
+    if not logs:
+        raise UserError(
+            f"{run_dir} logged no training metrics: its --max_steps is below `lopt sft`'s --logging_steps; add "
+            "--sft_args '--logging_steps N' with N at most the smallest budget."
+        )
     curve = [(m["step"], m.get("task_loss", m["loss"])) for m in logs]
     timed = logs[1:] or logs  # the first interval includes start-up
     return {
