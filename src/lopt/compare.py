@@ -67,9 +67,8 @@ RETENTION_BUDGETS = (
 ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation task accuracy
 RUN_RECORD = "compare_run.json"  # written last in a run folder: training metrics and scores of a finished run
 COMMAND_MARKER = "compare_command.json"  # written first: the `lopt sft` command and base model of the run
-BASE_RECORD = (
-    "compare_base.json"  # in --output_dir: the base model's scores and each method's activation peak
-)
+# In --output_dir: the base model's scores, each method's activation peak and the evaluation key (--report_only).
+BASE_RECORD = "compare_base.json"
 # `lopt sft` flags that compare sets itself, per run; in --sft_args they would silently override the sweep.
 _COMPARE_OWNED_FLAGS = ("--max_steps", "--seed", "--output_dir", "--task", "--eval_samples")
 
