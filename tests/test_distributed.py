@@ -302,6 +302,21 @@ DPO_ROWS = [
 ]
 
 
+# What the DPO and GRPO equality runs share: 2 SGD steps (a step is lr x gradient), clipped, logged, nothing saved.
+RL_TEST_ARGS = dict(
+    max_steps=2,
+    learning_rate=0.5,
+    optim="sgd",
+    max_grad_norm=1.0,
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+)
+
+
 def make_dpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
     """LoPTDPOTrainer (local mode) on the tiny char-level checkpoint, float64 and SGD: DDP's gradient average and one
     process's batch gradient then agree to rounding (in float32 a batch of 4 and 2 x 2 differ by up to ~1% of a
@@ -317,20 +332,7 @@ def make_dpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
     set_seed(0)
     model, tokenizer = _load(checkpoint, torch.float64)
     args = DPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
-        max_steps=2,
-        learning_rate=0.5,
-        optim="sgd",
-        max_grad_norm=1.0,
-        beta=0.1,
-        max_length=32,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
+        output_dir=output_dir, per_device_train_batch_size=batch_size, beta=0.1, max_length=32, **RL_TEST_ARGS
     )
     return LoPTDPOTrainer(
         model=model,
@@ -369,16 +371,7 @@ def make_grpo_trainer(checkpoint: str, output_dir: str, batch_size: int):
         num_generations=2,
         max_completion_length=4,
         beta=0.1,
-        max_steps=2,
-        learning_rate=0.5,
-        optim="sgd",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
+        **RL_TEST_ARGS,
     )
     return FixedGenerations(
         model=model,

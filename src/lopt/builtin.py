@@ -393,8 +393,8 @@ def _build_name(preset: str) -> str:
     # The corpus is the installed standard library, so the exact Python version is part of
     # the recipe; so is the device that pretrains (its arithmetic differs from the CPU's).
     py = ".".join(map(str, sys.version_info[:3]))
-    device = "" if _build_device() == "cpu" else f"-{_build_device()}"
-    return f"builtin-{preset}-v{BUILTIN_VERSION}-py{py}{device}"
+    device = _build_device()
+    return f"builtin-{preset}-v{BUILTIN_VERSION}-py{py}{'' if device == 'cpu' else '-' + device}"
 
 
 def builtin_model_path(

@@ -237,7 +237,9 @@ def run_compare(spec: CompareSpec) -> dict:
         {name: base["activation"].get(_base_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
-    chosen = {n: p for n, p in results["methods"].items() if p is not None}
+    chosen = results[
+        "methods"
+    ]  # each method's point chosen on validation (methods without runs are left out)
     lm_eval.add_summaries(
         results, {n: runs[(n, p["learning_rate"], p["max_steps"])] for n, p in chosen.items()}
     )
@@ -344,18 +346,20 @@ class _Scorer:
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base_path)
         return cls(spec, str(base_path), tokenizer, sets, lm_eval, key)
 
+    def _where(self, seed: int, name: str, lr: float, steps: int) -> tuple[str, list[str]]:
+        """The run's folder and its `lopt sft` command."""
+        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
+        return run_dir, _sft_command(self.spec, name, lr, steps, seed)
+
     def finished(self, seed: int, name: str, lr: float, steps: int) -> dict | None:
         """The record of this run if an earlier compare finished it under the same command and evaluation."""
-        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
-        command = _sft_command(self.spec, name, lr, steps, seed)
-        return finished_run(run_dir, command, self.base_path, self.evaluation_key)
+        return finished_run(*self._where(seed, name, lr, steps), self.base_path, self.evaluation_key)
 
     def run(self, seed: int, name: str, lr: float, steps: int) -> dict:
         """Trains (unless a complete checkpoint of this command is there) and scores one run; returns its record."""
         from transformers import AutoModelForCausalLM
 
-        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
-        command = _sft_command(self.spec, name, lr, steps, seed)
+        run_dir, command = self._where(seed, name, lr, steps)
         # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
         if not _checkpoint_complete(run_dir, command, self.base_path):
             _train(command, self.base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
@@ -882,8 +886,6 @@ def format_report(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
-        if m is None:
-            continue
         act = m.get("activation_peak_bytes")  # None: not measured (--report_only)
         act_text = (
             "—"
@@ -947,7 +949,7 @@ def _where(point: dict) -> str:
 def _sweep_sections(results: dict) -> list[str]:
     """Every point; accuracy at matched retention; retention at matched accuracy; steps to an accuracy."""
     setup = results["setup"]
-    names = [n for n, m in results["methods"].items() if m is not None]
+    names = list(results["methods"])
     lines = [
         "## Every (method, lr, steps) point",
         "",
@@ -1131,7 +1133,7 @@ def issue11_targets(results: dict) -> list[str]:
 
 def _fewest_seeds(results: dict) -> int:
     """Seeds behind the least-seeded chosen point (a --time_limit can leave some points short)."""
-    chosen = [m for m in results["methods"].values() if m is not None]
+    chosen = results["methods"].values()
     return min((m.get("seeds", results["setup"]["seeds"]) for m in chosen), default=0)
 
 

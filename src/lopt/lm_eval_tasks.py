@@ -332,8 +332,7 @@ class CompareLMEval:
             return
         results["setup"]["lm_eval_tasks"] = self.tasks.names
         for name, entry in results["methods"].items():
-            if entry is not None:  # None: no run of this method finished (--time_limit)
-                entry["lm_eval"] = summarize_lm_eval(runs[name], results["before"])
+            entry["lm_eval"] = summarize_lm_eval(runs[name], results["before"])
 
 
 def summarize_lm_eval(runs: list[dict], before: dict) -> dict:
