@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -42,22 +43,36 @@ def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_knowledge_items_are_probe_facts_only_with_one_right_choice():
+def test_knowledge_items_are_probe_fact_clozes_with_one_right_word():
     from lopt.knowledge import fact_role, knowledge_facts
+    from lopt.lm_eval_tasks import _training_word_counts
 
     items = knowledge_items()
-    assert 200 <= len(items) <= 500  # a few hundred: cheap enough after every compare run
+    assert 500 <= len(items) <= 1000  # every usable probe fact: a standard error under 2 points
     assert items == knowledge_items()  # fixed once and for all
+    assert knowledge_items(10) == items[:10]  # a prefix is the same items
     by_key = {f.key: f for f in knowledge_facts()}
     sft_summaries = {f.summary for f in knowledge_facts("sft")}
+    counts = _training_word_counts()
     for item in items:
         fact = by_key[item["id"]]
-        assert fact_role(fact) == "probe"  # held out from every SFT task
-        assert item["context"] == f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n"
+        assert (
+            fact_role(fact) == "probe" and fact.summary not in sft_summaries
+        )  # held out from every SFT task
+        answer = item["choices"][item["answer"]]
+        # the fact as the corpus presents it, cut just before the sentence's last word of 4+ lowercase letters
+        header = f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n"
+        assert item["context"].startswith(header)
+        shown = item["context"][len(header) :]
+        assert fact.summary.startswith(shown)
+        rest = fact.summary[len(shown) :].lstrip()
+        assert re.match(rf"{answer}\b", rest) and not re.search(r"\b[a-z]{4,}\b", rest[len(answer) :])
         assert len(item["choices"]) == len(set(item["choices"])) == 4
-        assert max(len(choice) for choice in item["choices"]) <= 120  # fits a 128-token context
-        assert item["choices"][item["answer"]] == fact.summary
-        assert not set(item["choices"]) & sft_summaries  # no choice is a sentence SFT could teach
+        for choice in item[
+            "choices"
+        ]:  # distractors about as frequent as the answer: frequency cannot pick it
+            assert choice.isalpha() and choice.islower() and len(choice) >= 4
+            assert 0.5 <= counts[choice] / counts[answer] <= 2
     # the right answer is not always in the same place
     assert len({item["answer"] for item in items}) == 4
 
@@ -140,6 +155,27 @@ def test_eval_runs_the_knowledge_task_and_a_local_task_folder(builtin_tiny, tmp_
             round(scores[KNOWLEDGE_TASK][metric] * 12)
         )
     assert scores["tiny_local"]["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+@needs_lm_eval
+def test_knowledge_task_is_well_above_chance_on_the_tiny_base(builtin_tiny, tmp_path):
+    # A probe at chance cannot show forgetting.  The tiny base scores ~41% on all items (chance 25%, standard
+    # error ~1.8 points), so 33% leaves four standard errors of room.
+    out = tmp_path / "eval.json"
+    args = [
+        "eval",
+        "--max_samples",
+        "1",
+        "--lm_eval_tasks",
+        KNOWLEDGE_TASK,
+        "--output_file",
+        str(out),
+        "--no_progress",
+    ]
+    lopt(args, builtin_tiny["env"])
+    score = json.loads(out.read_text())["lm_eval"][KNOWLEDGE_TASK]
+    assert score["n"] == len(knowledge_items())
+    assert score["acc"] >= 0.33, score
 
 
 @needs_lm_eval

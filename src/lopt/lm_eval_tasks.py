@@ -4,10 +4,10 @@
 through `lm_eval.simple_evaluate` and returns ``{task: {metric: value}}``.  ``tasks`` names lm-eval tasks, groups or
 tags, directories of task YAMLs (local tasks), or `KNOWLEDGE_TASK`.
 
-`KNOWLEDGE_TASK` is multiple choice over facts the built-in model was pretrained on (`lopt.knowledge`, probe facts
-only, so no SFT task ever trains on them): given ``Module M`` and ``def NAME:`` (the way the corpus presents a
-docstring), which of four docstring first sentences is NAME's.  The three wrong sentences are other probe facts of
-the same kind.  It is an ordinary lm-eval YAML task over a local JSONL file, written on first use next to the
+`KNOWLEDGE_TASK` is a multiple-choice cloze over facts the built-in model was pretrained on (`lopt.knowledge`, probe
+facts only, so no SFT task ever trains on them): given ``Module M``, ``def NAME:`` and the first sentence of NAME's
+docstring up to its last word (the way the corpus presents them), which of four words about as frequent in the
+corpus ends the sentence.  It is an ordinary lm-eval YAML task over a local JSONL file, written on first use next to the
 cached built-in model, so it runs offline.
 
 lm-eval is an optional dependency (``pip install 'lopt[eval]'``); everything here imports it lazily.
@@ -15,11 +15,13 @@ lm-eval is an optional dependency (``pip install 'lopt[eval]'``); everything her
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -46,9 +48,11 @@ __all__ = [
 ]
 
 KNOWLEDGE_TASK = "lopt_knowledge"
-KNOWLEDGE_ITEMS = 300  # a few hundred: cheap enough to run after every compare run
+KNOWLEDGE_ITEMS = (
+    None  # every usable probe fact (~700): a standard error under 2 points, still cheap after each run
+)
 # Bump when the YAML changes; part of the task folder's name (with a hash of the items).
-KNOWLEDGE_VERSION = "1"
+KNOWLEDGE_VERSION = "2"
 INSTALL_HINT = "pip install 'lopt[eval]' (lm-eval>=0.4.13,<0.5)"
 
 
@@ -68,11 +72,32 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
-    """Multiple-choice rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
+# A cloze answer: a lowercase word of at least four letters (shorter ones are mostly function words).
+_CLOZE_WORD = re.compile(r"\b[a-z]{4,}\b")
+_MIN_WORD_COUNT = 3  # answers and distractors occur at least this often in the training documents
 
-    Items are the first ``n`` probe facts (none sharing its summary with an SFT fact) in a stable hash order (so a prefix is a fair sample of modules); each
-    fact's distractors are drawn, by a generator seeded from its key, from the other probe facts of its kind.
+
+@functools.lru_cache(maxsize=1)
+def _training_word_counts() -> dict[str, int]:
+    from lopt.builtin import _is_heldout, pretraining_documents
+
+    counts: dict[str, int] = {}
+    for doc_id, text in pretraining_documents():
+        if not _is_heldout(doc_id):
+            for word in _CLOZE_WORD.findall(text):
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
+    """Multiple-choice cloze rows ``{"id", "context", "choices", "answer"}`` over probe facts, in a fixed order.
+
+    The context is a fact the way the pretraining corpus presents it (``Module M``, ``def NAME:``, its docstring's
+    first sentence) cut before the sentence's last word of four or more lowercase letters; the choices are that
+    word and three other words of the training documents that occur about as often (0.5x to 2x), so word
+    frequency alone cannot pick the answer.  Items are the first ``n`` usable probe facts (none sharing its
+    summary with an SFT fact) in a stable hash order, so a prefix is a fair sample of modules; each fact's
+    distractors are drawn by a generator seeded from its key.
     """
     from lopt.knowledge import knowledge_facts
 
@@ -80,28 +105,31 @@ def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
     sft_summaries = {f.summary for f in knowledge_facts("sft")}
     probe = [f for f in knowledge_facts("probe") if f.summary not in sft_summaries]
     facts = sorted(probe, key=lambda f: _stable_int(f"probe-order:{f.key}"))
-    chosen = facts if n is None else facts[:n]
+    counts = _training_word_counts()
+    words = sorted(w for w, c in counts.items() if c >= _MIN_WORD_COUNT)
     rows = []
-    for fact in chosen:
+    for fact in facts:
+        if n is not None and len(rows) == n:
+            break
+        last = next(reversed(list(_CLOZE_WORD.finditer(fact.summary))), None)
+        if last is None or counts.get(last.group(), 0) < _MIN_WORD_COUNT:
+            continue
+        answer = last.group()
+        pool = [w for w in words if w != answer and 0.5 <= counts[w] / counts[answer] <= 2]
+        if len(pool) < 3:
+            continue
         rng = random.Random(_stable_int(f"distractors:{fact.key}"))
-        pool = sorted({f.summary for f in facts if f.kind == fact.kind and f.summary != fact.summary})
-        choices = [fact.summary, *rng.sample(pool, 3)]
+        choices = [answer, *rng.sample(pool, 3)]
         rng.shuffle(choices)
-        rows.append(
-            {
-                "id": fact.key,
-                # How the pretraining corpus introduces a docstring (see lopt.builtin._corpus).
-                "context": f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n",
-                "choices": choices,
-                "answer": choices.index(fact.summary),
-            }
-        )
+        # How the pretraining corpus introduces a docstring (see lopt.builtin._corpus).
+        context = f"Module {fact.module}\n\n{fact.kind} {fact.name}:\n{fact.summary[: last.start()].rstrip()}"
+        rows.append({"id": fact.key, "context": context, "choices": choices, "answer": choices.index(answer)})
     return rows
 
 
 _KNOWLEDGE_YAML = """\
-# Written by lopt (lopt.lm_eval_tasks): which docstring sentence belongs to a name the built-in model was
-# pretrained on.  Chance is 25%.
+# Written by lopt (lopt.lm_eval_tasks): the missing last word of a docstring sentence the built-in model was
+# pretrained on, among four words about as frequent.  Chance is 25%.
 task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -112,7 +140,7 @@ output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: choices
 doc_to_target: answer
-target_delimiter: ""
+target_delimiter: " "
 metric_list:
   - metric: acc
     aggregation: mean
