@@ -597,17 +597,19 @@ _TASK_VALIDATION_PERCENT = 10  # of the problems that are not test
 _TASK_PROMPT = "What number comes after {n}?"
 TASK_SPLITS = ("train", "validation", "test")
 
-# "modules": "<first sentence of a docstring>\nWhich module defines the function NAME?" -> "module.name".  Narrow
-# supervision over what pretraining taught the model (lopt.knowledge): the answer is in the corpus it was pretrained
-# on (the module's document lists the name), and in the prompt only as a hint for 17% of items (a summary that
-# names the module).  Only the "sft" facts are used; the "probe" facts are held out for retention.
+# "modules": "<first sentence of a docstring>\nWhich module defines the method Class.name?" -> "module" (or "the
+# function NAME" / "the class NAME").  Narrow supervision over facts of the corpus the model was pretrained on
+# (lopt.knowledge): two thirds of the items are methods, split by item, so most validation and test questions ask
+# about a class whose other methods are in the training split (a lookup of the class's module from the training rows
+# scores 68% on validation).  It measures learning new associations, not recall of pretraining.  Only the "sft"
+# facts are used; the "probe" facts are held out for retention.
 MODULES_TASK = "modules"
 
 # name -> one line for --help and reports.  Every task is scored by greedy generation + exact_match.
 BUILTIN_TASKS: dict[str, str] = {
     TASK_NAME: "What number comes after N? (a new skill; N = 0..999)",
-    MODULES_TASK: "Which standard-library module defines NAME, given its docstring's first sentence? (recall of "
-    "what pretraining taught)",
+    MODULES_TASK: "Which standard-library module defines NAME (a function, class or method), given its docstring's "
+    "first sentence? (learning associations over the pretraining corpus)",
 }
 
 
@@ -649,9 +651,15 @@ def _task_items(task: str) -> list[tuple[str, str, str]]:
     if task == MODULES_TASK:
         from lopt.knowledge import knowledge_facts
 
+        from lopt.lm_eval_tasks import knowledge_items
+
+        probe_keys = {row["id"] for row in knowledge_items()}
+        probe_summaries = {f.summary for f in knowledge_facts("probe") if f.key in probe_keys}
         items = []
         for fact in knowledge_facts("sft"):
-            kind = "function" if fact.kind == "def" else "class"
+            if fact.summary in probe_summaries:
+                continue  # training on a probe item's sentence would teach the retention probe
+            kind = "method" if fact.is_method else "function" if fact.kind == "def" else "class"
             prompt = f"{fact.summary}\nWhich module defines the {kind} {fact.name}?"
             percent = _hash_percent(f"{MODULES_TASK}:{fact.key}")
             split = "test" if percent < 20 else "validation" if percent < 30 else "train"

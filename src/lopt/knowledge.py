@@ -1,11 +1,13 @@
 """Facts the built-in model was pretrained on, for tasks that test what pretraining taught it.
 
 The built-in corpus (``lopt.builtin``) renders each standard-library module as ``Module <name>`` followed by the
-docstrings of its module, classes and functions (``def <name>:`` / ``class <name>:``).  A *fact* here is one public
-top-level function or class of a module whose document the model was trained on: its name, its defining module and
-the first sentence of its docstring.
+docstrings of its module, classes and functions (``def <name>:`` / ``class <name>:``, methods as
+``def <Class>.<method>:``).  A *fact* here is one public top-level function or class of a module whose document the
+model was trained on, or one public method of such a class: its (qualified) name, its defining module and the first
+sentence of its docstring.
 
-Facts are split once and for all, by a stable hash of ``module.name``, into two disjoint roles:
+Facts are split once and for all, by a stable hash of ``module.<top-level name>``, into two disjoint roles (a class
+and its methods always share one):
 
 - ``"probe"``: the knowledge-retention probe (multiple choice, scored by log-likelihood, never trained on);
 - ``"sft"``: the question-answering SFT task (its own train / validation / test split, see ``lopt.builtin``).
@@ -34,7 +36,7 @@ _MAX_SUMMARY_CHARS = (
 
 @dataclass(frozen=True)
 class Fact:
-    name: str  # "urljoin"
+    name: str  # "urljoin", or "TarFile.open" for a method
     module: str  # "urllib.parse"
     kind: str  # "def" or "class"
     summary: str  # first sentence of the docstring
@@ -43,17 +45,22 @@ class Fact:
     def key(self) -> str:
         return f"{self.module}.{self.name}"
 
+    @property
+    def is_method(self) -> bool:
+        return "." in self.name
+
 
 def fact_role(fact: Fact) -> str:
     """``"probe"`` or ``"sft"``: a stable hash of the fact's qualified name (never Python's salted hash())."""
-    digest = hashlib.sha256(f"knowledge-role:{fact.key}".encode()).digest()
+    top_level = fact.name.split(".", 1)[0]
+    digest = hashlib.sha256(f"knowledge-role:{fact.module}.{top_level}".encode()).digest()
     return "probe" if int.from_bytes(digest[:8], "big") % 100 < PROBE_PERCENT else "sft"
 
 
 def knowledge_facts(role: str | None = None) -> list[Fact]:
     """Facts from the built-in model's pretraining *training* documents, in a fixed order (by module, then line).
 
-    Only names defined at the top level of exactly one module are kept, so every question has one right module.
+    Only (qualified) names defined in exactly one module are kept, so every question has one right module.
     ``role`` keeps only ``"probe"`` or ``"sft"`` facts.
     """
     if role not in (None, "probe", "sft"):
@@ -89,12 +96,22 @@ def _facts() -> tuple[Fact, ...]:
             for node in tree.body:
                 if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     continue
-                if node.name.startswith("_") or not (doc := ast.get_docstring(node)):
+                if node.name.startswith("_"):
                     continue
-                summary = _first_sentence(doc)
-                if _MIN_SUMMARY_CHARS <= len(summary) <= _MAX_SUMMARY_CHARS:
-                    kind = "class" if isinstance(node, ast.ClassDef) else "def"
-                    candidates.append(Fact(node.name, module, kind, summary))
+                named = [(node.name, node)]
+                if isinstance(node, ast.ClassDef):
+                    named += [
+                        (f"{node.name}.{child.name}", child)
+                        for child in node.body
+                        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_")
+                    ]
+                for name, defined in named:
+                    if not (doc := ast.get_docstring(defined)):
+                        continue
+                    summary = _first_sentence(doc)
+                    if _MIN_SUMMARY_CHARS <= len(summary) <= _MAX_SUMMARY_CHARS:
+                        kind = "class" if isinstance(defined, ast.ClassDef) else "def"
+                        candidates.append(Fact(name, module, kind, summary))
     # A name defined in several modules (os.path.join, posixpath.join, ...) has no single answer.
     modules_of: dict[str, set[str]] = {}
     for fact in candidates:

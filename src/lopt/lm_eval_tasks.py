@@ -99,11 +99,14 @@ def knowledge_items(n: int | None = KNOWLEDGE_ITEMS) -> list[dict]:
     summary with an SFT fact) in a stable hash order, so a prefix is a fair sample of modules; each fact's
     distractors are drawn by a generator seeded from its key.
     """
-    from lopt.knowledge import knowledge_facts
+    from lopt.knowledge import fact_role, knowledge_facts
 
-    # A sentence that is also some SFT fact's summary could be learned through SFT: leave such facts out.
-    sft_summaries = {f.summary for f in knowledge_facts("sft")}
-    probe = [f for f in knowledge_facts("probe") if f.summary not in sft_summaries]
+    # Top-level names only (the design was chosen and measured on them).  A sentence that is also a top-level SFT
+    # fact's summary could be learned through SFT: leave such facts out (the `modules` task in turn skips methods
+    # whose summary is a probe item's).
+    top_level = [f for f in knowledge_facts() if not f.is_method]
+    sft_summaries = {f.summary for f in top_level if fact_role(f) == "sft"}
+    probe = [f for f in top_level if fact_role(f) == "probe" and f.summary not in sft_summaries]
     facts = sorted(probe, key=lambda f: _stable_int(f"probe-order:{f.key}"))
     counts = _training_word_counts()
     words = sorted(w for w, c in counts.items() if c >= _MIN_WORD_COUNT)
