@@ -44,6 +44,7 @@ def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_knowledge_items_are_probe_fact_clozes_with_one_right_word():
+    from lopt.builtin import builtin_task_rows
     from lopt.knowledge import fact_role, knowledge_facts
     from lopt.lm_eval_tasks import _training_word_counts
 
@@ -52,7 +53,12 @@ def test_knowledge_items_are_probe_fact_clozes_with_one_right_word():
     assert items == knowledge_items()  # fixed once and for all
     assert knowledge_items(10) == items[:10]  # a prefix is the same items
     by_key = {f.key: f for f in knowledge_facts()}
-    sft_summaries = {f.summary for f in knowledge_facts("sft")}
+    # every sentence an SFT task shows (the modules task's prompts open with one)
+    sft_summaries = {
+        row["prompt"].split("\n")[0]
+        for split in ("train", "validation", "test")
+        for row in builtin_task_rows(split, task="modules")
+    }
     counts = _training_word_counts()
     for item in items:
         fact = by_key[item["id"]]
