@@ -234,7 +234,9 @@ def test_modules_task_asks_only_sft_facts():
 
     probe = {(f.name, f.module) for f in knowledge_facts("probe")}
     rows = [r for s in ("train", "validation", "test") for r in builtin_task_rows(s, task="modules")]
-    assert len(knowledge_facts("sft")) - 5 <= len(rows) <= len(knowledge_facts("sft"))  # a few skipped (below)
+    assert (
+        len(knowledge_facts("sft")) - 5 <= len(rows) <= len(knowledge_facts("sft"))
+    )  # a few skipped (below)
     by_key = {f.key: f for f in knowledge_facts("probe")}
     probe_sentences = {by_key[row["id"]].summary for row in knowledge_items()}
     for row in rows:

@@ -650,7 +650,6 @@ def _task_items(task: str) -> list[tuple[str, str, str]]:
         return items
     if task == MODULES_TASK:
         from lopt.knowledge import knowledge_facts
-
         from lopt.lm_eval_tasks import knowledge_items
 
         probe_keys = {row["id"] for row in knowledge_items()}

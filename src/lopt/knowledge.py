@@ -103,7 +103,8 @@ def _facts() -> tuple[Fact, ...]:
                     named += [
                         (f"{node.name}.{child.name}", child)
                         for child in node.body
-                        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_")
+                        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        and not child.name.startswith("_")
                     ]
                 for name, defined in named:
                     if not (doc := ast.get_docstring(defined)):
