@@ -86,11 +86,12 @@ def test_default_run_trains_lopt_and_writes_a_standard_checkpoint(builtin_tiny, 
         ("lopt_joint", []),
         ("e2e", []),
         ("freeze", []),
+        ("freeze", ["--boundaries", "1"]),
         ("lora", ["--lora_r", "4"]),
     ],
 )
 def test_each_method(builtin_tiny, tmp_path, method, extra):
-    out = tmp_path / method
+    out = tmp_path / f"{method}{len(extra)}"
     lopt(["sft", *FAST, "--method", method, *extra, "--output_dir", str(out)], builtin_tiny["env"])
     assert_hf_checkpoint(out)
     metrics = read_metrics(out)
@@ -104,6 +105,9 @@ def test_each_method(builtin_tiny, tmp_path, method, extra):
     if method == "freeze":
         assert "model.embed_tokens.weight" not in changed and "lm_head.weight" in changed
         assert not any(k.startswith("model.layers.0.") for k in changed)
+        # the first layer trained: the midpoint (2 of 4 layers), or the one --boundaries names
+        assert any(k.startswith("model.layers.1.") for k in changed) == (extra == ["--boundaries", "1"])
+        assert any(k.startswith("model.layers.2.") for k in changed)
     if method == "lora":
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert any(k.startswith("model.layers.0.") for k in changed)  # merged adapters changed the weights

@@ -41,7 +41,7 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
         "compare",
         "--quick",
         "--methods",
-        "e2e,lopt,lopt_joint,lopt_recon_anchor",
+        "e2e,lopt,lopt_joint,lopt_recon_anchor,lopt+b1,freeze+b3",
         "--lr_k1_ratios",
         "1,0.5",
         "--max_steps",
@@ -54,7 +54,9 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     results = json.loads((out / "results.json").read_text())
     for key in ("model", "vocab_size", "num_layers", "steps", "seeds", "device", "torch", "transformers"):
         assert key in results["setup"], key
-    assert list(results["methods"]) == ["e2e", "lopt", "lopt@0.5", "lopt_joint", "lopt_recon_anchor"]
+    assert set(results["methods"]) == {
+        *("e2e", "lopt", "lopt@0.5", "lopt_joint", "lopt_recon_anchor", "lopt+b1", "freeze+b3")
+    }
     runs = out / "runs"
     lopt_args = json.loads((runs / "lopt@0.5-lr0.001-steps3-seed0" / "lopt_args.json").read_text())
     assert lopt_args["learning_rate"] == 1e-3  # `lopt sft`'s built-in default: no --learning_rates given
@@ -65,6 +67,13 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
         (runs / "lopt_recon_anchor-lr0.001-steps3-seed0" / "lopt_config.json").read_text()
     )
     assert anchor_config["aux_objective"] == "recon+anchor"
+    assert json.loads((runs / "lopt+b1-lr0.001-steps3-seed0" / "lopt_config.json").read_text())[
+        "boundaries"
+    ] == [1]
+    assert (
+        json.loads((runs / "freeze+b3-lr0.001-steps3-seed0" / "lopt_args.json").read_text())["boundaries"]
+        == "3"
+    )
     for name, entry in results["methods"].items():
         for key in (
             "activation_peak_bytes",
@@ -80,6 +89,9 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     # Real properties of the engine, not timing: local LoPT keeps fewer activations than E2E; joint does not.
     assert methods["lopt"]["activation_peak_bytes"] < methods["e2e"]["activation_peak_bytes"]
     assert methods["lopt_joint"]["activation_peak_bytes"] >= methods["e2e"]["activation_peak_bytes"] * 0.9
+    # A boundary at layer 1 of 4 leaves three layers to the last block: more to keep than the midpoint's two.
+    assert methods["lopt+b1"]["activation_peak_bytes"] > methods["lopt"]["activation_peak_bytes"]
+    assert methods["freeze+b3"]["activation_peak_bytes"] < methods["e2e"]["activation_peak_bytes"]
     report = (out / "report.md").read_text()
     assert "| lopt |" in report and "What the numbers show" in report
     for png in ("loss_curves.png", "memory_time.png", "accuracy_retention.png", "fronts.png"):

@@ -265,6 +265,9 @@ def test_spec_refuses_what_would_make_a_sweep_dishonest():
             train_file="t.jsonl",
             eval_file="e.jsonl",
         )
+    for name in ("e2e+b2", "lopt_k4+b2", "lopt+bx", "lopt+b0"):
+        with pytest.raises(UserError, match=r"'\+bN' takes a layer"):
+            CompareSpec(methods=[name])
     spec = CompareSpec(
         methods=["e2e", "lora", "lopt@0.3"],
         learning_rates=[1e-4, 3e-4],

@@ -160,8 +160,11 @@ def test_lopt_arguments_reach_the_config():
     assert {"num_blocks", "aux_objective", "anchor_weight", "anchor_dtype", "aux_head_ratio"} <= shared
     with pytest.raises(UserError, match="--num_blocks is 4"):
         LoPTArguments(boundaries="1,3", num_blocks=4).check(frozenset({"num_blocks"}))
-    with pytest.raises(UserError, match="--boundaries only applies"):
+    with pytest.raises(UserError, match="--boundaries applies to LoPT methods"):
         LoPTArguments(method="e2e", boundaries="2").check()
+    with pytest.raises(UserError, match="as one layer"):
+        LoPTArguments(method="freeze", boundaries="1,3").check()
+    LoPTArguments(method="freeze", boundaries="3").check()  # freeze: the first layer trained
     assert LoPTArguments(method="e2e").lopt_config() is None
 
 

@@ -55,7 +55,8 @@ class LoPTArguments:
         default=None,
         metadata={
             "help": "Comma-separated first layers of blocks 2..k, e.g. '2,5' (instead of even blocks). With "
-            "--num_blocks, the two must agree."
+            "--num_blocks, the two must agree. For --method freeze, one layer: the first one trained (default the "
+            "midpoint)."
         },
     )
     lambda_aux: float = field(default=10.0, metadata={"help": "Weight of the local aux loss (lambda)."})
@@ -123,9 +124,13 @@ class LoPTArguments:
     def check(self, set_fields: frozenset[str] = frozenset()) -> None:
         """One-line errors for LoPT flags that do not fit together (LoPTConfig checks each value on its own)."""
         if not self.is_lopt:
-            for name in ("lr_k1", "boundaries"):
-                if getattr(self, name) is not None:
-                    raise UserError(f"--{name} only applies to LoPT methods, not --method {self.method}.")
+            if self.lr_k1 is not None:
+                raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {self.method}.")
+            if self.boundaries is not None and (self.method != "freeze" or len(self.boundary_list()) != 1):
+                raise UserError(
+                    f"--boundaries applies to LoPT methods and, as one layer (the first one trained), to freeze; "
+                    f"not --method {self.method} --boundaries {self.boundaries}."
+                )
             if self.aux_objective != "recon":
                 raise UserError(f"--aux_objective only applies to LoPT methods, not --method {self.method}.")
             if self.aux_warmup_steps:

@@ -109,10 +109,12 @@ class CompareSpec:
         unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
         if unknown:
             raise UserError(
-                f"--methods {unknown} unknown; choose from {', '.join(METHOD_FLAGS)} (optionally name@lr_k1_ratio)."
+                f"--methods {unknown} unknown; choose from {', '.join(METHOD_FLAGS)} (optionally name@lr_k1_ratio, "
+                "name+bN for a boundary at layer N)."
             )
         for name in self.methods:
             _lr_k1_ratio(name)  # validates the "@r" suffix
+            _boundary(name)  # and the "+bN" one
         if self.lr_k1_ratios:
             if "lopt" not in self.methods:
                 raise UserError(
@@ -234,7 +236,7 @@ def run_compare(spec: CompareSpec) -> dict:
         runs,
         base["before"],
         # An lr does not change memory. None: not measured (--report_only of a method no compare here measured).
-        {name: base["activation"].get(_base_name(name)) for name in spec.methods},
+        {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
     chosen = results[
@@ -269,7 +271,7 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     scorer = _Scorer.make(spec, base_path, tokenizer)
     before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
     activation = {
-        name: activation_peak_bytes(base_path, name, spec) for name in map(_base_name, spec.methods)
+        name: activation_peak_bytes(base_path, name, spec) for name in map(_memory_name, spec.methods)
     }
     del model
     before.update(scorer.lm_eval(base_path))
@@ -582,14 +584,20 @@ def evaluate_model(model, tokenizer, sets: dict) -> dict:
 
 
 def _base_name(name: str) -> str:
-    return name.split("@", 1)[0]
+    """The recipe of a method name: "lopt_task@0.3+b6" -> "lopt_task"."""
+    return name.split("@", 1)[0].split("+b", 1)[0]
+
+
+def _memory_name(name: str) -> str:
+    """The name without its "@r" (the early lr does not change memory): the key of its activation peak."""
+    return _base_name(name) + (f"+b{b}" if (b := _boundary(name)) is not None else "")
 
 
 def _lr_k1_ratio(name: str) -> float | None:
     """The r of "method@r", None without a suffix."""
     if "@" not in name:
         return None
-    text = name.split("@", 1)[1]
+    text = name.split("@", 1)[1].split("+b", 1)[0]
     try:
         ratio = float(text)
     except ValueError:
@@ -599,8 +607,24 @@ def _lr_k1_ratio(name: str) -> float | None:
     return ratio
 
 
+def _boundary(name: str) -> int | None:
+    """The N of "method+bN" (the one boundary of a two-block method: its later block starts at layer N)."""
+    if "+b" not in name:
+        return None
+    text = name.split("+b", 1)[1].split("@", 1)[0]
+    flags = METHOD_FLAGS[_base_name(name)]
+    two_blocks = flags[1] == "freeze" or (flags[1].startswith("lopt") and "4" not in flags)
+    if not text.isdigit() or int(text) < 1 or not two_blocks:
+        raise UserError(
+            f"--methods {name!r}: '+bN' takes a layer N >= 1 and applies to freeze and the two-block LoPT methods."
+        )
+    return int(text)
+
+
 def _method_flags(name: str, lr: float) -> list[str]:
     flags = list(METHOD_FLAGS[_base_name(name)])
+    if (boundary := _boundary(name)) is not None:
+        flags += ["--boundaries", str(boundary)]
     if _is_lopt(name):  # always explicit, so a name means the same recipe whatever `lopt sft`'s default is
         ratio = _lr_k1_ratio(name) or 1.0
         flags += ["--lr_k1", f"{ratio * lr:.10g}"]
@@ -682,18 +706,21 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: st
 
     if head not in ("fused", "hf"):
         raise ValueError(f"head must be 'fused' or 'hf', got {head!r}.")
-    flags = dict(zip(METHOD_FLAGS[name][::2], METHOD_FLAGS[name][1::2]))
+    recipe = _method_flags(name, lr=1.0)
+    flags = dict(zip(recipe[::2], recipe[1::2]))
     model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if head == "fused":  # as SFTTrainer does: on the plain model, before PEFT or LoPT wrap it
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model)
+    boundary = [int(flags["--boundaries"])] if "--boundaries" in flags else None
     prepared = prepare_model(
         model,
         flags["--method"],
         num_blocks=int(flags.get("--num_blocks", 2)),
         aux_objective=flags.get("--aux_objective", "recon"),
+        boundaries=boundary,
     )
     trained = prepared.model
     if prepared.lopt_config is not None:

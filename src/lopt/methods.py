@@ -3,7 +3,8 @@
 e2e         every parameter learns from the task loss (standard fine-tuning)
 lopt / ll   LoPT, local backward (each early block backpropagates its aux loss as soon as it ends)
 lopt_joint  LoPT, one joint backward over task + aux (the authors' formulation: same gradients, more memory)
-freeze      embedding and first half frozen, the rest fine-tuned end to end (the baseline LoPT must beat)
+freeze      embedding and first half (or the layers before `boundaries`) frozen, the rest fine-tuned end to end
+            (the baseline LoPT must beat)
 lora        PEFT LoRA adapters trained end to end
 """
 
@@ -39,6 +40,7 @@ def prepare_model(
     model: nn.Module,
     method: str,
     num_blocks: int = 2,
+    boundaries: list[int] | None = None,
     aux_weight: float = 10.0,
     aux_objective: str = "recon",
     anchor_weight: float = 1.0,
@@ -61,6 +63,7 @@ def prepare_model(
     if method in ("lopt", "lopt_joint"):
         config = lopt_config or LoPTConfig(
             num_blocks=num_blocks,
+            boundaries=boundaries,
             aux_weight=aux_weight,
             backward="joint" if method == "lopt_joint" else "local",
             aux_objective=aux_objective,
@@ -73,7 +76,7 @@ def prepare_model(
         config.block_ranges(find_decoder_parts(model).num_layers)
         return PreparedModel(model, config, method)
     if method == "freeze":
-        freeze_early_half(model)
+        freeze_early_layers(model, boundaries)
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -91,14 +94,17 @@ def prepare_model(
     return PreparedModel(model, None, method)
 
 
-def freeze_early_half(model: nn.Module) -> None:
-    """Freeze the embedding and the first of two LoPT blocks (same midpoint as LoPT k=2); untie the LM head so it
-    still trains."""
+def freeze_early_layers(model: nn.Module, boundaries: list[int] | None = None) -> None:
+    """Freeze the embedding and the layers before the last boundary (default: LoPT k=2's midpoint), so the rest is
+    what LoPT's last block trains; untie the LM head so it still trains."""
     parts = find_decoder_parts(model)
-    (_, midpoint), _ = LoPTConfig(num_blocks=2).block_ranges(parts.num_layers)
+    config = LoPTConfig(num_blocks=2) if boundaries is None else LoPTConfig(boundaries=list(boundaries))
+    first_trained = config.block_ranges(parts.num_layers)[-1][0]
     untie_embeddings(unwrap_peft(model), parts)
     late = {
-        id(p) for m in (*parts.layers[midpoint:], parts.final_norm, parts.lm_head) for p in m.parameters()
+        id(p)
+        for m in (*parts.layers[first_trained:], parts.final_norm, parts.lm_head)
+        for p in m.parameters()
     }
     for param in model.parameters():
         if id(param) not in late:

@@ -154,7 +154,13 @@ def prepare_model(model, lopt_args: LoPTArguments, model_args):
     from lopt.methods import prepare_model as prepare
 
     lora = lora_config(model_args) if lopt_args.method == "lora" else None
-    return prepare(model, lopt_args.method, lopt_config=lopt_args.lopt_config(), lora_config=lora)
+    return prepare(
+        model,
+        lopt_args.method,
+        boundaries=lopt_args.boundary_list(),
+        lopt_config=lopt_args.lopt_config(),
+        lora_config=lora,
+    )
 
 
 def lora_config(model_args):
