@@ -51,7 +51,8 @@ class Fact:
 
 
 def fact_role(fact: Fact) -> str:
-    """``"probe"`` or ``"sft"``: a stable hash of the fact's qualified name (never Python's salted hash())."""
+    """``"probe"`` or ``"sft"``: a stable hash (never Python's salted hash()) of ``module.<top-level name>``, so a
+    class and its methods share a role."""
     top_level = fact.name.split(".", 1)[0]
     digest = hashlib.sha256(f"knowledge-role:{fact.module}.{top_level}".encode()).digest()
     return "probe" if int.from_bytes(digest[:8], "big") % 100 < PROBE_PERCENT else "sft"
