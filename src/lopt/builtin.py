@@ -640,14 +640,16 @@ def task_answer(prompt: str) -> str:
     return str(int(match.group(1)) + 1)
 
 
-def _task_items(task: str) -> list[tuple[str, str, str]]:
-    """All ``(prompt, completion, split)`` items of a built-in task, in a fixed order."""
+@functools.cache
+def _task_items(task: str) -> tuple[tuple[str, str, str], ...]:
+    """All ``(prompt, completion, split)`` items of a built-in task, in a fixed order (built once per process: the
+    modules task reads the corpus and the knowledge probe)."""
     if task == TASK_NAME:
         items = []
         for number in range(TASK_MAX_N + 1):
             prompt = _TASK_PROMPT.format(n=number)
             items.append((prompt, str(number + 1), _successor_split(prompt)))
-        return items
+        return tuple(items)
     if task == MODULES_TASK:
         from lopt.knowledge import knowledge_facts
         from lopt.lm_eval_tasks import knowledge_items
@@ -663,7 +665,7 @@ def _task_items(task: str) -> list[tuple[str, str, str]]:
             percent = _hash_percent(f"{MODULES_TASK}:{fact.key}")
             split = "test" if percent < 20 else "validation" if percent < 30 else "train"
             items.append((prompt, fact.module, split))
-        return items
+        return tuple(items)
     raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(BUILTIN_TASKS)}.")
 
 
