@@ -612,7 +612,8 @@ def _boundary(name: str) -> int | None:
     if "+b" not in name:
         return None
     text = name.split("+b", 1)[1].split("@", 1)[0]
-    flags = dict(zip(METHOD_FLAGS[_base_name(name)][::2], METHOD_FLAGS[_base_name(name)][1::2]))
+    command = METHOD_FLAGS[_base_name(name)]
+    flags = dict(zip(command[::2], command[1::2]))
     two_blocks = flags["--method"] == "freeze" or flags.get("--num_blocks") == "2"
     if not text.isdigit() or int(text) < 1 or not two_blocks:
         raise UserError(
