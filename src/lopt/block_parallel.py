@@ -463,6 +463,9 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
         progress=not quiet and rank == 0,
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
+        # transformers >= 5.2x kernelizes the model on every train()/eval() switch when `kernels` is installed, and
+        # refuses a model whose first parameter sits on the meta device, as the blocks owned by other ranks do here.
+        use_kernels=False,
     )
     dataset = tokenize_rows(rows, tokenizer, args.max_length)
     loader = DataLoader(

@@ -30,6 +30,7 @@ def load_model_and_tokenizer(
     revision: str | None = None,
     dtype: str | None = None,
     attn_implementation: str | None = None,
+    use_kernels: bool | None = None,
 ):
     """The user's model (safetensors only, no remote code unless asked) or the built-in one, with its tokenizer
     (a pad token added if missing) and the path it came from."""
@@ -47,6 +48,8 @@ def load_model_and_tokenizer(
         model_kwargs["dtype"] = dtype
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
+    if use_kernels is not None:
+        model_kwargs["use_kernels"] = use_kernels
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_name_or_path, trust_remote_code=trust_remote_code, revision=revision
