@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -414,7 +413,36 @@ def worker_rl(out_dir: str) -> None:
             json.dump(report, f)
 
 
+def worker_cli_user_error_on_rank_1(out_dir: str) -> None:
+    """`lopt sft --block_parallel` where rank 1 alone stops with a UserError while building its block: rank 0 goes on
+    to its first collective and loses its peer there."""
+    import lopt.block_parallel as block_parallel
+    from lopt.cli.main import main
+    from lopt.errors import UserError
+
+    build_stage = block_parallel.BlockStage.__init__
+
+    def failing_on_rank_1(self, *args, **kwargs):
+        if os.environ["RANK"] == "1":
+            raise UserError("rank 1 cannot build its block: the fix is X")
+        build_stage(self, *args, **kwargs)
+
+    block_parallel.BlockStage.__init__ = failing_on_rank_1
+    args = [
+        "sft",
+        "--block_parallel",
+        "--max_samples",
+        "16",
+        "--no_progress",
+        "--output_dir",
+        os.path.join(out_dir, "bp"),
+    ]
+    sys.stdout.flush()
+    os._exit(main(args))
+
+
 WORKERS = {
+    "cli_user_error_on_rank_1": worker_cli_user_error_on_rank_1,
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
     "block_library": worker_block_library,
@@ -441,23 +469,10 @@ import pytest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], env: dict | None = None, nproc: int = 2, timeout: int = 300):
+def torchrun(args: list[str], env: dict | None = None, nproc: int = 2, timeout: int = 600):
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *args,
-    ]
+    # --standalone: the rendezvous store binds a free port itself (no port picked here and raced for meanwhile).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -778,15 +793,57 @@ def test_block_parallel_refuses_bad_process_counts(builtin_tiny, tmp_path):
     proc = torchrun(["-m", "lopt", "sft", "--block_parallel", "--num_blocks", "3", "--no_progress"], env)
     assert proc.returncode != 0
     assert "--num_blocks 3 but 2 processes (use torchrun --nproc_per_node 3" in proc.stderr
-    # Each rank: that one line and exit code 2 (torchrun then reports the failed children itself).
-    assert proc.stderr.count("lopt sft: error: --block_parallel needs one process per block") == 2
+    # Each rank: that one line and exit code 2; torchrun's report then names the line as the failure.
+    lines = proc.stderr.splitlines()
+    assert (
+        sum(ln.startswith("lopt sft: error: --block_parallel needs one process per block") for ln in lines)
+        == 2
+    )
+    assert "traceback : lopt sft: error: --block_parallel needs one process per block" in proc.stderr
     assert "exitcode  : 2" in proc.stderr and "lopt/block_parallel.py" not in proc.stderr
-    # Without torchrun: one line, exit 2.
+    # Flags that block-parallel training cannot take: one line, exit 2, before any process is started.
     proc = subprocess.run(
-        [sys.executable, "-m", "lopt", "sft", "--block_parallel"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "lopt", "sft", "--block_parallel", "--method", "e2e"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "lopt sft: error: --block_parallel runs one process per block: launch it with `torchrun "
-        "--nproc_per_node 2 -m lopt sft --block_parallel --num_blocks 2 ...`."
+        "lopt sft: error: --block_parallel trains LoPT blocks (--method lopt), not --method e2e."
     ]
+
+
+def test_user_error_on_one_rank_reaches_the_launcher(builtin_tiny, tmp_path):
+    """One rank stops with a UserError: every rank stops, torchrun's report names that line as the root cause, and
+    no rank ends in a gloo traceback; lopt's own launcher ends with the line and the rank's exit code."""
+    env = {**builtin_tiny["env"], "PYTHONPATH": HERE}
+    line = "lopt sft: error: rank 1 cannot build its block: the fix is X"
+
+    proc = torchrun([__file__, "cli_user_error_on_rank_1", str(tmp_path / "torchrun")], env)
+    assert proc.returncode != 0
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert line in root_cause and "rank      : 1" in root_cause, proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[
+        -3000:
+    ]
+
+    code = (
+        "import sys; from lopt.launch import launch_local; "
+        f"sys.exit(launch_local(2, [{__file__!r}, 'cli_user_error_on_rank_1', {str(tmp_path / 'own')!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_block_parallel_without_torchrun_starts_its_own_ranks(builtin_tiny, tmp_path):
+    out = tmp_path / "bp"
+    args = ["-m", "lopt", "sft", "--block_parallel", *FAST, "--max_steps", "2", "--output_dir", str(out)]
+    proc = subprocess.run(
+        [sys.executable, *args], env=builtin_tiny["env"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_checkpoint(out, builtin_tiny["path"])
+    assert json.loads((out / "summary.json").read_text())["block_parallel"] == 2

@@ -48,6 +48,7 @@ from lopt.config import LoPTConfig
 from lopt.distributed import finish
 from lopt.heads import AuxHead, reconstruction_loss
 from lopt.io import atomic_write_json
+from lopt.launch import LaunchRequired
 from lopt.model import untie_embeddings
 
 # Sends a rank may have in flight before it waits for the oldest (bounds the memory of pending activations).
@@ -381,20 +382,10 @@ class BlockStage:
 # `lopt sft --block_parallel`
 # ------------------------------------------------------------------------------------------------------------------
 def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a ValueError (one line, exit 2) if the launch or
-    the flags do not fit block-parallel training."""
+    """(rank, world size, local rank) from torchrun's environment; a ValueError (one line, exit 2) if the flags or
+    the launch do not fit block-parallel training; `LaunchRequired` when started as one process (the CLI then starts
+    one process per block itself)."""
     k = lopt_args.num_blocks
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        raise ValueError(
-            f"--block_parallel runs one process per block: launch it with `torchrun --nproc_per_node "
-            f"{k} -m lopt sft --block_parallel --num_blocks {k} ...`."
-        )
-    world = int(os.environ["WORLD_SIZE"])
-    if world != k:
-        raise ValueError(
-            f"--block_parallel needs one process per block: --num_blocks {k} but {world} processes "
-            f"(use torchrun --nproc_per_node {k}, or --num_blocks {world})."
-        )
     if lopt_args.method not in ("lopt", "ll"):
         raise ValueError(
             f"--block_parallel trains LoPT blocks (--method lopt), not --method {lopt_args.method}."
@@ -413,6 +404,14 @@ def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int
             raise ValueError(
                 f"--block_parallel does not support {flag} yet (see README, Multi-process training)."
             )
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise LaunchRequired(k)  # one process per block: the CLI starts them (lopt.launch.launch_local)
+    world = int(os.environ["WORLD_SIZE"])
+    if world != k:
+        raise ValueError(
+            f"--block_parallel needs one process per block: --num_blocks {k} but {world} processes "
+            f"(use torchrun --nproc_per_node {k}, or --num_blocks {world})."
+        )
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0))
 
 

@@ -11,6 +11,15 @@ import importlib
 import os
 import sys
 
+from lopt.launch import (
+    LaunchRequired,
+    is_lost_peer,
+    launch_local,
+    record_rank_error,
+    wait_after_lost_peer,
+    world_size,
+)
+
 # Commands parsed by TRL's parser: their modules are imported only when run, so `lopt --help` stays fast.
 TRAINING_COMMANDS = {"sft", "grpo", "dpo"}
 # subcommand -> module under lopt.cli; imported lazily so `lopt --help` stays fast.
@@ -22,6 +31,7 @@ COMMANDS = {
     "eval": "Score a checkpoint: held-out task accuracy and retention perplexity.",
     "bench": "Measure activation memory, peak memory and step time of E2E vs LoPT.",
     "plan": "Plan the memory of E2E vs LoPT for any model size and GPU count, without allocating it.",
+    "download": "Convert a real pretrained base (e.g. smollm2-135m) once into lopt's cache; print its path.",
 }
 
 
@@ -43,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINING_COMMANDS:
         command = argv[0]
-        return _run_user_facing(
-            command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:])
-        )
+        try:
+            return _run_user_facing(
+                command, lambda: importlib.import_module(f"lopt.cli.{command}").main(argv[1:])
+            )
+        except LaunchRequired as launch:  # e.g. `lopt sft --block_parallel` started as one process
+            return launch_local(launch.nproc, ["-m", "lopt", *argv])
     # The other commands have no --config: YAML recipes belong to the training commands (TRL's parser).
     parser, _ = make_parser()
     args = parser.parse_args(argv)
@@ -62,8 +75,23 @@ def _run_user_facing(command: str, run) -> int:
         if os.environ.get("LOPT_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"lopt {command}: error: {message}", file=sys.stderr)
+        line = f"lopt {command}: error: {message}"
+        print(line, file=sys.stderr, flush=True)
+        record_rank_error(line)  # under torchrun: the launcher's report names this line
         return 2
+    except RuntimeError as err:
+        if world_size() <= 1 or not is_lost_peer(err) or os.environ.get("LOPT_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "?")
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(
+            f"lopt {command}: error: rank {rank} lost contact with another rank, which stopped first (the launcher "
+            f"names it and its error) [{first}]",
+            file=sys.stderr,
+            flush=True,
+        )
+        wait_after_lost_peer()  # let the launcher see the failing rank first; it stops this one
+        return 1
 
 
 if __name__ == "__main__":
