@@ -409,14 +409,16 @@ def builtin_model_path(
     """
     from filelock import FileLock
 
+    from lopt.io import is_complete_checkpoint
+
     name = _resolve_preset(preset)
     root = _cache_root(cache_dir)
     final = root / _build_name(name)
-    if (final / METADATA_FILE).is_file():
+    if is_complete_checkpoint(final, METADATA_FILE):
         return final
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{final.name}.lock")):
-        if (final / METADATA_FILE).is_file():  # another process built it meanwhile
+        if is_complete_checkpoint(final, METADATA_FILE):  # another process built it meanwhile
             return final
         for stale in root.glob(f".{final.name}.tmp-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
@@ -427,7 +429,9 @@ def builtin_model_path(
             with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
                 _build(name, tmp, progress=progress)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            if final.exists():  # leftover without metadata: an interrupted, non-atomic copy
+            if (
+                final.exists()
+            ):  # an incomplete folder (weights or metadata missing, e.g. a copy cut short): rebuilt
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:

@@ -29,6 +29,27 @@ def atomic_directory_write(directory: str | os.PathLike, write: Callable[[str], 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_complete_checkpoint(directory: str | os.PathLike, marker: str | None = None) -> bool:
+    """A Hugging Face checkpoint folder with its config and all its safetensors weights (and `marker`, a file written
+    last, when given). Caches check this rather than trust that a folder which exists is whole."""
+    directory = os.fspath(directory)
+    if marker is not None and not os.path.isfile(os.path.join(directory, marker)):
+        return False
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        return False
+    if os.path.isfile(os.path.join(directory, "model.safetensors")):
+        return True
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return False
+    try:
+        with open(index) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(os.path.isfile(os.path.join(directory, shard)) for shard in shards)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
 from lopt.arguments import DataArguments, LoPTArguments
 from lopt.errors import UserError
-from lopt.io import atomic_directory_write, atomic_write_json
+from lopt.io import atomic_directory_write, atomic_write_json, is_complete_checkpoint
 
 
 def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
@@ -308,8 +309,11 @@ def builtin_sft_checkpoint(task: str, progress: bool = True):
 
     base = Path(builtin_model_path(progress=progress))
     path = base.parent / f"{base.name}-sft-{task}"
-    done = path / "summary.json"  # written after the checkpoint itself
-    if done.is_file():
+
+    def complete() -> bool:  # summary.json is written after the checkpoint itself
+        return is_complete_checkpoint(path, "summary.json")
+
+    if complete():
         return path
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
         raise UserError(
@@ -317,7 +321,9 @@ def builtin_sft_checkpoint(task: str, progress: bool = True):
             "one process, then launch again."
         )
     with FileLock(str(path) + ".lock"):
-        if not done.is_file():
+        if not complete():
+            if path.exists():  # a folder cut short (no summary, or weights missing): made anew
+                shutil.rmtree(path)
             from lopt.cli import sft
 
             argv = ["--task", task, "--output_dir", str(path), "--eval_samples", "0"]
