@@ -429,9 +429,8 @@ def builtin_model_path(
             with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
                 _build(name, tmp, progress=progress)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            if (
-                final.exists()
-            ):  # an incomplete folder (weights or metadata missing, e.g. a copy cut short): rebuilt
+            # An incomplete folder (weights or metadata missing, e.g. a copy cut short) is built anew.
+            if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
