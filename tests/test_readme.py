@@ -104,7 +104,6 @@ GUIDES = [
     "docs/COMPARE.md",
     "docs/BENCHMARKS.md",
     "docs/DISTRIBUTED.md",
-    "docs/GPU.md",
 ]
 
 
