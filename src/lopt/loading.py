@@ -7,6 +7,7 @@ import os
 
 from lopt.data import ensure_pad_token
 from lopt.errors import UserError
+from lopt.hub_bases import resolve_model_name
 
 
 def looks_like_path(name: str) -> bool:
@@ -32,14 +33,16 @@ def load_model_and_tokenizer(
     attn_implementation: str | None = None,
     use_kernels: bool | None = None,
 ):
-    """The user's model (safetensors only, no remote code unless asked) or the built-in one, with its tokenizer
-    (a pad token added if missing) and the path it came from."""
+    """The user's model (safetensors only, no remote code unless asked), a real base by short name (converted once,
+    see lopt.hub_bases) or the built-in one, with its tokenizer (a pad token added if missing) and the path it came
+    from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name_or_path is None:
         from lopt.builtin import builtin_model_path
 
         model_name_or_path = str(builtin_model_path(progress=progress))
+    model_name_or_path = resolve_model_name(model_name_or_path, progress=progress)  # e.g. smollm2-135m
     check_model_path(model_name_or_path)
     model_kwargs = {}
     if revision is not None:

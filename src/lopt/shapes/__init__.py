@@ -21,9 +21,13 @@ def shape_names() -> list[str]:
 
 def load_shape(name_or_path: str, num_layers: int | None = None) -> PretrainedConfig:
     """A preset name or a path to a config.json, as a transformers config (no weights), depth cut to `num_layers`."""
+    from lopt.hub_bases import REAL_BASES, real_base_path
+
     preset = resources.files(__package__) / f"{name_or_path.lower()}.json"
     if preset.is_file():
         data = json.loads(preset.read_text())
+    elif name_or_path in REAL_BASES and not os.path.exists(name_or_path):  # its converted config.json
+        data = json.loads((real_base_path(name_or_path) / "config.json").read_text())
     elif os.path.isfile(name_or_path):
         with open(name_or_path) as f:
             try:
@@ -35,7 +39,7 @@ def load_shape(name_or_path: str, num_layers: int | None = None) -> PretrainedCo
     else:
         raise ValueError(
             f"--model {name_or_path!r} is neither a preset nor a config.json file: choose from "
-            f"{', '.join(shape_names())} or give a path to a Hugging Face config.json."
+            f"{', '.join(shape_names() + sorted(REAL_BASES))} or give a path to a Hugging Face config.json."
         )
     if "model_type" not in data:
         raise ValueError(f"--model {name_or_path!r} has no model_type: give a Hugging Face config.json.")
