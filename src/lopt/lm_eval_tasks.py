@@ -2,7 +2,8 @@
 
 `run_lm_eval(checkpoint, tasks)` runs lm-eval's own Hugging Face model class (``"hf"``) on a checkpoint directory
 through `lm_eval.simple_evaluate` and returns ``{task: {metric: value}}``.  ``tasks`` names lm-eval tasks, groups or
-tags, directories of task YAMLs (local tasks), or `KNOWLEDGE_TASK`.
+tags, directories of task YAMLs (local tasks), `KNOWLEDGE_TASK` or `WORLD_KNOWLEDGE_TASK` (a real base's knowledge
+of the world, `lopt.world_knowledge`; asked in the model's chat format).
 
 `KNOWLEDGE_TASK` is a multiple-choice cloze over facts the built-in model was pretrained on (`lopt.knowledge`, probe
 facts only, so no SFT task ever trains on them): given ``Module M``, ``def NAME:`` and the first sentence of NAME's
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from lopt.errors import UserError
+from lopt.world_knowledge import WORLD_KNOWLEDGE_TASK, world_knowledge_task_dir
 
 __all__ = [
+    "CHAT_TASKS",
     "CompareLMEval",
     "KNOWLEDGE_TASK",
     "LMEvalTasks",
@@ -53,6 +56,8 @@ KNOWLEDGE_ITEMS: int | None = None
 # Bump when the YAML changes; part of the task folder's name (with a hash of the items).
 KNOWLEDGE_VERSION = "2"
 INSTALL_HINT = "pip install 'lopt[eval]' (lm-eval>=0.4.13,<0.5)"
+# lopt's own tasks written for chat models: lm-eval runs them with the model's chat template.
+CHAT_TASKS = frozenset({WORLD_KNOWLEDGE_TASK})
 
 
 def require_lm_eval():
@@ -201,8 +206,9 @@ class LMEvalTasks:
 
 
 def resolve_tasks(text: str) -> LMEvalTasks:
-    """Parse ``--lm_eval_tasks``: comma-separated lm-eval task, group or tag names; `KNOWLEDGE_TASK`; or folders of
-    task YAMLs, each standing for every group defined there and every task none of those groups contains.
+    """Parse ``--lm_eval_tasks``: comma-separated lm-eval task, group or tag names; `KNOWLEDGE_TASK`;
+    `WORLD_KNOWLEDGE_TASK`; or folders of task YAMLs, each standing for every group defined there and every task
+    none of those groups contains.
 
     Missing lm-eval, an unknown name or an empty folder is a one-line error.
     """
@@ -216,6 +222,8 @@ def resolve_tasks(text: str) -> LMEvalTasks:
     for entry in entries:
         if entry == KNOWLEDGE_TASK:
             entry = str(knowledge_task_dir())
+        elif entry == WORLD_KNOWLEDGE_TASK:
+            entry = str(world_knowledge_task_dir())
         if os.path.isdir(entry):
             found = _tasks_in_folder(TaskManager(include_path=entry, include_defaults=False))
             if not found:
@@ -272,7 +280,8 @@ def run_lm_eval(
 
     Metric names drop lm-eval's ",none" filter suffix; other filters stay ("exact_match,strict-match").  Each entry
     also has ``"n"``, the number of documents scored.  ``limit`` caps documents per task (a float < 1 is a
-    fraction), as lm-eval's own --limit.
+    fraction), as lm-eval's own --limit.  `CHAT_TASKS` run with the model's chat template, every other task
+    without (as lm-eval's own default).
     """
     lm_eval = require_lm_eval()
     import torch
@@ -299,6 +308,7 @@ def run_lm_eval(
             tasks=[name],
             task_manager=tasks.manager,
             limit=limit,
+            apply_chat_template=name in CHAT_TASKS,
             bootstrap_iters=1000,  # closed-form stderr for accuracies; a short bootstrap for other metrics
             log_samples=False,
         )
