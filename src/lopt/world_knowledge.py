@@ -20,8 +20,9 @@ would accept hedges and echoed choice lists, which the base produces for the con
 What is kept (`KEPT_TYPES`: capitals, the country of a capital, demonyms) is what the base knows well above chance;
 `QUESTION_TYPES` gives the base's accuracy per type and why the continent question was dropped.  Three uses:
 
-- the lm-eval task ``lopt_world_knowledge`` (`world_knowledge_task_dir`), a generate_until task over a JSONL
-  file in lopt's cache, run with the model's chat template and scored by `is_correct`, for `lopt eval`;
+- the lm-eval group ``lopt_world_knowledge`` (`world_knowledge_task_dir`): one generate_until task per question
+  type over JSONL files in lopt's cache, run with the model's chat template and scored by `is_correct`, so
+  `lopt eval --lm_eval_tasks lopt_world_knowledge` prints the accuracy overall and per type;
 - `world_knowledge_answers` (batched greedy generation, the same prompts) and `knowledge_kept`: the share of the
   facts the *base* answers right that a fine-tuned model still answers right, for `lopt compare` (the base's
   answers are cached per base checkpoint, `base_world_knowledge`);
@@ -65,6 +66,7 @@ __all__ = [
     "normalize",
     "prompt_text",
     "prose_texts",
+    "type_task",
     "world_knowledge_answers",
     "world_knowledge_generations",
     "world_knowledge_items",
@@ -147,10 +149,11 @@ def _unique_capital(country: Country) -> str:
     return country.name if country.capital and len(shared) == 1 else ""
 
 
-# The notes give smollm2-135m's accuracy (SmolLM2-135M-Instruct, Q4_1 dequantized; every item, greedy, MAX_NEW_TOKENS
-# tokens, `is_correct`), measured with `world_knowledge_answers` on CPU (see the module's tests for the small checks
-# and the README for the command).  Chance is near 0 for an open answer.  Asked without an answer's first words, and
-# so left out: the ISO 4217 currency code, the internet domain, the calling code and the ISO alpha-2 code (0-8%).
+# The notes give smollm2-135m's accuracy on every item (greedy, MAX_NEW_TOKENS tokens, `is_correct`), measured with
+# `world_knowledge_answers` on CPU; for the kept types `lopt eval --model_name_or_path smollm2-135m --lm_eval_tasks
+# lopt_world_knowledge` prints the same per type.  Chance is near 0 for an open answer.  Tried without an answer's
+# first words and left out: the ISO 4217 currency code, the internet domain, the calling code and the ISO alpha-2
+# code (0-8% right).  countryinfo names currencies and languages only by code, so neither is asked by name.
 QUESTION_TYPES: dict[str, QuestionType] = {
     "capital": QuestionType(
         "What is the capital of {name}?",
@@ -465,10 +468,24 @@ def code_texts(max_chars: int = CODE_CHARS) -> list[str]:
 
 
 # --- the lm-eval task ----------------------------------------------------------------------------------------------
-_YAML = """\
-# Written by lopt (lopt.world_knowledge): short questions about countries, asked in the model's chat format (run it
-# with apply_chat_template; lopt does), answered by greedy completion of the answer's first words and scored by
-# lopt's own strict rule (utils.py), so lm-eval and `lopt compare` agree.
+_GROUP_YAML = """\
+# Written by lopt (lopt.world_knowledge): short questions about countries, one task per question type, asked in the
+# model's chat format (run it with apply_chat_template; lopt does) and answered by greedy completion of the answer's
+# first words.  The group's acc is over all items.
+group: {group}
+task:
+{tasks}
+aggregate_metric_list:
+  - metric: acc
+    aggregation: mean
+    weight_by_size: true
+metadata:
+  version: {version}
+"""
+
+_TASK_YAML = """\
+# Written by lopt (lopt.world_knowledge): the "{kind}" questions, scored by lopt's own strict rule (utils.py), so
+# lm-eval and `lopt compare` agree.
 task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -503,13 +520,25 @@ def lm_eval_process_results(doc: dict, results: list[str]) -> dict:
     return {"acc": float(is_correct(results[0], doc["answers"], doc["choices"]))}
 
 
+def type_task(kind: str) -> str:
+    """The lm-eval task of one question type, in the group `WORLD_KNOWLEDGE_TASK`."""
+    return f"{WORLD_KNOWLEDGE_TASK}_{kind}"
+
+
 def world_knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder holding the task's YAML, JSONL and scoring hook, written on first use into lopt's cache (named by a
-    hash of its contents) and renamed into place, so a reader never sees half of it."""
+    """Folder holding the lm-eval group `WORLD_KNOWLEDGE_TASK` (its acc is over every item) and one task per kept
+    question type (`type_task`), each over its own JSONL file, with the scoring hook; written on first use into
+    lopt's cache (named by a hash of its contents) and renamed into place, so a reader never sees half of it."""
     from lopt.builtin import _cache_root
 
-    jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in world_knowledge_items())
-    digest = hashlib.sha256((jsonl + _YAML + _UTILS).encode("utf-8")).hexdigest()[:12]
+    items = world_knowledge_items()
+    kinds = list(dict.fromkeys(item["type"] for item in items))
+    rows = {
+        kind: "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items if i["type"] == kind)
+        for kind in kinds
+    }
+    text = json.dumps([rows, _GROUP_YAML, _TASK_YAML, _UTILS, MAX_NEW_TOKENS])
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
     root = _cache_root(cache_dir) / "lm_eval_tasks"
     final = root / f"{WORLD_KNOWLEDGE_TASK}-v{WORLD_KNOWLEDGE_VERSION}-{digest}"
     if (final / f"{WORLD_KNOWLEDGE_TASK}.yaml").is_file():
@@ -517,17 +546,25 @@ def world_knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        (tmp / f"{WORLD_KNOWLEDGE_TASK}.jsonl").write_text(jsonl, encoding="utf-8")
         (tmp / "utils.py").write_text(_UTILS, encoding="utf-8")
-        # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
-        data_file = json.dumps(str(final.resolve() / f"{WORLD_KNOWLEDGE_TASK}.jsonl"))
-        yaml = _YAML.format(
-            task=WORLD_KNOWLEDGE_TASK,
-            data_file=data_file,
-            max_new_tokens=MAX_NEW_TOKENS,
+        for kind in kinds:
+            task = type_task(kind)
+            (tmp / f"{task}.jsonl").write_text(rows[kind], encoding="utf-8")
+            # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
+            yaml = _TASK_YAML.format(
+                kind=kind,
+                task=task,
+                data_file=json.dumps(str(final.resolve() / f"{task}.jsonl")),
+                max_new_tokens=MAX_NEW_TOKENS,
+                version=WORLD_KNOWLEDGE_VERSION,
+            )
+            (tmp / f"{task}.yaml").write_text(yaml, encoding="utf-8")
+        group = _GROUP_YAML.format(
+            group=WORLD_KNOWLEDGE_TASK,
+            tasks="".join(f"  - {type_task(kind)}\n" for kind in kinds).rstrip("\n"),
             version=WORLD_KNOWLEDGE_VERSION,
         )
-        (tmp / f"{WORLD_KNOWLEDGE_TASK}.yaml").write_text(yaml, encoding="utf-8")
+        (tmp / f"{WORLD_KNOWLEDGE_TASK}.yaml").write_text(group, encoding="utf-8")
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, final)
