@@ -817,7 +817,7 @@ def test_block_parallel_refuses_bad_process_counts(builtin_tiny, tmp_path):
 def test_user_error_on_one_rank_reaches_the_launcher(builtin_tiny, tmp_path):
     """One rank stops with a UserError: every rank stops, torchrun's report names that line as the root cause, and
     no rank ends in a gloo traceback; lopt's own launcher ends with the line and the rank's exit code."""
-    env = {**builtin_tiny["env"], "PYTHONPATH": HERE}
+    env = builtin_tiny["env"]
     line = "lopt sft: error: rank 1 cannot build its block: the fix is X"
 
     proc = torchrun([__file__, "cli_user_error_on_rank_1", str(tmp_path / "torchrun")], env)
