@@ -401,9 +401,7 @@ def check_launch(lopt_args: LoPTArguments, training_args) -> tuple[int, int, int
     }
     for flag, value in unsupported.items():
         if value:
-            raise ValueError(
-                f"--block_parallel does not support {flag} yet (see docs/DISTRIBUTED.md)."
-            )
+            raise ValueError(f"--block_parallel does not support {flag} yet (see docs/DISTRIBUTED.md).")
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise LaunchRequired(k)  # one process per block: the CLI starts them (lopt.launch.launch_local)
     world = int(os.environ["WORLD_SIZE"])
