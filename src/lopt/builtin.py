@@ -51,12 +51,15 @@ __all__ = [
     "PRESETS",
     "builtin_model_path",
     "builtin_task_rows",
+    "default_task",
     "exact_match",
     "normalize_answer",
     "preset_config",
     "pretraining_documents",
     "retention_texts",
     "task_answer",
+    "task_max_new_tokens",
+    "task_scorer",
     "train_tokenizer",
 ]
 
@@ -608,12 +611,49 @@ TASK_SPLITS = ("train", "validation", "test")
 # facts are used; the "probe" facts are held out for retention.
 MODULES_TASK = "modules"
 
-# name -> one line for --help and reports.  Every task is scored by greedy generation + exact_match.
+# "extract": a one-sentence order -> a JSON object (lopt.real_task), in chat format with the required format stated in
+# a system message: the task for real pretrained bases (lopt.hub_bases), and the one they train on by default.  Unlike
+# the two above it is not made for the built-in model: any model with a chat template can train on it.
+EXTRACT_TASK = "extract"
+BUILTIN_MODEL_TASKS = (TASK_NAME, MODULES_TASK)
+
+# name -> one line for --help and reports.  Every task is scored by greedy generation + its scorer (task_scorer).
 BUILTIN_TASKS: dict[str, str] = {
     TASK_NAME: "What number comes after N? (a new skill; N = 0..999)",
     MODULES_TASK: "Which standard-library module defines NAME (a function, class or method), given its docstring's "
     "first sentence? (learning associations over the pretraining corpus)",
+    EXTRACT_TASK: "An order sentence -> a JSON object of customer, item, quantity and date, scored as exact JSON "
+    "(chat format; the default task of real bases such as smollm2-135m)",
 }
+
+
+def task_scorer(task: str):
+    """The function ``(prediction, answer) -> bool`` that scores a task's greedy generations: exact_match, or for
+    "extract" a strict JSON comparison (lopt.real_task.json_match)."""
+    if task == EXTRACT_TASK:
+        from lopt.real_task import json_match
+
+        return json_match
+    return exact_match
+
+
+def task_max_new_tokens(task: str) -> int:
+    """Tokens generated when a task's answers are scored (a JSON answer is longer than a word)."""
+    if task == EXTRACT_TASK:
+        from lopt.real_task import MAX_NEW_TOKENS
+
+        return MAX_NEW_TOKENS
+    return 32
+
+
+def default_task(model_name_or_path: str | None) -> str | None:
+    """The built-in task a run trains on when no data is given: the toy task for the built-in model (None), "extract"
+    for a real base (a short name of lopt.hub_bases or a folder converted from one), None for any other model."""
+    if model_name_or_path is None:
+        return DEFAULT_TASK
+    from lopt.real_task import is_real_base
+
+    return EXTRACT_TASK if is_real_base(model_name_or_path) else None
 
 
 def _hash_percent(key: str) -> int:
@@ -669,6 +709,10 @@ def _task_items(task: str) -> tuple[tuple[str, str, str], ...]:
             split = "test" if percent < 20 else "validation" if percent < 30 else "train"
             items.append((prompt, fact.module, split))
         return tuple(items)
+    if task == EXTRACT_TASK:
+        from lopt.real_task import extract_items
+
+        return extract_items()  # (sentence, JSON answer, split): builtin_task_rows makes the chat prompt
     raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(BUILTIN_TASKS)}.")
 
 
@@ -688,10 +732,18 @@ def builtin_task_rows(
     completion, i.e. ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``
     followed by ``{completion}<|im_end|><|endoftext|>``, with the loss on the completion part
     only.  Score greedy generations of the prompts with :func:`exact_match`.
+
+    "extract" (lopt.real_task) differs: its prompt is a list of chat messages (the instruction as a system message,
+    then the user's sentence), its completion a JSON object, scored with :func:`task_scorer`.
     """
     if split not in TASK_SPLITS:
         raise ValueError(f"split must be one of {', '.join(TASK_SPLITS)}, not {split!r}")
-    rows = [{"prompt": p, "completion": c} for p, c, s in _task_items(task) if s == split]
+    if task == EXTRACT_TASK:
+        from lopt.real_task import chat_prompt
+
+        rows = [{"prompt": chat_prompt(p), "completion": c} for p, c, s in _task_items(task) if s == split]
+    else:
+        rows = [{"prompt": p, "completion": c} for p, c, s in _task_items(task) if s == split]
     random.Random(seed).shuffle(rows)
     return rows if n is None else rows[:n]
 
@@ -713,10 +765,12 @@ def exact_match(prediction: str, answer: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def builtin_grpo_rows(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
-    """Rows ``{"prompt", "answer"}`` of the built-in task for GRPO: the same prompts, splits and order as
-    :func:`builtin_task_rows`; the answer is the task's completion, verified with :func:`exact_match`."""
-    rows = builtin_task_rows(split, n=n, seed=seed)
+def builtin_grpo_rows(
+    split: str = "train", n: int | None = None, seed: int = 0, task: str = DEFAULT_TASK
+) -> list[dict]:
+    """Rows ``{"prompt", "answer"}`` of a built-in task for GRPO: the same prompts, splits and order as
+    :func:`builtin_task_rows`; the answer is the task's completion, verified with :func:`task_scorer`."""
+    rows = builtin_task_rows(split, n=n, seed=seed, task=task)
     return [{"prompt": row["prompt"], "answer": row["completion"]} for row in rows]
 
 

@@ -81,8 +81,9 @@ class CompareSpec:
     learning_rates: list[float] | None = None  # None: --learning_rate in sft_args, else `lopt sft`'s default
     method_learning_rates: dict[str, list[float]] = field(default_factory=dict)  # name or base name -> grid
     eval_samples: int = 300
-    task: str | None = None  # a built-in task; None: the default one
-    model_name_or_path: str | None = None  # None: the built-in model and task
+    task: str | None = None  # a built-in task; None: the model's default one (see _task)
+    # None: the built-in model; a real base (lopt.hub_bases) trains on its task (extract) by default
+    model_name_or_path: str | None = None
     train_file: str | None = None
     eval_file: str | None = None  # test rows: what the report states
     validation_file: str | None = None  # validation rows: what the selection uses
@@ -99,6 +100,8 @@ class CompareSpec:
     lm_eval_tasks: str | None = None
     lm_eval_limit: float | None = None
     lm_eval_batch_size: int | str = 16
+    # The world-knowledge probe and code perplexity (lopt.world_knowledge); None: on for a real base only.
+    world_knowledge: bool | None = None
     jobs: int = 1  # runs at once, each in its own worker process (a GPU is mostly idle with one small run)
     time_limit: float | None = None  # seconds; past it no new run starts and the report covers finished runs
     report_only: bool = False  # no training or scoring: the report from the finished runs in output_dir
@@ -152,17 +155,22 @@ class CompareSpec:
                 f"--sft_args sets {', '.join(owned)}, which compare sets per run: use compare's own flags "
                 "(--max_steps, --seeds, --task, --learning_rates) instead."
             )
-        if self.model_name_or_path is not None and self.train_file is None:
-            raise UserError("a user model needs --train_file (the built-in task is for the built-in model).")
-        if self.model_name_or_path is not None and self.task is not None:
-            raise UserError(
-                f"--task {self.task!r} is a built-in task: drop it for a user model and --train_file."
-            )
         if self.task is not None:
-            from lopt.builtin import BUILTIN_TASKS
+            from lopt.builtin import BUILTIN_MODEL_TASKS, BUILTIN_TASKS
 
             if self.task not in BUILTIN_TASKS:
                 raise UserError(f"--task {self.task!r} is unknown: choose from {', '.join(BUILTIN_TASKS)}.")
+            if self.model_name_or_path is not None and self.task in BUILTIN_MODEL_TASKS:
+                raise UserError(
+                    f"--task {self.task!r} is made for the built-in model: drop it, or --model_name_or_path."
+                )
+            if self.train_file is not None:
+                raise UserError(f"--task {self.task!r} is a built-in task: drop it, or --train_file.")
+        if self.model_name_or_path is not None and _task(self) is None and self.train_file is None:
+            raise UserError(
+                "a user model needs --train_file, or --task extract (a real base such as smollm2-135m trains on "
+                "extract by default)."
+            )
         sweeping = any(len(self.points_of(name)) > 1 for name in self.methods)
         if sweeping and self.eval_file and not self.validation_file:
             raise UserError(
@@ -182,6 +190,29 @@ class CompareSpec:
 
 def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _is_real_base(model_name_or_path: str | None) -> bool:
+    """A real pretrained base (lopt.hub_bases: a short name, or a folder converted from one)."""
+    from lopt.real_task import is_real_base
+
+    return model_name_or_path is not None and is_real_base(model_name_or_path)
+
+
+def _task(spec: CompareSpec) -> str | None:
+    """The built-in task compare trains and scores on: --task, else the model's default (successor for the built-in
+    model, extract for a real base); None for the user's data (--train_file)."""
+    from lopt.builtin import default_task
+
+    if spec.train_file is not None:
+        return None
+    return spec.task or default_task(spec.model_name_or_path)
+
+
+def _world_knowledge_on(spec: CompareSpec) -> bool:
+    return (
+        spec.world_knowledge if spec.world_knowledge is not None else _is_real_base(spec.model_name_or_path)
+    )
 
 
 def run_compare(spec: CompareSpec) -> dict:
@@ -239,6 +270,9 @@ def run_compare(spec: CompareSpec) -> dict:
         {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
+    from lopt.world_knowledge import add_world_knowledge
+
+    add_world_knowledge(results, runs)  # knowledge kept and code perplexity per point, when the probe ran
     chosen = results[
         "methods"
     ]  # each method's point chosen on validation (methods without runs are left out)
@@ -270,6 +304,7 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
     scorer = _Scorer.make(spec, base_path, tokenizer)
     before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
+    before.update(scorer.world.measure_base(model, tokenizer))
     activation = {
         name: activation_peak_bytes(base_path, name, spec) for name in map(_memory_name, spec.methods)
     }
@@ -333,20 +368,26 @@ class _Scorer:
     tokenizer: object
     sets: dict
     lm_eval: object
+    world: object  # lopt.world_knowledge.CompareWorldKnowledge
     evaluation_key: str
 
     @classmethod
     def make(cls, spec: CompareSpec, base_path: str, tokenizer=None) -> _Scorer:
         from transformers import AutoTokenizer
 
+        from lopt.world_knowledge import CompareWorldKnowledge
+
         lm_eval = _lm_eval(spec)
+        world = CompareWorldKnowledge(_world_knowledge_on(spec), base_path)
         sets = evaluation_sets(spec)
-        # lm-eval's tasks and limit are part of what a run is scored on: change them and runs are re-scored.
-        key = _evaluation_key(
-            {**sets, "lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
-        )
+        # lm-eval's tasks and limit, and the world-knowledge probe, are part of what a run is scored on: change them
+        # and runs are re-scored.
+        probes = {"lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
+        if world.enabled:
+            probes["world_knowledge"] = [world.key]
+        key = _evaluation_key({**sets, **probes})
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base_path)
-        return cls(spec, str(base_path), tokenizer, sets, lm_eval, key)
+        return cls(spec, str(base_path), tokenizer, sets, lm_eval, world, key)
 
     def _where(self, seed: int, name: str, lr: float, steps: int) -> tuple[str, list[str]]:
         """The run's folder and its `lopt sft` command."""
@@ -372,6 +413,7 @@ class _Scorer:
             "evaluation_key": self.evaluation_key,
             **_training_metrics(run_dir),
             **evaluate_model(trained, self.tokenizer, self.sets),
+            **self.world(trained, self.tokenizer),
             "seed": seed,
         }
         del trained
@@ -530,25 +572,34 @@ def _evaluation_key(sets: dict) -> str:
 
 # --- evaluation: every model on the validation and the test side ------------------------------------------------
 def evaluation_sets(spec: CompareSpec) -> dict:
-    """{"validation"/"test": (task rows, match) or None, "validation_retention"/"test_retention": texts or None}.
+    """{"validation"/"test": (task rows, match, max new tokens) or None, "validation_retention"/"test_retention":
+    texts or None}.
 
     The retention texts are split in two halves (documents alternate), so the retention a selection reads is not
-    the retention the report states.
+    the retention the report states. Default texts: the built-in model's held-out documents, or for a real base
+    English prose (lopt.world_knowledge.prose_texts).
     """
     from lopt.evaluate import read_retention_file
 
-    if spec.model_name_or_path is None:
-        from lopt.builtin import DEFAULT_TASK, builtin_task_rows, exact_match, retention_texts
+    if (task := _task(spec)) is not None:
+        from lopt.builtin import builtin_task_rows, retention_texts, task_max_new_tokens, task_scorer
 
-        task = spec.task or DEFAULT_TASK
-        validation = (builtin_task_rows("validation", n=spec.eval_samples, task=task), exact_match)
-        test = (builtin_task_rows("test", n=spec.eval_samples, task=task), exact_match)
-        retention = read_retention_file(spec.retention_file) if spec.retention_file else retention_texts()
+        scoring = (task_scorer(task), task_max_new_tokens(task))
+        validation = (builtin_task_rows("validation", n=spec.eval_samples, task=task), *scoring)
+        test = (builtin_task_rows("test", n=spec.eval_samples, task=task), *scoring)
+        if spec.retention_file:
+            retention = read_retention_file(spec.retention_file)
+        elif spec.model_name_or_path is None:
+            retention = retention_texts()
+        else:
+            from lopt.world_knowledge import prose_texts
+
+            retention = prose_texts()
     else:
         from lopt.data import load_rows
 
         def rows(path):
-            return (load_rows(train_file=path, max_samples=spec.eval_samples), None) if path else None
+            return (load_rows(train_file=path, max_samples=spec.eval_samples), None, 32) if path else None
 
         validation, test = rows(spec.validation_file), rows(spec.eval_file)
         retention = read_retention_file(spec.retention_file) if spec.retention_file else None
@@ -574,10 +625,10 @@ def evaluate_model(model, tokenizer, sets: dict) -> dict:
     result = {}
     for side, prefix in (("validation", "validation_"), ("test", "")):
         if sets[side] is not None:
-            rows, match = sets[side]
-            result[f"{prefix}task_accuracy"] = evaluate_checkpoint(model, tokenizer, rows, None, match=match)[
-                "task_accuracy"
-            ]
+            rows, match, max_new_tokens = sets[side]
+            result[f"{prefix}task_accuracy"] = evaluate_checkpoint(
+                model, tokenizer, rows, None, match=match, max_new_tokens=max_new_tokens
+            )["task_accuracy"]
         if sets[f"{side}_retention"] is not None:
             result[f"{prefix}retention_ppl"] = perplexity(model, tokenizer, sets[f"{side}_retention"])
     return result
@@ -643,7 +694,7 @@ def _learning_rate(spec: CompareSpec) -> float:
     known, _ = parser.parse_known_args(spec.sft_args)
     if known.learning_rate is not None:
         return known.learning_rate
-    return sft_learning_rate(builtin_model=spec.model_name_or_path is None)
+    return sft_learning_rate(builtin_model=spec.model_name_or_path is None, task=_task(spec))
 
 
 def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int) -> list[str]:
@@ -651,7 +702,9 @@ def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int)
     cmd = ["sft", *_method_flags(name, lr), "--learning_rate", f"{lr:.10g}", "--seed", str(seed)]
     cmd += ["--max_steps", str(steps), "--eval_samples", "0", "--no_progress"]
     if spec.model_name_or_path is not None:
-        cmd += ["--model_name_or_path", spec.model_name_or_path, "--train_file", spec.train_file]
+        cmd += ["--model_name_or_path", spec.model_name_or_path]
+        # a real base trains on its built-in task unless given data; named, so the command says what it trains on
+        cmd += ["--train_file", spec.train_file] if spec.train_file is not None else ["--task", _task(spec)]
     elif spec.task is not None:
         cmd += ["--task", spec.task]
     return cmd + spec.sft_args
@@ -741,10 +794,10 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: st
 def _one_batch(tokenizer, spec: CompareSpec) -> dict:
     from lopt.data import load_rows, make_collator, tokenize_rows
 
-    if spec.model_name_or_path is None:
-        from lopt.builtin import DEFAULT_TASK, builtin_task_rows
+    if (task := _task(spec)) is not None:
+        from lopt.builtin import builtin_task_rows
 
-        rows = builtin_task_rows("train", n=16, task=spec.task or DEFAULT_TASK)
+        rows = builtin_task_rows("train", n=16, task=task)
     else:
         rows = load_rows(train_file=spec.train_file, max_samples=16)
     dataset = tokenize_rows(rows, tokenizer, max_seq_length=1024)
@@ -753,8 +806,6 @@ def _one_batch(tokenizer, spec: CompareSpec) -> dict:
 
 
 def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int) -> dict:
-    from lopt.builtin import DEFAULT_TASK
-
     return {
         "model": base["base_model"],
         **base["facts"],
@@ -762,7 +813,7 @@ def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int
         "seeds": spec.seeds,
         "learning_rates": {name: spec.learning_rates_of(name) for name in spec.methods},
         "sft_args": spec.sft_args,
-        "data": spec.train_file or f"built-in task {spec.task or DEFAULT_TASK}",
+        "data": spec.train_file or f"built-in task {_task(spec)}",
         "retention_budgets": list(spec.retention_budgets),
         "accuracy_targets": list(spec.accuracy_targets),
         "runs": total,
@@ -941,8 +992,9 @@ def format_report(results: dict) -> str:
             f"{m.get('final_task_loss', float('nan')):.3f} |"
         )
     from lopt.lm_eval_tasks import format_lm_eval_report
+    from lopt.world_knowledge import format_world_knowledge_report
 
-    lines += ["", *format_lm_eval_report(results)]
+    lines += ["", *format_lm_eval_report(results), *format_world_knowledge_report(results)]
     lines += ["", "## What the numbers show", "", *summarize(results), ""]
     if results.get("points"):
         lines += _sweep_sections(results)
@@ -1291,6 +1343,9 @@ def write_plots(results: dict, output_dir: str) -> None:
     _save(fig, output_dir, "accuracy_retention.png")
     if results.get("points"):
         _plot_fronts(results, output_dir, colors, markers)
+    from lopt.world_knowledge import plot_knowledge_fronts
+
+    plot_knowledge_fronts(results, colors, markers, lambda fig, name: _save(fig, output_dir, name))
 
 
 def _plot_fronts(results: dict, output_dir: str, colors: dict, markers: dict) -> None:

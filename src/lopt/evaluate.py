@@ -90,12 +90,16 @@ def perplexity(
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def load_task_rows(train_file, dataset_name, dataset_config, split: str, max_samples: int | None):
-    """Held-out task rows and their match function: the built-in task's test split unless data flags are given."""
+def load_task_rows(
+    train_file, dataset_name, dataset_config, split: str, max_samples: int | None, task: str | None = None
+):
+    """Held-out task rows and their match function: a built-in task's test split (default: the built-in model's
+    task) unless data flags are given."""
     if train_file is None and dataset_name is None:
-        from lopt.builtin import builtin_task_rows, exact_match
+        from lopt.builtin import DEFAULT_TASK, builtin_task_rows, task_scorer
 
-        return builtin_task_rows("test", n=max_samples), exact_match
+        task = task or DEFAULT_TASK
+        return builtin_task_rows("test", n=max_samples, task=task), task_scorer(task)
     from lopt.data import load_rows
 
     rows = load_rows(train_file, dataset_name, dataset_config, split=split, max_samples=max_samples)

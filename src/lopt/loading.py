@@ -89,9 +89,13 @@ def load_user_rows(
 
 
 def builtin_task_accuracy(model, tokenizer, n: int, task: str | None = None) -> float:
-    """Held-out exact match of a built-in task on its first n test rows."""
-    from lopt.builtin import DEFAULT_TASK, builtin_task_rows, exact_match
+    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer)."""
+    from lopt.builtin import DEFAULT_TASK, builtin_task_rows, task_max_new_tokens, task_scorer
     from lopt.evaluate import evaluate_checkpoint
 
-    rows = builtin_task_rows("test", n=n, task=task or DEFAULT_TASK)
-    return evaluate_checkpoint(model, tokenizer, rows, None, match=exact_match)["task_accuracy"]
+    task = task or DEFAULT_TASK
+    rows = builtin_task_rows("test", n=n, task=task)
+    result = evaluate_checkpoint(
+        model, tokenizer, rows, None, match=task_scorer(task), max_new_tokens=task_max_new_tokens(task)
+    )
+    return result["task_accuracy"]

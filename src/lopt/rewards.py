@@ -31,6 +31,7 @@ __all__ = [
     "extract_boxed",
     "extract_hash_answer",
     "extract_last_number",
+    "json_match_reward",
     "math_reward",
     "normalize_math_answer",
     "parse_number",
@@ -243,7 +244,24 @@ def exact_match_reward(
     return rewards
 
 
+def json_match_reward(
+    prompts: Sequence[Any] | None = None,
+    completions: Sequence[Any] = (),
+    answer: Sequence[Any] | None = None,
+    **kwargs,
+) -> list[float]:
+    """1.0 if the whole completion is exactly the reference JSON object (same keys, values and JSON types; outer
+    whitespace allowed; a parse failure scores 0), the scorer of the built-in "extract" task (lopt.real_task)."""
+    from lopt.real_task import json_match
+
+    refs = _references(len(completions), answer, kwargs)
+    return [
+        1.0 if json_match(completion_text(c), completion_text(r)) else 0.0 for c, r in zip(completions, refs)
+    ]
+
+
 REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
     "math": math_reward,
     "exact_match": exact_match_reward,
+    "json_match": json_match_reward,
 }

@@ -26,8 +26,13 @@ What is kept (`KEPT_TYPES`: capitals, the country of a capital, demonyms) is wha
 - `world_knowledge_answers` (batched greedy generation, the same prompts) and `knowledge_kept`: the share of the
   facts the *base* answers right that a fine-tuned model still answers right, for `lopt compare` (the base's
   answers are cached per base checkpoint, `base_world_knowledge`);
-- `prose_texts` and `code_texts`: held-out perplexity sets (CPython's ``pydoc_data.topics`` and standard-library
-  source), scored with `lopt.evaluate.perplexity` in windows of `PERPLEXITY_SEQ_LEN` tokens.
+- `prose_texts` and `code_texts`: perplexity sets of English prose (CPython's ``pydoc_data.topics``) and Python
+  source (the standard library), scored with `lopt.evaluate.perplexity` in windows of `PERPLEXITY_SEQ_LEN` tokens.
+  A real base may well have been pretrained on these very files: their perplexity rise measures forgetting, not
+  generalization.
+
+`CompareWorldKnowledge`, `add_world_knowledge`, `format_world_knowledge_report` and `plot_knowledge_fronts` are what
+`lopt compare` calls on a real base.
 """
 
 from __future__ import annotations
@@ -55,15 +60,21 @@ __all__ = [
     "KEPT_TYPES",
     "QUESTION_TYPES",
     "WORLD_KNOWLEDGE_TASK",
+    "CompareWorldKnowledge",
     "Country",
     "accuracy_by_type",
+    "add_world_knowledge",
     "base_world_knowledge",
     "code_texts",
     "countries",
+    "format_world_knowledge_report",
     "is_correct",
+    "knowledge_front",
     "knowledge_kept",
     "kept_by_type",
+    "lm_eval_process_results",
     "normalize",
+    "plot_knowledge_fronts",
     "prompt_text",
     "prose_texts",
     "type_task",
@@ -386,17 +397,21 @@ def _checkpoint_fingerprint(path: str | os.PathLike) -> str:
 def base_world_knowledge(
     model, tokenizer, base_path: str | os.PathLike, items: Sequence[dict], cache_dir=None
 ) -> list[bool]:
-    """`world_knowledge_answers` of the base model, computed once per base checkpoint and item set and then read
-    from lopt's cache (``world_knowledge/`` next to the built-in models), so every compare and every --jobs worker
-    scores the base once.  ``model`` may be None when the answers are cached."""
+    """`world_knowledge_answers` of the base model, computed once per base checkpoint, item set and kind of
+    device (a GPU's arithmetic can flip a close greedy choice) and then read from lopt's cache (``world_knowledge/``
+    next to the built-in models), so every compare and every --jobs worker scores the base once.  ``model`` may be
+    None when the answers are cached (the device is then the one compare scores on: the GPU when there is one)."""
+    import torch
+
     from lopt.builtin import _cache_root
     from lopt.io import atomic_write_json
 
-    path = (
-        _cache_root(cache_dir)
-        / "world_knowledge"
-        / f"base-{_checkpoint_fingerprint(base_path)}-{_items_digest(items)}.json"
-    )
+    if model is not None:
+        device = next(model.parameters()).device.type
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = f"base-{_checkpoint_fingerprint(base_path)}-{_items_digest(items)}-{device}.json"
+    path = _cache_root(cache_dir) / "world_knowledge" / name
     if path.is_file():
         with open(path) as f:
             cached = json.load(f)
@@ -412,7 +427,7 @@ def base_world_knowledge(
     return correct
 
 
-# --- held-out perplexity on prose and code ----------------------------------------------------------------------------
+# --- perplexity on prose and code ----------------------------------------------------------------------------
 # Windows of this many tokens (`lopt.evaluate.perplexity`); the text budgets below give a few hundred windows with
 # SmolLM2's tokenizer (~4.1 characters per token of prose, ~3.8 of code): ~210 and ~185 windows.
 PERPLEXITY_SEQ_LEN = 256

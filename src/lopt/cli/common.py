@@ -40,9 +40,22 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
     return recipe
 
 
+def recipe_task(values: dict[str, Any]) -> str | None:
+    """The task a run trains on, from the parsed values, for choosing its recipe: --task, None for the user's data,
+    else the model's default task (check_data refuses bad combinations afterwards)."""
+    from lopt.builtin import default_task
+
+    if values["task"] is not None:
+        return values["task"]
+    if values["train_file"] is not None or values["dataset_name"] is not None:
+        return None
+    return default_task(values["model_name_or_path"])
+
+
 def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, ...]) -> str | None:
-    """The built-in task to train on (None for the user's data). One-line errors for flags that do not combine."""
-    from lopt.builtin import BUILTIN_TASKS, DEFAULT_TASK
+    """The built-in task to train on (None for the user's data): --task, else the model's default task (see
+    lopt.builtin.default_task). One-line errors for flags that do not combine."""
+    from lopt.builtin import BUILTIN_MODEL_TASKS, EXTRACT_TASK, default_task
 
     if data.task is not None:
         if data.task not in tasks:
@@ -51,7 +64,7 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
             raise UserError(
                 f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task."
             )
-        if data.task in BUILTIN_TASKS and model_args.model_name_or_path is not None:
+        if data.task in BUILTIN_MODEL_TASKS and model_args.model_name_or_path is not None:
             raise UserError(
                 f"--task {data.task} is made for the built-in model: drop --model_name_or_path, or give "
                 "--train_file/--dataset_name."
@@ -59,12 +72,20 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
         return data.task
     if data.user_data:
         return None
-    if model_args.model_name_or_path is not None:
-        raise UserError(
-            "the built-in task is made for the built-in model: give --train_file or --dataset_name"
-            + (" (or a hub --task)." if command == "grpo" else ".")
+    task = default_task(model_args.model_name_or_path)
+    if task is None:
+        also = (", a hub --task" if command == "grpo" else "") + (
+            ", or --task extract (any chat model)" if EXTRACT_TASK in tasks else ""
         )
-    return DEFAULT_TASK
+        raise UserError(
+            f"the built-in task is made for the built-in model: give --train_file or --dataset_name{also}."
+        )
+    if task not in tasks:
+        raise UserError(
+            f"lopt {command} has no built-in task for {model_args.model_name_or_path} (its task {task} is not one "
+            f"of {', '.join(tasks)}): give --train_file or --dataset_name."
+        )
+    return task
 
 
 def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:

@@ -58,12 +58,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--task",
         default=None,
         choices=list(BUILTIN_TASKS),
-        help="A built-in task for the built-in model (passed to `lopt sft --task`). Default: successor.",
+        help="A built-in task (passed to `lopt sft --task`). Default: successor for the built-in model, extract for a "
+        "real base (e.g. --model_name_or_path smollm2-135m).",
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, short budget: a smoke run, not evidence."
     )
-    parser.add_argument("--model_name_or_path", default=None, help="Default: the built-in model and task.")
+    parser.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="Default: the built-in model and task. A real base (smollm2-135m) trains on its built-in task and is "
+        "also scored on world knowledge kept and code perplexity (--world_knowledge); a user model needs "
+        "--train_file.",
+    )
     parser.add_argument("--train_file", default=None)
     parser.add_argument(
         "--eval_file", default=None, help="Test rows with answers: the task accuracy the report states."
@@ -96,6 +103,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         parser,
         default_help="Default: lopt_knowledge for the built-in model (when lm-eval is installed), none for a user's "
         "model; 'none' turns it off. Scored on the base model and after every run.",
+    )
+    parser.add_argument(
+        "--world_knowledge",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Score knowledge kept (the share of the country questions the base answers right that each trained "
+        "model still answers right, lopt.world_knowledge) and code perplexity, with prose as the retention text. "
+        "auto: on for a real base, off otherwise.",
     )
     parser.add_argument(
         "--output_dir",
@@ -156,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         lm_eval_tasks=args.lm_eval_tasks,
         lm_eval_limit=lm_eval["limit"] if lm_eval["limit"] is not None else (100 if args.quick else None),
         lm_eval_batch_size=lm_eval["batch_size"],
+        world_knowledge={"auto": None, "on": True, "off": False}[args.world_knowledge],
         accuracy_targets=tuple(_numbers("--accuracy_targets", args.accuracy_targets)),
         jobs=args.jobs,
         time_limit=args.time_limit,

@@ -12,7 +12,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--model_name_or_path", default=None, help="Checkpoint to score. Default: the built-in model."
     )
     parser.add_argument("--trust_remote_code", action="store_true")
-    g = parser.add_argument_group("task data (default: the built-in task's held-out split)")
+    g = parser.add_argument_group(
+        "task data (default: the held-out split of the built-in task; of extract for a real base such as smollm2-135m)"
+    )
     g.add_argument(
         "--train_file", default=None, help="Rows with prompt + answer, in any format `lopt sft` reads."
     )
@@ -20,13 +22,18 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config", default=None)
     g.add_argument("--split", default="test")
     g.add_argument("--max_samples", type=int, default=200)
-    g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="Default: 32, or the built-in task's own (extract: 64).",
+    )
     g = parser.add_argument_group("retention")
     g.add_argument(
         "--retention_file",
         default=None,
         help="Plain-text file of pretraining-like text. Default: the built-in model's held-out split (built-in "
-        "task only).",
+        "task only); English prose (CPython's pydoc topics) for a real base.",
     )
     g.add_argument("--retention_seq_len", type=int, default=256)
     add_lm_eval_args(parser)
@@ -36,15 +43,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_lm_eval_args(parser: argparse.ArgumentParser, default_help: str = "Default: none.") -> None:
     """lm-evaluation-harness flags, shared with `lopt compare`."""
-    from lopt.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK
+    from lopt.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK, WORLD_KNOWLEDGE_TASK
 
     g = parser.add_argument_group(f"lm-evaluation-harness (optional: {INSTALL_HINT})")
     g.add_argument(
         "--lm_eval_tasks",
         default=None,
         help="Comma-separated lm-eval tasks, groups or tags (e.g. hellaswag,arc_easy,mmlu), folders of task YAMLs "
-        f"(local tasks), or {KNOWLEDGE_TASK} (the built-in model's knowledge-retention probe). "
-        + default_help,
+        f"(local tasks), {KNOWLEDGE_TASK} (the built-in model's knowledge-retention probe) or {WORLD_KNOWLEDGE_TASK} "
+        "(country facts a real base such as smollm2-135m knows, asked in its chat format). " + default_help,
     )
     g.add_argument(
         "--lm_eval_limit",
@@ -73,9 +80,11 @@ def lm_eval_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lopt.builtin import default_task, task_max_new_tokens
     from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
     from lopt.loading import load_model_and_tokenizer
+    from lopt.real_task import is_real_base
 
     lm_eval_tasks = None
     if args.lm_eval_tasks and args.lm_eval_tasks != "none":
@@ -83,13 +92,20 @@ def run(args: argparse.Namespace) -> int:
 
         lm_eval_kwargs = lm_eval_options(args)
         lm_eval_tasks = resolve_tasks(args.lm_eval_tasks)  # a bad flag fails now, not after the evaluation
-    rows, match = load_task_rows(
-        args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples
-    )
     builtin_data = args.train_file is None and args.dataset_name is None
+    # A real base (e.g. smollm2-135m) is scored on its own task and on English prose, not the built-in model's.
+    real_base = builtin_data and args.model_name_or_path is not None and is_real_base(args.model_name_or_path)
+    task = default_task(args.model_name_or_path) if real_base else None
+    rows, match = load_task_rows(
+        args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples, task=task
+    )
     retention = None
     if args.retention_file is not None:
         retention = read_retention_file(args.retention_file)
+    elif real_base:
+        from lopt.world_knowledge import prose_texts
+
+        retention = prose_texts()
     elif builtin_data:
         from lopt.builtin import retention_texts
 
@@ -101,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         rows,
         retention,
         match=match,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or (task_max_new_tokens(task) if task else 32),
         retention_seq_len=args.retention_seq_len,
         progress=not args.no_progress,
     )

@@ -26,7 +26,7 @@ from lopt.errors import DataError, UserError
 DESCRIPTION = "On-policy GRPO with LoPT (or a baseline) and verifiable rewards."
 # --task -> (hub dataset, config): the datasets of the authors' train_grpo.py.
 TASK_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "numinamath": ("AI-MO/NuminaMath-CoT", None)}
-REWARDS = ("auto", "math", "exact_match")
+REWARDS = ("auto", "math", "exact_match", "json_match")
 # Prepended to plain-text prompts of the hub tasks, so the model states its answer where the reward looks for it.
 TASK_INSTRUCTIONS = {
     "gsm8k": "Solve the problem step by step, then give the final answer on its own line as '#### <number>'.",
@@ -45,6 +45,17 @@ BUILTIN_TASK_RECIPE = {
     "max_completion_length": 8,
     "max_steps": 150,
     "logging_steps": 10,
+}
+# The real bases' task ("extract", lopt.real_task): JSON answers of ~40 tokens, from a checkpoint that `lopt sft` trained
+# on the task (the reward is 0 for a model that never answers in JSON). Sized for a short run on 2 CPU cores.
+EXTRACT_TASK_RECIPE = {
+    "learning_rate": 1e-5,
+    "per_device_train_batch_size": 16,
+    "num_generations": 8,
+    "max_prompt_length": 128,
+    "max_completion_length": 64,
+    "max_steps": 50,
+    "logging_steps": 5,
 }
 USER_TASK_RECIPE = {
     "per_device_train_batch_size": 8,
@@ -79,7 +90,9 @@ class GRPOTaskArguments:
         default="auto",
         metadata={
             "help": "math: final answer (\\boxed{} > '####' > last number) compared by value; exact_match: the "
-            "whole completion equals the answer after normalisation. auto: exact_match for a built-in task, else math.",
+            "whole completion equals the answer after normalisation; json_match: the completion is exactly the "
+            "answer's JSON object. auto: the built-in task's scorer (json_match for extract, else exact_match), "
+            "else math.",
             "choices": REWARDS,
         },
     )
@@ -103,23 +116,26 @@ def make_parser() -> LoPTParser:
         epilog="Batches count completions: one generation batch (--per_device_train_batch_size x "
         "--steps_per_generation) holds prompts x --num_generations completions, so it must be a multiple of "
         "--num_generations. Built-in task recipe (fields not set): learning_rate 2e-4 (--lr_k1 = learning_rate/20), "
-        "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; all tasks: "
-        "temperature 0.7, top_p 0.95, loss_type grpo.",
+        "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; task extract "
+        "(a real base's, from a checkpoint `lopt sft` trained on it): learning_rate 1e-5, per_device_train_batch_size "
+        "16, num_generations 8, max_completion_length 64, max_steps 50; all tasks: temperature 0.7, top_p 0.95, "
+        "loss_type grpo.",
     )
 
 
-def builtin_task(values: dict[str, Any]) -> bool:
-    """Whether the run trains on a built-in task (the recipe's choice; check_data rejects bad combinations)."""
-    from lopt.builtin import BUILTIN_TASKS
+def task_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of the run's task: extract's, a toy built-in task's, or the user's (check_data rejects bad
+    combinations afterwards)."""
+    from lopt.builtin import BUILTIN_TASKS, EXTRACT_TASK
 
-    if values["task"] is not None:
-        return values["task"] in BUILTIN_TASKS
-    return values["train_file"] is None and values["dataset_name"] is None
+    task = common.recipe_task(values)
+    if task == EXTRACT_TASK:
+        return EXTRACT_TASK_RECIPE
+    return BUILTIN_TASK_RECIPE if task in BUILTIN_TASKS else USER_TASK_RECIPE
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    task_recipe = BUILTIN_TASK_RECIPE if builtin_task(values) else USER_TASK_RECIPE
-    return {**common.base_recipe("grpo", values, set_fields), **COMMON_RECIPE, **task_recipe}
+    return {**common.base_recipe("grpo", values, set_fields), **COMMON_RECIPE, **task_recipe(values)}
 
 
 def main(argv: Sequence[str]) -> int:
@@ -264,10 +280,9 @@ def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code
     from lopt.loading import load_user_rows
 
     if task in BUILTIN_TASKS:
-        from lopt.builtin import builtin_task_rows
+        from lopt.builtin import builtin_grpo_rows
 
-        rows = builtin_task_rows("train", n=data_args.max_samples, task=task)
-        return [{"prompt": row["prompt"], "answer": row["completion"]} for row in rows]
+        return builtin_grpo_rows("train", n=data_args.max_samples, task=task)
     dataset_name, dataset_config = data_args.dataset_name, data_args.dataset_config
     if task is not None:
         dataset_name, default_config = TASK_DATASETS[task]
@@ -287,7 +302,9 @@ def reward_function(name: str, task: str | None):
     from lopt.rewards import REWARD_FUNCTIONS
 
     if name == "auto":
-        name = "exact_match" if task in BUILTIN_TASKS else "math"
+        from lopt.builtin import EXTRACT_TASK
+
+        name = "json_match" if task == EXTRACT_TASK else "exact_match" if task in BUILTIN_TASKS else "math"
     return REWARD_FUNCTIONS[name]
 
 

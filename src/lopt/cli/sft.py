@@ -2,7 +2,8 @@
 
 Flags: LoPTArguments, TRL's ModelConfig, DataArguments and TRL's SFTConfig (every field is a flag; `--config x.yaml`
 as in `trl sft`). Without --model_name_or_path it uses the built-in pretrained model and, without data flags, a
-built-in task, with the built-in recipe for the fields left unset.
+built-in task, with the built-in recipe for the fields left unset. A real base (e.g. --model_name_or_path smollm2-135m)
+without data flags trains on the task extract (lopt.real_task) with its own recipe.
 
 Multi-process: `torchrun --nproc_per_node N -m lopt sft ...` (or `accelerate launch`) trains data-parallel (DDP; the
 trainer mixin syncs what DDP cannot, see lopt.distributed); only rank 0 writes the outputs. `--block_parallel` puts
@@ -17,7 +18,14 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
-from lopt.arguments import SFT_LR_K1_RATIO, DataArguments, LoPTArguments, sft_recipe
+from lopt.arguments import (
+    SFT_BUILTIN_RECIPE,
+    SFT_LR_K1_RATIO,
+    SFT_REAL_BASE_RECIPE,
+    DataArguments,
+    LoPTArguments,
+    sft_recipe,
+)
 from lopt.cli import common
 from lopt.cli.parser import LoPTParser
 from lopt.errors import UserError
@@ -39,16 +47,29 @@ def make_parser() -> LoPTParser:
         [LoPTArguments, ModelConfig, DataArguments, SFTConfig],
         prog="lopt sft",
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
-        epilog="Built-in recipe (built-in model, fields not set): learning_rate 1e-3, per_device_train_batch_size 16, "
-        "max_length 128, max_steps 300, logging_steps 25; LoPT's --lr_k1 defaults to 0.3 x learning_rate.",
+        epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
+        f"(e.g. smollm2-135m) on its task extract: {describe_recipe(SFT_REAL_BASE_RECIPE)}. LoPT's --lr_k1 defaults "
+        f"to {SFT_LR_K1_RATIO} x learning_rate.",
     )
 
 
+def describe_recipe(recipe: dict[str, Any]) -> str:
+    """ "learning_rate 1e-3, per_device_train_batch_size 16, ..." for --help."""
+
+    def value_text(value: Any) -> str:
+        if isinstance(value, float) and 0 < value < 0.01:
+            mantissa, exponent = f"{value:e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return str(value)
+
+    return ", ".join(f"{name} {value_text(value)}" for name, value in recipe.items())
+
+
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    return {
-        **common.base_recipe("sft", values, set_fields),
-        **sft_recipe(values["model_name_or_path"] is None),
-    }
+    task_recipe = sft_recipe(values["model_name_or_path"] is None, common.recipe_task(values))
+    if "fp16" in set_fields:
+        task_recipe.pop("bf16", None)  # the user's --fp16 replaces the recipe's bf16
+    return {**common.base_recipe("sft", values, set_fields), **task_recipe}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,0 +1,275 @@
+"""The real bases' task "extract" (lopt.real_task): splits, the strict JSON scorer, chat rendering and label masking,
+no world facts in its words, the default task and recipe of a real base, and `lopt sft` / `lopt grpo` on it end to end
+with the built-in tiny model (no download, no real model)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lopt.builtin import (
+    BUILTIN_TASKS,
+    CHAT_TEMPLATE,
+    EXTRACT_TASK,
+    builtin_grpo_rows,
+    builtin_task_rows,
+    default_task,
+    task_max_new_tokens,
+    task_scorer,
+    train_tokenizer,
+)
+from lopt.data import IGNORE_INDEX, tokenize_rows
+from lopt.real_task import INSTRUCTION, MONTHS, WORD_LISTS, extract_items, is_real_base, json_match
+from lopt.rewards import REWARD_FUNCTIONS, json_match_reward
+
+SPLITS = ("train", "validation", "test")
+# SmolLM2-Instruct's template: a default system message unless the conversation brings its own.
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def gold_of(row: dict) -> dict:
+    return json.loads(row["completion"])
+
+
+def test_extract_is_registered_with_its_own_scorer():
+    assert EXTRACT_TASK == "extract" and EXTRACT_TASK in BUILTIN_TASKS
+    assert task_scorer(EXTRACT_TASK) is json_match
+    assert task_scorer("successor")("42.", "42")  # the toy tasks keep exact_match
+    assert task_max_new_tokens(EXTRACT_TASK) > task_max_new_tokens("successor")
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    rows = {split: builtin_task_rows(split, task=EXTRACT_TASK) for split in SPLITS}
+    assert (
+        len(rows["train"]) >= 3000
+        and 250 <= len(rows["validation"]) <= 500
+        and 250 <= len(rows["test"]) <= 500
+    )
+    sentences = {s: {r["prompt"][-1]["content"] for r in rows[s]} for s in SPLITS}
+    records = {s: {r["completion"] for r in rows[s]} for s in SPLITS}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not sentences[a] & sentences[b] and not records[a] & records[b], (a, b)
+    assert all(len(records[s]) == len(rows[s]) for s in SPLITS)  # no record twice within a split either
+    # Same arguments, same rows; the seed only reorders; n keeps a prefix.
+    assert builtin_task_rows("test", task=EXTRACT_TASK) == rows["test"]
+    shuffled = builtin_task_rows("test", seed=1, task=EXTRACT_TASK)
+    assert shuffled != rows["test"] and sorted(map(str, shuffled)) == sorted(map(str, rows["test"]))
+    assert builtin_task_rows("test", n=5, seed=1, task=EXTRACT_TASK) == shuffled[:5]
+    # Rows are fresh objects: changing one never changes the task.
+    rows["test"][0]["prompt"][0]["content"] = "changed"
+    assert builtin_task_rows("test", task=EXTRACT_TASK)[0]["prompt"][0]["content"] == INSTRUCTION
+
+
+def test_every_row_states_the_format_and_its_gold_follows_it():
+    for row in builtin_task_rows("validation", task=EXTRACT_TASK):
+        system, user = row["prompt"]
+        assert system == {"role": "system", "content": INSTRUCTION} and user["role"] == "user"
+        gold = gold_of(row)
+        assert list(gold) == ["customer", "item", "quantity", "date"]
+        assert isinstance(gold["quantity"], int) and gold["quantity"] >= 1
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", gold["date"]) and gold["item"] == gold["item"].lower()
+        assert gold["customer"] in user["content"]  # the name is copied; the rest must be normalised
+
+
+def test_sentences_vary_in_how_they_write_quantities_and_dates():
+    sentences = [sentence for sentence, _, _ in extract_items()]
+    assert any(re.search(r"\b(three|seven|eleven)\b", s) for s in sentences)  # quantities as words
+    assert any(re.search(r"\ban? [a-z]", s) for s in sentences)  # "a lamp", "an umbrella"
+    assert any(re.search(r"\b\d+(st|nd|rd|th) of [A-Z]", s) for s in sentences)  # "the 3rd of May 2023"
+    assert any(re.search(r"\b[A-Z][a-z]{2} \d+, \d{4}", s) for s in sentences)  # "Sep 3, 2023"
+    assert len({s.split()[0] for s in sentences}) > 20  # many templates and names lead
+
+
+def test_scorer_accepts_the_gold_and_rejects_near_misses():
+    gold = '{"customer": "Maya Okafor", "item": "desk lamp", "quantity": 3, "date": "2023-03-14"}'
+    assert json_match(gold, gold)
+    assert json_match("  " + gold + "\n", gold)  # outer whitespace
+    assert json_match('{"date":"2023-03-14","quantity":3,"item":"desk lamp","customer":"Maya Okafor"}', gold)
+    near_misses = [
+        gold.replace("3,", '"3",'),  # a string, not an integer
+        gold.replace("3,", "3.0,"),  # a float
+        gold.replace("desk lamp", "desk lamps"),  # not singular
+        gold.replace("desk lamp", "Desk lamp"),
+        gold.replace("2023-03-14", "March 14, 2023"),
+        gold.replace("2023-03-14", "2023-3-14"),
+        gold.replace("Maya Okafor", "maya okafor"),
+        gold.replace(', "date": "2023-03-14"', ""),  # a key missing
+        gold[:-1] + ', "note": ""}',  # an extra key
+        gold + " Done.",  # text after the object
+        "```json\n" + gold + "\n```",  # a code fence
+        gold[:-1],  # not valid JSON
+        "[" + gold + "]",  # not an object
+        "",
+    ]
+    for prediction in near_misses:
+        assert not json_match(prediction, gold), prediction
+    with pytest.raises(ValueError, match="reference"):
+        json_match(gold, "not json")
+
+
+def test_grpo_rows_and_reward_use_the_scorer():
+    rows = builtin_grpo_rows("train", n=3, task=EXTRACT_TASK)
+    train = builtin_task_rows("train", n=3, task=EXTRACT_TASK)
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in train]
+    assert [r["answer"] for r in rows] == [r["completion"] for r in train]
+    answers = [r["answer"] for r in rows]
+    completions = [answers[0], [{"role": "assistant", "content": answers[1]}], answers[2].replace(":", "=")]
+    assert json_match_reward(None, completions, answer=answers) == [1.0, 1.0, 0.0]
+    assert REWARD_FUNCTIONS["json_match"] is json_match_reward
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, SMOL_TEMPLATE], ids=["builtin", "smollm2"])
+def test_rows_render_with_the_chat_template_and_train_on_the_answer_only(template):
+    rows = builtin_task_rows("train", n=16, task=EXTRACT_TASK)
+    texts = [json.dumps(r) for r in builtin_task_rows("train", n=200, task=EXTRACT_TASK)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    tokenizer.chat_template = template
+    dataset = tokenize_rows(rows, tokenizer, max_seq_length=1024)
+    for row, ids, labels in zip(rows, dataset["input_ids"], dataset["labels"]):
+        text = tokenizer.decode(ids)
+        n_prompt = labels.count(IGNORE_INDEX)
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and IGNORE_INDEX not in labels[n_prompt:]
+        prompt, answer = tokenizer.decode(ids[:n_prompt]), tokenizer.decode(labels[n_prompt:])
+        assert prompt.endswith("<|im_start|>assistant\n")
+        assert (
+            f"<|im_start|>system\n{INSTRUCTION}<|im_end|>" in prompt
+        )  # the instruction replaces any default
+        assert "helpful AI assistant" not in text and row["prompt"][1]["content"] in prompt
+        assert answer.startswith(
+            row["completion"] + "<|im_end|>"
+        )  # the JSON and the end of the turn, trained
+        assert row["completion"] not in prompt
+
+
+# countryinfo names currencies by their codes only.
+CURRENCY_NAMES = (
+    "dollar euro pound yen yuan renminbi rupee peso franc krona krone real rand ruble rouble lira dinar dirham won "
+    "shilling zloty forint baht ringgit rupiah dong naira cedi kwacha riyal rial taka lek lev leu kuna hryvnia lari"
+).split()
+COUNTRY_FIELDS = ("name", "capital", "demonym", "alt_spellings", "native_name", "provinces", "currencies")
+
+
+def country_words() -> set[str]:
+    """Every word of at least three letters in a country's name, capital, demonym, other spellings, regions or
+    currency (codes, plus the common currency names): what a knowledge probe about countries can ask."""
+    countryinfo = pytest.importorskip("countryinfo")
+    words: set[str] = set(CURRENCY_NAMES)
+    for country in countryinfo.all_countries():
+        for field in COUNTRY_FIELDS:
+            try:
+                value = getattr(country, field)()
+            except Exception:  # countryinfo raises on a field a country lacks
+                continue
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str):
+                    words.update(w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3)
+    return words
+
+
+def test_no_word_of_the_task_is_a_country_fact():
+    known = country_words()
+    assert {"paris", "french", "jordan", "eur"} <= known  # the reference list is real
+    lists = {name: {w.lower() for x in words for w in x.split()} for name, words in WORD_LISTS.items()}
+    content = set().union(*(words for name, words in lists.items() if name != "template_words"))
+    assert not content & known, sorted(content & known)
+    # Function words ("the", "new", "with") and abbreviated months ("Mar 3, 2023") also occur in place names.
+    common = {"the", "new", "with"} | {month[:3].lower() for month in MONTHS}
+    assert lists["template_words"] & known <= common
+    for sentence, _, _ in extract_items():
+        assert not any(symbol in sentence for symbol in "$€£¥"), sentence
+        words = {w for w in re.findall(r"[a-z]+", sentence.lower()) if len(w) >= 3}
+        assert words & known <= common, sentence
+    assert set(re.findall(r"[a-z]+", INSTRUCTION.lower())) & known <= common
+
+
+def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path):
+    from lopt.arguments import SFT_BUILTIN_RECIPE, SFT_REAL_BASE_RECIPE
+    from lopt.cli import grpo, sft
+    from lopt.hub_bases import METADATA_FILE
+
+    assert default_task(None) == "successor"
+    assert default_task("smollm2-135m") == EXTRACT_TASK and is_real_base("smollm2-135m")
+    converted, other = tmp_path / "converted", tmp_path / "other"
+    converted.mkdir(), other.mkdir()
+    (converted / METADATA_FILE).write_text("{}")
+    assert default_task(str(converted)) == EXTRACT_TASK and default_task(str(other)) is None
+
+    parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
+    training_args = parsed[-1]
+    for name, value in SFT_REAL_BASE_RECIPE.items():
+        assert getattr(training_args, name) == value, name
+    parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m", "--fp16"], sft.recipe)
+    assert parsed[-1].fp16 and not parsed[-1].bf16  # the user's --fp16 replaces the recipe's bf16
+    parsed, _ = sft.make_parser().parse([], sft.recipe)
+    assert parsed[-1].learning_rate == SFT_BUILTIN_RECIPE["learning_rate"]
+    parsed, _ = sft.make_parser().parse(
+        ["--model_name_or_path", "smollm2-135m", "--train_file", "x.jsonl"], sft.recipe
+    )
+    assert parsed[-1].max_steps == -1  # the user's data: one epoch, not the task's recipe
+    parsed, _ = grpo.make_parser().parse(["--model_name_or_path", "smollm2-135m"], grpo.recipe)
+    assert parsed[-1].max_completion_length >= 48  # room for the JSON answer
+    assert grpo.reward_function("auto", EXTRACT_TASK) is json_match_reward
+
+
+def test_check_data_chooses_and_refuses_tasks_by_model():
+    from types import SimpleNamespace
+
+    from lopt.arguments import DataArguments
+    from lopt.cli.common import check_data
+    from lopt.errors import UserError
+
+    def check(model, tasks=tuple(BUILTIN_TASKS), **data):
+        return check_data("sft", SimpleNamespace(model_name_or_path=model), DataArguments(**data), tasks)
+
+    assert check("smollm2-135m") == EXTRACT_TASK
+    assert check(None) == "successor"
+    assert check("some/model", task=EXTRACT_TASK) == EXTRACT_TASK  # any chat model may train on extract
+    assert check(None, task=EXTRACT_TASK) == EXTRACT_TASK
+    assert check("smollm2-135m", train_file="x.jsonl") is None
+    with pytest.raises(UserError, match="made for the built-in model"):
+        check("smollm2-135m", task="successor")
+    with pytest.raises(UserError, match="--task extract"):
+        check("some/model")
+    with pytest.raises(UserError, match="no built-in task for smollm2-135m"):
+        check("smollm2-135m", tasks=("successor",))  # e.g. lopt dpo, which has no extract rows
+
+
+def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
+    from test_cli_sft import lopt, read_metrics
+
+    fast = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--max_samples", "32", "--no_progress"]
+    out = tmp_path / "sft"
+    # max_length: the toy tokenizer makes ~150-token rows of this task (SmolLM2's ~110).
+    args = [
+        "sft",
+        "--task",
+        EXTRACT_TASK,
+        "--method",
+        "e2e",
+        "--max_length",
+        "192",
+        "--eval_samples",
+        "8",
+        *fast,
+    ]
+    proc = lopt([*args, "--logging_steps", "1", "--output_dir", str(out)], builtin_tiny["env"])
+    assert "task=extract" in proc.stderr
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0.0 <= summary["heldout_exact_match"] <= 1.0
+
+    grpo_out = tmp_path / "grpo"
+    argv = ["grpo", "--model_name_or_path", str(out), "--task", EXTRACT_TASK, "--method", "e2e", *fast]
+    argv += ["--num_generations", "2", "--max_completion_length", "16", "--eval_samples", "4"]
+    proc = lopt([*argv, "--output_dir", str(grpo_out)], builtin_tiny["env"])
+    assert "reward=json_match_reward" in proc.stderr
+    summary = json.loads((grpo_out / "summary.json").read_text())
+    assert summary["reward_function"] == "json_match_reward" and summary["steps"] == 3
+    assert 0.0 <= summary["heldout_exact_match"] <= 1.0
