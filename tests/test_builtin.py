@@ -127,7 +127,8 @@ def test_task_rows_deterministic_and_disjoint(task):
     assert train == builtin_task_rows("train", task=task) and test == builtin_task_rows("test", task=task)
     assert all(set(r) == {"prompt", "completion"} for r in train + val + test)
     assert len(train) >= 500 and len(val) >= 50 and len(test) >= 100
-    prompts = [{r["prompt"] for r in rows} for rows in (train, val, test)]
+    # A prompt is a string or, for a chat task (extract), a list of messages: compare them as JSON text.
+    prompts = [{json.dumps(r["prompt"], sort_keys=True) for r in rows} for rows in (train, val, test)]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     # `seed` changes the order and the subset taken, never the split itself.
     shuffled = builtin_task_rows("train", seed=1, task=task)
