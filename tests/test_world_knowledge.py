@@ -454,8 +454,58 @@ def test_report_and_plot_show_accuracy_against_knowledge_kept(tmp_path):
 
 def test_no_probe_no_report_no_plot():
     results, runs = _results()
+    del results["before"]["world_knowledge"]
     runs = {k: [{"code_ppl": 1.0}] for k in runs}
     wk.add_world_knowledge(results, runs)
     assert "knowledge_kept" not in results["methods"]["e2e"] and "code_ppl" not in results["methods"]["e2e"]
     assert wk.format_world_knowledge_report(results) == []
     wk.plot_knowledge_fronts(results, {}, {}, lambda fig, name: pytest.fail("no plot without the probe"))
+
+
+def test_compare_with_the_probe_records_reports_and_plots_knowledge_kept(builtin_tiny, tmp_path, monkeypatch):
+    """The whole compare path on the tiny built-in model with --world_knowledge on, in this process so that a fake
+    scorer can stand for a base that knows something (the tiny model knows no country)."""
+    from lopt.compare import CompareSpec, run_compare
+
+    for name in ("LOPT_BUILTIN_PRESET", "LOPT_CACHE_DIR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, builtin_tiny["env"][name])
+    scored = []
+
+    def answers(model, tokenizer, items, batch_size=128):
+        scored.append(
+            len(items)
+        )  # the base: every item, each known other one; a trained model: the known ones
+        return [i % 2 == 0 for i in range(len(items))]
+
+    monkeypatch.setattr(wk, "world_knowledge_answers", answers)
+    cached = wk.base_world_knowledge  # the fake answers are cached here, never in the shared cache
+    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a: cached(*a, cache_dir=tmp_path / "cache"))
+    spec = CompareSpec(
+        methods=["e2e"],
+        seeds=1,
+        max_steps=[2],
+        eval_samples=4,
+        world_knowledge=True,
+        lm_eval_tasks="none",
+        sft_args=["--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_samples", "16"],
+        output_dir=str(tmp_path / "compare"),
+        progress=False,
+    )
+    results = run_compare(spec)
+    items = world_knowledge_items()
+    known = (len(items) + 1) // 2
+    assert scored == [len(items), known]
+    base = results["before"]["world_knowledge"]
+    assert base["items"] == len(items) and base["known"] == known and set(base["by_type"]) == set(KEPT_TYPES)
+    assert results["before"]["code_ppl"] > 1 and results["before"]["validation_code_ppl"] > 1
+    e2e = results["methods"]["e2e"]
+    assert e2e["knowledge_kept"] == pytest.approx(((known + 1) // 2) / known)
+    assert e2e["code_ppl"] > 1 and e2e["code_ppl_before"] == results["before"]["code_ppl"]
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert (
+        "## World knowledge kept (real base)" in report
+        and "| e2e | " in report.split("## World knowledge")[1]
+    )
+    assert (tmp_path / "compare" / "knowledge_fronts.png").is_file()
+    record = json.loads(next((tmp_path / "compare" / "runs").glob("*/compare_run.json")).read_text())
+    assert record["knowledge_kept"] == e2e["knowledge_kept"] and "code_ppl" in record

@@ -652,10 +652,8 @@ class CompareWorldKnowledge:
         if not self.enabled:
             return {}
         known = [item for item, ok in zip(self.items, self.base_correct()) if ok]
-        if not known:
-            raise UserError(
-                f"the base {self.base_path} answers no world-knowledge item right: nothing to keep"
-            )
+        if not known:  # e.g. the built-in model with --world_knowledge on: nothing to keep, so no share
+            return {"knowledge_kept": None, **self._code_perplexity(model, tokenizer)}
         still = world_knowledge_answers(model, tokenizer, known)
         return {
             "knowledge_kept": sum(still) / len(still),
@@ -671,8 +669,8 @@ _POINT_METRICS = ("knowledge_kept", "code_ppl", "validation_code_ppl")
 def add_world_knowledge(results: dict, runs: dict[tuple, list[dict]]) -> None:
     """Adds to every point of compare's results (the chosen ones are among them) the mean and std over seeds of
     ``knowledge_kept`` and the code perplexities, the per-type kept shares (mean), and the base's code perplexity as
-    ``code_ppl_before``; nothing when no run scored the probe."""
-    if not any("knowledge_kept" in r for rs in runs.values() for r in rs):
+    ``code_ppl_before``; nothing when the base was not probed."""
+    if "world_knowledge" not in results["before"]:
         return
     before = results["before"]
     for point in results["points"]:
@@ -710,7 +708,7 @@ def format_world_knowledge_report(results: dict) -> list[str]:
     probe did not run."""
     base = results.get("before", {}).get("world_knowledge")
     methods = results.get("methods", {})
-    if base is None or not any("knowledge_kept" in m for m in methods.values()):
+    if base is None or not methods:
         return []
     types = list(base["by_type"])
     per_type = ", ".join(
