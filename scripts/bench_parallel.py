@@ -6,7 +6,7 @@ activation memory and time of LoPT against E2E, both under FSDP2.
     python scripts/bench_parallel.py --fsdp --layers 16 --seq_len 512 --batch_size 4 --steps 2
 
 Configurations (CPU):
-  block-parallel LoPT k=2   torchrun, 2 processes x 1 thread, one block each (lopt.block_parallel.BlockStage)
+  block-parallel LoPT k=2   torchrun, 2 processes x 1 thread, one block each (lopt.training.block_stage.BlockStage)
   LoPT k=2 (one process)    2 threads, local backward (lopt.get_lopt_model)
   E2E (one process)         2 threads, plain forward/backward
 Every configuration trains the same Llama-shaped model (random weights, seed 0) on the same random batches with
@@ -14,9 +14,9 @@ AdamW. Tokens/s counts the steps after --warmup; for block-parallel it is measur
 ends last (the pipeline's throughput). Each configuration runs in a fresh process.
 
 --fsdp (CPU, gloo, 2 processes x 1 thread, one launch): E2E, LoPT k=2 and LoPT k=4 (local backward), each with
-`fully_shard` on every decoder layer and on the model (lopt.distributed.fully_shard_lopt_model for LoPT), each rank
+`fully_shard` on every decoder layer and on the model (lopt.engine.distributed.fully_shard_lopt_model for LoPT), each rank
 training on its own batch of --batch_size rows. Per configuration: the peak bytes saved for backward during one
-training step (lopt.bench.SavedTensorMeter; parameters, gathered or not, are not counted), the largest over the
+training step (lopt.experiments.meter.SavedTensorMeter; parameters, gathered or not, are not counted), the largest over the
 timed steps and over the ranks, and the median step time of rank 0.
 """
 
@@ -33,7 +33,7 @@ import time
 
 def build_model(a):
     """The same random Llama-shaped model as `lopt bench` (seed 0), in train mode."""
-    from lopt.bench import BenchSpec, build_base_model
+    from lopt.experiments.bench import BenchSpec, build_base_model
 
     spec = BenchSpec(
         num_layers=a.layers,
@@ -89,8 +89,8 @@ def run_block(a) -> dict | None:
     import torch.distributed as dist
 
     from lopt import LoPTConfig
-    from lopt.block_parallel import BlockStage
-    from lopt.distributed import finish
+    from lopt.engine.distributed import finish
+    from lopt.training.block_stage import BlockStage
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -110,8 +110,8 @@ def run_fsdp(a) -> dict | None:
     from torch.distributed.fsdp import fully_shard
 
     from lopt import LoPTConfig, get_lopt_model, param_groups
-    from lopt.bench import SavedTensorMeter
-    from lopt.distributed import LoPTGradientSync, clip_grad_norm_, finish, fully_shard_lopt_model
+    from lopt.engine.distributed import LoPTGradientSync, clip_grad_norm_, finish, fully_shard_lopt_model
+    from lopt.experiments.meter import SavedTensorMeter
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -196,7 +196,7 @@ def main() -> None:
         result = run_block(a) if a.mode == "block" else run_fsdp(a)
         if result is not None:
             print(json.dumps(result), flush=True)
-        os._exit(0)  # no interpreter teardown of the process group (see lopt.distributed.finish)
+        os._exit(0)  # no interpreter teardown of the process group (see lopt.engine.distributed.finish)
     if a.mode in ("lopt", "e2e"):
         print(json.dumps(run_single(a)))
         return

@@ -19,7 +19,7 @@ STEPS=${STEPS:-300,900}
 JOBS=${JOBS:-1}
 
 # Build the base model once, before the two compares would race for its lock.
-"$PY" -c "from lopt.builtin import builtin_model_path; print(builtin_model_path(progress=False))"
+"$PY" -c "from lopt.builtin.base import builtin_model_path; print(builtin_model_path(progress=False))"
 LORA_GRID=()
 [[ ",$METHODS," == *,lora,* ]] && LORA_GRID=(--method_learning_rates lora=1e-3,3e-3,1e-2)  # ~10x, as LoRA needs
 mkdir -p runs

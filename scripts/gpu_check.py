@@ -7,7 +7,7 @@ Rows:
   bench E2E / LoPT k=2 / LoPT k=4   a Qwen2.5-0.5B-shaped model (24 layers, hidden 896, intermediate 4864, 14 heads,
         2 KV heads, vocab 151,936, random weights), bf16, seq 2048, batch 1, loss through TRL's fused LM head
         (trl.trainer.utils.add_fused_lm_head), AdamW: one training step after a warm-up step, each configuration in a
-        fresh process. Columns: peak bytes saved for backward (lopt.bench.SavedTensorMeter), the allocator's peak
+        fresh process. Columns: peak bytes saved for backward (lopt.experiments.meter.SavedTensorMeter), the allocator's peak
         during that step above what was allocated before it (torch.cuda.max_memory_allocated - memory_allocated:
         activations + gradients + optimizer temporaries), the allocator's absolute peak, and the step time.
   build built-in model   the built-in pretrained model (built once, cached; later steps reuse it)
@@ -60,7 +60,7 @@ def bench_one(name: str, spec: dict, device: str) -> dict:
     from trl.trainer.utils import add_fused_lm_head
 
     from lopt import LoPTConfig, get_lopt_model, param_groups
-    from lopt.bench import SavedTensorMeter
+    from lopt.experiments.meter import SavedTensorMeter
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -217,7 +217,11 @@ def main() -> int:
             ]
         )
 
-    build = [sys.executable, "-c", "from lopt.builtin import builtin_model_path; print(builtin_model_path())"]
+    build = [
+        sys.executable,
+        "-c",
+        "from lopt.builtin.base import builtin_model_path; print(builtin_model_path())",
+    ]
     ok, text, seconds = run(build, env, timeout=600)
     rows.append(
         ["build built-in model", "OK" if ok else "FAILED", "" if ok else text, "", "", f"{seconds:.0f} s"]

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests
 .venv/bin/ruff format --check src tests
+.venv/bin/lint-imports --no-cache  # the layers (docs/ARCHITECTURE.md)
 exec .venv/bin/python -m pytest "$@"

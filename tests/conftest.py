@@ -130,7 +130,7 @@ def builtin_tiny(tmp_path_factory):
     """Environment for subprocesses that use the built-in default (tiny preset, session cache), and its path."""
     import os
 
-    from lopt.builtin import builtin_model_path
+    from lopt.builtin.base import builtin_model_path
 
     cache = os.environ.get("LOPT_TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("lopt-cache"))
     path = builtin_model_path(preset="tiny", cache_dir=cache, progress=False)

@@ -11,7 +11,7 @@ from reference import pretrained_block_outputs
 from test_model import ATOL, RTOL, _assert_same_grads, _grads, _reference, _step, _wrap
 
 from lopt import LoPTConfig, get_lopt_model
-from lopt.anchor import ANCHOR_REFERENCE_NAME
+from lopt.engine.anchor import ANCHOR_REFERENCE_NAME
 
 
 def _perturb(model: torch.nn.Module, seed: int = 7) -> None:

@@ -9,20 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lopt.bench import (
-    CONFIGS,
-    DEFAULT_CONFIGS,
-    BenchSpec,
-    SavedTensorMeter,
-    budget_race,
-    check_targets,
-    format_race,
-    format_table,
-    measure_saved_tensor_peak,
-    race_targets,
-    run_benchmark,
-)
 from lopt.cli.main import main
+from lopt.experiments.bench import CONFIGS, DEFAULT_CONFIGS, BenchSpec, check_targets, run_benchmark
+from lopt.experiments.bench_race import budget_race, format_race, race_targets
+from lopt.experiments.bench_report import format_table
+from lopt.experiments.meter import SavedTensorMeter, measure_saved_tensor_peak
 
 # one thread: tiny matmuls gain nothing from more, and on a busy machine spinning threads cost seconds
 TINY = dict(
@@ -129,7 +120,7 @@ def test_bench_rejects_bad_shapes(bad, capsys):
 
 
 def test_peak_process_memory_runs_in_a_fresh_process():
-    spec = BenchSpec(**TINY, steps=1, warmup=0)  # peak_memory="auto": one `python -m lopt.bench --one` each
+    spec = BenchSpec(**TINY, steps=1, warmup=0)  # peak_memory="auto": one `--one` process each
     (row,) = run_benchmark(spec, configs=["lopt-k2"])
     assert row["peak_mem_kind"] == "rss_fresh_process"
     assert row["peak_mem_bytes"] > 0 and row["rss_before"] > 0

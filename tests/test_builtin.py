@@ -8,15 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lopt import builtin
-from lopt.builtin import (
-    builtin_model_path,
-    builtin_task_rows,
-    exact_match,
-    normalize_answer,
-    preset_config,
-    retention_texts,
-)
+from lopt.builtin import base as builtin
+from lopt.builtin import tasks
+from lopt.builtin.base import builtin_model_path, preset_config, retention_texts
+from lopt.builtin.tasks import builtin_task_rows, exact_match, normalize_answer
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +116,7 @@ def test_retention_texts_are_held_out_and_deterministic():
     assert not any(t in train_text for t in texts if len(t) > 200)
 
 
-@pytest.mark.parametrize("task", sorted(builtin.BUILTIN_TASKS))
+@pytest.mark.parametrize("task", sorted(tasks.BUILTIN_TASKS))
 def test_task_rows_deterministic_and_disjoint(task):
     train, val, test = (builtin_task_rows(s, task=task) for s in ("train", "validation", "test"))
     assert train == builtin_task_rows("train", task=task) and test == builtin_task_rows("test", task=task)
@@ -142,12 +137,12 @@ def test_task_rows_deterministic_and_disjoint(task):
 
 def test_task_answers_are_correct():
     rows = builtin_task_rows("train") + builtin_task_rows("validation") + builtin_task_rows("test")
-    assert len(rows) == builtin.TASK_MAX_N + 1
+    assert len(rows) == tasks.TASK_MAX_N + 1
     for row in rows:
         number = int(row["prompt"].removeprefix("What number comes after ").removesuffix("?"))
-        assert row["completion"] == str(number + 1) == builtin.task_answer(row["prompt"])
+        assert row["completion"] == str(number + 1) == tasks.task_answer(row["prompt"])
     with pytest.raises(ValueError):
-        builtin.task_answer("What is 2 + 2?")
+        tasks.task_answer("What is 2 + 2?")
 
 
 @pytest.mark.parametrize(
@@ -230,8 +225,7 @@ def test_evidence_preset_shape():
 
 
 def test_modules_task_asks_only_sft_facts():
-    from lopt.knowledge import knowledge_facts
-    from lopt.lm_eval_tasks import knowledge_items
+    from lopt.builtin.knowledge import knowledge_facts, knowledge_items
 
     probe = {(f.name, f.module) for f in knowledge_facts("probe")}
     rows = [r for s in ("train", "validation", "test") for r in builtin_task_rows(s, task="modules")]
@@ -249,7 +243,7 @@ def test_modules_task_asks_only_sft_facts():
 
 
 def test_a_method_fact_has_its_class_role():
-    from lopt.knowledge import Fact, fact_role, knowledge_facts
+    from lopt.builtin.knowledge import Fact, fact_role, knowledge_facts
 
     methods = [f for f in knowledge_facts() if f.is_method]
     assert len(methods) > 1000

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lopt import builtin
+from lopt.builtin import base as builtin
 from lopt.io import is_complete_checkpoint
 
 
@@ -27,7 +27,9 @@ def _fake_build(preset: str, out_dir: Path, progress: bool) -> None:
 def test_killed_build_leaves_nothing_that_looks_built_and_the_next_run_builds(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     # A real build of the tiny preset in another process, killed (SIGKILL: no clean-up runs) once it has started writing.
-    code = "from lopt.builtin import builtin_model_path; builtin_model_path(preset='tiny', progress=False)"
+    code = (
+        "from lopt.builtin.base import builtin_model_path; builtin_model_path(preset='tiny', progress=False)"
+    )
     env = {**os.environ, "LOPT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from lopt.compare import format_report, summarize
+from lopt.experiments.compare.report import format_report, summarize
 
 
 def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -9,18 +9,17 @@ import sys
 
 import pytest
 
-from lopt.compare import (
-    CompareSpec,
+from lopt.errors import UserError
+from lopt.experiments.compare.report import format_report, issue11_targets
+from lopt.experiments.compare.select import (
     accuracy_at_retention,
-    format_report,
-    issue11_targets,
     pareto_front,
     retention_at_accuracy,
-    run_compare,
     select_on_validation,
     steps_to_accuracy,
 )
-from lopt.errors import UserError
+from lopt.experiments.compare.spec import CompareSpec
+from lopt.experiments.compare.sweep import run_compare
 
 
 def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -291,10 +290,10 @@ def test_cli_parses_grids_and_refuses_bad_ones():
 def test_sft_task_flag_picks_a_builtin_task_and_refuses_unknown_ones():
     from trl import ModelConfig
 
-    from lopt.arguments import DataArguments
-    from lopt.builtin import BUILTIN_TASKS, builtin_task_rows
+    from lopt.builtin.tasks import BUILTIN_TASKS, builtin_task_rows
     from lopt.cli import sft
     from lopt.cli.common import check_data
+    from lopt.training.arguments import DataArguments
 
     data = DataArguments(task="modules", max_samples=5)
     task = check_data("sft", ModelConfig(), data, tuple(BUILTIN_TASKS))
@@ -305,7 +304,7 @@ def test_sft_task_flag_picks_a_builtin_task_and_refuses_unknown_ones():
 
 
 def test_a_run_that_logged_nothing_is_a_clear_error(tmp_path):
-    from lopt.compare import _training_metrics
+    from lopt.experiments.compare.runs import _training_metrics
 
     with pytest.raises(UserError, match="--logging_steps"):
         _training_metrics(str(tmp_path))

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lopt import data
-from lopt.data import (
+from lopt.data import rows as data
+from lopt.data.rows import (
     ACCEPTED_FORMATS,
     IGNORE_INDEX,
     encode_prompt,

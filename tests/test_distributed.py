@@ -123,7 +123,7 @@ def worker_ddp_library(out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lopt import param_groups
-    from lopt.distributed import LoPTGradientSync
+    from lopt.engine.distributed import LoPTGradientSync
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -182,7 +182,7 @@ def worker_block_library(out_dir: str) -> None:
     from safetensors.torch import save_file
 
     from lopt import LoPTConfig
-    from lopt.block_parallel import BlockStage
+    from lopt.training.block_stage import BlockStage
 
     dist.init_process_group("gloo")
     stage = BlockStage(
@@ -209,7 +209,7 @@ def full_weights(lopt_model) -> dict[str, torch.Tensor]:
     return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in weights.items()}
 
 
-# FSDP2 variants: (backward, hook order). "lopt_first" is lopt.distributed.fully_shard_lopt_model; "fsdp_first" is
+# FSDP2 variants: (backward, hook order). "lopt_first" is lopt.engine.distributed.fully_shard_lopt_model; "fsdp_first" is
 # plain fully_shard calls after get_lopt_model (FSDP2's pre-forward runs before LoPT's boundary hook).
 FSDP2_VARIANTS = {
     "local": ("local", "lopt_first"),
@@ -231,7 +231,7 @@ def fsdp2_micro_batches(step: int, rank: int | None = None) -> list[dict]:
 def fsdp2_step(lopt_model, optimizer, micro_batches, sync=None) -> float:
     """One optimizer step as the trainer takes it: gradient accumulation (the local backward scaled like the loss),
     the aux heads synced, one global clipping norm over the model and the aux heads, AdamW."""
-    from lopt.distributed import clip_grad_norm_
+    from lopt.engine.distributed import clip_grad_norm_
 
     lopt_model.loss_scale = 1 / len(micro_batches)
     for batch in micro_batches:
@@ -253,7 +253,7 @@ def worker_fsdp2(out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from lopt import param_groups
-    from lopt.distributed import LoPTGradientSync, fully_shard_lopt_model
+    from lopt.engine.distributed import LoPTGradientSync, fully_shard_lopt_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -416,18 +416,18 @@ def worker_rl(out_dir: str) -> None:
 def worker_cli_user_error_on_rank_1(out_dir: str) -> None:
     """`lopt sft --block_parallel` where rank 1 alone stops with a UserError while building its block: rank 0 goes on
     to its first collective and loses its peer there."""
-    import lopt.block_parallel as block_parallel
     from lopt.cli.main import main
     from lopt.errors import UserError
+    from lopt.training import block_stage
 
-    build_stage = block_parallel.BlockStage.__init__
+    build_stage = block_stage.BlockStage.__init__
 
     def failing_on_rank_1(self, *args, **kwargs):
         if os.environ["RANK"] == "1":
             raise UserError("rank 1 cannot build its block: the fix is X")
         build_stage(self, *args, **kwargs)
 
-    block_parallel.BlockStage.__init__ = failing_on_rank_1
+    block_stage.BlockStage.__init__ = failing_on_rank_1
     args = [
         "sft",
         "--block_parallel",
@@ -455,8 +455,8 @@ if __name__ == "__main__":
     WORKERS[sys.argv[1]](sys.argv[2])
     # A barrier as the last collective, then no interpreter teardown: torch 2.13's gloo process-group destructor
     # can deadlock on the GIL when it runs (e.g. from a garbage-collected DDP reducer) while a gloo thread still
-    # releases a collective that has just finished (see lopt.distributed.finish).
-    from lopt.distributed import finish
+    # releases a collective that has just finished (see lopt.engine.distributed.finish).
+    from lopt.engine.distributed import finish
 
     finish()
     sys.stdout.flush()
@@ -542,7 +542,7 @@ def test_block_parallel_library_matches_single_process_lopt(tmp_path):
     from transformers import get_linear_schedule_with_warmup
 
     from lopt import param_groups
-    from lopt.block_parallel import make_aux_heads
+    from lopt.training.block_stage import make_aux_heads
 
     run_worker("block_library", tmp_path)
     lopt_model = lopt_model_for("local")
@@ -586,7 +586,7 @@ def fsdp2_worker_output(tmp_path_factory):
 def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_output):
     """LoPT under FSDP2 (fully_shard per decoder layer and on the HF model, gloo, 2 ranks), gradient accumulation 2,
     clipping with one global norm: every rank ends equal, and equal to one process on the whole batches.
-    Local mode runs each early block's backward inside the forward (lopt.distributed.fsdp2_local_backward)."""
+    Local mode runs each early block's backward inside the forward (lopt.engine.distributed.fsdp2_local_backward)."""
     from lopt import param_groups
 
     report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())[variant]
@@ -800,7 +800,7 @@ def test_block_parallel_refuses_bad_process_counts(builtin_tiny, tmp_path):
         == 2
     )
     assert "traceback : lopt sft: error: --block_parallel needs one process per block" in proc.stderr
-    assert "exitcode  : 2" in proc.stderr and "lopt/block_parallel.py" not in proc.stderr
+    assert "exitcode  : 2" in proc.stderr and "lopt/training/block_parallel.py" not in proc.stderr
     # Flags that block-parallel training cannot take: one line, exit 2, before any process is started.
     proc = subprocess.run(
         [sys.executable, "-m", "lopt", "sft", "--block_parallel", "--method", "e2e"],
@@ -829,7 +829,7 @@ def test_user_error_on_one_rank_reaches_the_launcher(builtin_tiny, tmp_path):
     ]
 
     code = (
-        "import sys; from lopt.launch import launch_local; "
+        "import sys; from lopt.training.launch import launch_local; "
         f"sys.exit(launch_local(2, [{__file__!r}, 'cli_user_error_on_rank_1', {str(tmp_path / 'own')!r}]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ from test_anchor import _perturb
 from test_model import ATOL, RTOL, _assert_same_grads, _grads, _reference, _step, _wrap
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
-from lopt.bench import SavedTensorMeter
+from lopt.experiments.meter import SavedTensorMeter
 
 
 def _fused(model):
@@ -95,7 +95,8 @@ def test_fused_head_saves_no_logits():
 
 
 def test_compare_measures_activations_through_the_fused_head(builtin_tiny):
-    from lopt.compare import CompareSpec, activation_peak_bytes
+    from lopt.experiments.compare.runs import activation_peak_bytes
+    from lopt.experiments.compare.spec import CompareSpec
 
     spec = CompareSpec(methods=["e2e", "lopt", "lora"], seeds=1)
     fused = {m: activation_peak_bytes(builtin_tiny["path"], m, spec) for m in ("e2e", "lopt", "lora")}

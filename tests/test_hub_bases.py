@@ -1,4 +1,4 @@
-"""Real bases by short name (lopt.hub_bases): a tiny Llama GGUF written here stands in for the shipped one, so these
+"""Real bases by short name (lopt.builtin.hub_bases): a tiny Llama GGUF written here stands in for the shipped one, so these
 run in seconds with no download and without the package that ships the real file."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from gguf.quants import quantize  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
-from lopt import hub_bases  # noqa: E402
+from lopt.builtin import hub_bases  # noqa: E402
+from lopt.builtin.hub_bases import METADATA_FILE, REAL_BASES, RealBase, convert_gguf, real_base_path  # noqa: E402
 from lopt.errors import UserError  # noqa: E402
-from lopt.hub_bases import METADATA_FILE, REAL_BASES, RealBase, convert_gguf, real_base_path  # noqa: E402
 
 GGUF_FILE = "tiny-llama.gguf"
 NAME = "tiny-llama"
@@ -229,8 +229,8 @@ def test_resolve_leaves_other_names_alone(tmp_path, monkeypatch, tiny_base):
 
 def test_commands_load_a_short_name(gguf_dir, gguf_loaded, tiny_base, monkeypatch, capsys):
     from lopt.cli.main import main
-    from lopt.loading import check_model_path, load_model_and_tokenizer
-    from lopt.shapes import load_shape
+    from lopt.data.loading import check_model_path, load_model_and_tokenizer
+    from lopt.experiments.shapes import load_shape
 
     monkeypatch.setattr(hub_bases, "package_dir", lambda base: gguf_dir)  # as if the package were installed
     check_model_path(NAME)

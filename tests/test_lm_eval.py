@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from lopt.builtin.knowledge import knowledge_items
 from lopt.errors import UserError
-from lopt.lm_eval_tasks import KNOWLEDGE_TASK, format_lm_eval_report, knowledge_items, summarize_lm_eval
+from lopt.evaluation.lm_eval_tasks import KNOWLEDGE_TASK, format_lm_eval_report, summarize_lm_eval
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
@@ -44,9 +45,8 @@ def lopt(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_knowledge_items_are_probe_fact_clozes_with_one_right_word():
-    from lopt.builtin import builtin_task_rows
-    from lopt.knowledge import fact_role, knowledge_facts
-    from lopt.lm_eval_tasks import _training_word_counts
+    from lopt.builtin.knowledge import _training_word_counts, fact_role, knowledge_facts
+    from lopt.builtin.tasks import builtin_task_rows
 
     items = knowledge_items()
     assert 500 <= len(items) <= 1000  # every usable probe fact: a standard error under 2 points
@@ -103,7 +103,7 @@ def test_missing_lm_eval_is_a_one_line_error(monkeypatch, capsys):
     ],
 )
 def test_bad_lm_eval_tasks_are_clear_errors(value, message, tmp_path, monkeypatch):
-    from lopt.lm_eval_tasks import resolve_tasks
+    from lopt.evaluation.lm_eval_tasks import resolve_tasks
 
     monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path))
     with pytest.raises(UserError, match=message):

@@ -1,4 +1,4 @@
-"""The local "task" objective (logit-lens cross-entropy, lopt.lens) and the aux-head warm-up: gradients against the
+"""The local "task" objective (logit-lens cross-entropy, lopt.engine.lens) and the aux-head warm-up: gradients against the
 independent reference (with mutants the check must catch), chunking, label handling, refusals, and the warm-up
 through the trainer mixin."""
 
@@ -14,8 +14,8 @@ from reference import pretrained_block_outputs
 from test_anchor import _perturb
 from test_model import ATOL, RTOL, _assert_same_grads, _grads, _reference, _step, _wrap
 
-import lopt.lens
-import lopt.model
+import lopt.engine.lens
+import lopt.engine.model
 from lopt import LoPTConfig, get_lopt_model
 
 
@@ -83,14 +83,14 @@ def _lens_weights_trained(hidden, labels, final_norm, lm_head):
 def _lens_unshifted(hidden, labels, final_norm, lm_head):
     """Mutant: position t scored against token t instead of t+1."""
     as_if_next = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
-    return lopt.lens.lens_cross_entropy(hidden, as_if_next, final_norm, lm_head)
+    return lopt.engine.lens.lens_cross_entropy(hidden, as_if_next, final_norm, lm_head)
 
 
 @pytest.mark.parametrize(
     "mutant", [_lens_weights_trained, _lens_unshifted], ids=["weights-trained", "unshifted"]
 )
 def test_the_reference_check_catches_a_wrong_lens(monkeypatch, mutant):
-    monkeypatch.setattr(lopt.model, "lens_cross_entropy", mutant)
+    monkeypatch.setattr(lopt.engine.model, "lens_cross_entropy", mutant)
     with pytest.raises(AssertionError):
         _check_against_reference("llama", 4, aux_objective="task")
 
@@ -101,7 +101,7 @@ def test_chunked_lens_equals_one_chunk(monkeypatch):
     batch = _labelled_batch()
     whole = _wrap(clone(base), aux_objective="task")
     out_whole = _step(whole, batch)
-    monkeypatch.setattr(lopt.lens, "CHUNK_LOGIT_ELEMENTS", 3 * base.config.vocab_size)
+    monkeypatch.setattr(lopt.engine.lens, "CHUNK_LOGIT_ELEMENTS", 3 * base.config.vocab_size)
     chunked = _wrap(clone(base), aux_objective="task")
     out_chunked = _step(chunked, batch)
     torch.testing.assert_close(out_chunked.loss, out_whole.loss, atol=ATOL, rtol=RTOL)

@@ -11,10 +11,10 @@ import pathlib
 import pytest
 from trl import DPOConfig, GRPOConfig, SFTConfig
 
-from lopt.arguments import LoPTArguments
 from lopt.cli import dpo, grpo, sft
 from lopt.cli.main import main
 from lopt.errors import UserError
+from lopt.training.arguments import LoPTArguments
 
 COMMANDS = {"sft": (sft, SFTConfig), "grpo": (grpo, GRPOConfig), "dpo": (dpo, DPOConfig)}
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "lopt"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lopt import plan
-from lopt.bench import CONFIGS, SavedTensorMeter, prepare_for_training, training_loss
 from lopt.cli.main import main
-from lopt.shapes import load_shape, shape_names
+from lopt.experiments import plan
+from lopt.experiments.bench import CONFIGS, prepare_for_training, training_loss
+from lopt.experiments.meter import SavedTensorMeter
+from lopt.experiments.shapes import load_shape, shape_names
 
 
 def _config(model_type: str, num_layers: int, tie: bool = False):

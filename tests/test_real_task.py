@@ -1,4 +1,4 @@
-"""The real bases' task "extract" (lopt.real_task): splits, the strict JSON scorer, chat rendering and label masking,
+"""The real bases' task "extract" (lopt.builtin.real_task): splits, the strict JSON scorer, chat rendering and label masking,
 no world facts in its words, the default task and recipe of a real base, and `lopt sft` / `lopt grpo` on it end to end
 with the built-in tiny model (no download, no real model)."""
 
@@ -9,20 +9,19 @@ import re
 
 import pytest
 
-from lopt.builtin import (
+from lopt.builtin.base import CHAT_TEMPLATE, train_tokenizer
+from lopt.builtin.real_task import INSTRUCTION, MONTHS, WORD_LISTS, extract_items, is_real_base, json_match
+from lopt.builtin.tasks import (
     BUILTIN_TASKS,
-    CHAT_TEMPLATE,
     EXTRACT_TASK,
     builtin_grpo_rows,
     builtin_task_rows,
     default_task,
     task_max_new_tokens,
     task_scorer,
-    train_tokenizer,
 )
-from lopt.data import IGNORE_INDEX, tokenize_rows
-from lopt.real_task import INSTRUCTION, MONTHS, WORD_LISTS, extract_items, is_real_base, json_match
-from lopt.rewards import REWARD_FUNCTIONS, json_match_reward
+from lopt.data.rows import IGNORE_INDEX, tokenize_rows
+from lopt.training.rewards import REWARD_FUNCTIONS, json_match_reward
 
 SPLITS = ("train", "validation", "test")
 # SmolLM2-Instruct's template: a default system message unless the conversation brings its own.
@@ -190,9 +189,9 @@ def test_no_word_of_the_task_is_a_country_fact():
 
 
 def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path):
-    from lopt.arguments import SFT_BUILTIN_RECIPE, SFT_REAL_BASE_RECIPE
+    from lopt.builtin.hub_bases import METADATA_FILE
     from lopt.cli import grpo, sft
-    from lopt.hub_bases import METADATA_FILE
+    from lopt.training.arguments import SFT_BUILTIN_RECIPE, SFT_REAL_BASE_RECIPE
 
     assert default_task(None) == "successor"
     assert default_task("smollm2-135m") == EXTRACT_TASK and is_real_base("smollm2-135m")
@@ -221,9 +220,9 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path):
 def test_check_data_chooses_and_refuses_tasks_by_model():
     from types import SimpleNamespace
 
-    from lopt.arguments import DataArguments
     from lopt.cli.common import check_data
     from lopt.errors import UserError
+    from lopt.training.arguments import DataArguments
 
     def check(model, tasks=tuple(BUILTIN_TASKS), **data):
         return check_data("sft", SimpleNamespace(model_name_or_path=model), DataArguments(**data), tasks)

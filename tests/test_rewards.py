@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lopt.rewards import (
+from lopt.training.rewards import (
     answers_match,
     completion_text,
     exact_match_reward,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import clone, tiny_model
 
-import lopt.model
+import lopt.engine.model
 from lopt import LoPTConfig, get_lopt_model
 
 torch.set_num_threads(1)
@@ -153,8 +153,8 @@ def test_trainer_style_loss_gradients(mode, kind, num_blocks, num_layers, monkey
     heads = copy.deepcopy(lm.aux_heads)
 
     aux_calls = []
-    real = lopt.model.reconstruction_loss
-    monkeypatch.setattr(lopt.model, "reconstruction_loss", lambda *a: aux_calls.append(1) or real(*a))
+    real = lopt.engine.model.reconstruction_loss
+    monkeypatch.setattr(lopt.engine.model, "reconstruction_loss", lambda *a: aux_calls.append(1) or real(*a))
 
     # A no-grad forward of the policy in train mode (GRPO's old log-probs, generation): no aux work at all.
     with torch.no_grad():
@@ -229,13 +229,13 @@ class ForwardSpy:
     def __init__(self, layer, monkeypatch):
         self.grad, self.no_grad, self.aux = 0, 0, 0
         layer.register_forward_pre_hook(self._seen)
-        real = lopt.model.reconstruction_loss
+        real = lopt.engine.model.reconstruction_loss
 
         def counting(*args):
             self.aux += 1
             return real(*args)
 
-        monkeypatch.setattr(lopt.model, "reconstruction_loss", counting)
+        monkeypatch.setattr(lopt.engine.model, "reconstruction_loss", counting)
 
     def _seen(self, module, args):
         if torch.is_grad_enabled():

@@ -1,4 +1,4 @@
-"""The world-knowledge probe of real bases (lopt.world_knowledge): items, strict scoring, knowledge kept, the lm-eval
+"""The world-knowledge probe of real bases (lopt.evaluation.world_knowledge): items, strict scoring, knowledge kept, the lm-eval
 task, the cached base answers, the perplexity texts and `lopt compare`'s real-base defaults. No download, no real
 model: the tiny built-in model (it has a ChatML chat template) stands in where a model is needed."""
 
@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-import lopt.world_knowledge as wk
-from lopt.world_knowledge import (
+import lopt.evaluation.world_knowledge as wk
+from lopt.evaluation.world_knowledge import (
     KEPT_TYPES,
     QUESTION_TYPES,
     WORLD_KNOWLEDGE_TASK,
@@ -23,6 +23,7 @@ from lopt.world_knowledge import (
     normalize,
     world_knowledge_items,
 )
+from lopt.experiments.compare import world_knowledge
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
@@ -204,15 +205,15 @@ def test_compare_scores_a_trained_model_only_on_what_the_base_knew(monkeypatch):
         scored.append([i["id"] for i in asked])
         return [True, False, False, True]
 
-    world = wk.CompareWorldKnowledge(enabled=False)  # nothing built; set up by hand below
+    world = world_knowledge.CompareWorldKnowledge(enabled=False)  # nothing built; set up by hand below
     world.enabled, world.items, world._base_correct = True, items, known
-    monkeypatch.setattr(wk, "world_knowledge_answers", answers)
+    monkeypatch.setattr(world_knowledge, "world_knowledge_answers", answers)
     monkeypatch.setattr(world, "_code_perplexity", lambda model, tokenizer: {"code_ppl": 3.0})
     record = world("model", "tokenizer")
     assert scored == [[i["id"] for i, ok in zip(items, known) if ok]]
     assert record["knowledge_kept"] == 0.5 and record["code_ppl"] == 3.0
-    assert wk.CompareWorldKnowledge(enabled=False)("model", "tokenizer") == {}
-    assert wk.CompareWorldKnowledge(enabled=False).key is None
+    assert world_knowledge.CompareWorldKnowledge(enabled=False)("model", "tokenizer") == {}
+    assert world_knowledge.CompareWorldKnowledge(enabled=False).key is None
 
 
 # --- perplexity texts ------------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_lm_eval_asks_the_same_prompts_and_scores_like_the_direct_scorer(tiny, t
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from lopt.lm_eval_tasks import CHAT_TASKS, resolve_tasks
+    from lopt.evaluation.lm_eval_tasks import CHAT_TASKS, resolve_tasks
 
     monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path))
     model, tokenizer = tiny
@@ -307,8 +308,9 @@ def test_eval_prints_the_accuracy_overall_and_per_type(builtin_tiny, tmp_path):
 
 # --- lopt compare ----------------------------------------------------------------------------------------------------
 def test_compare_defaults_on_a_real_base():
-    from lopt.builtin import task_max_new_tokens, task_scorer
-    from lopt.compare import CompareSpec, _sft_command, _task, _world_knowledge_on, evaluation_sets
+    from lopt.builtin.tasks import task_max_new_tokens, task_scorer
+    from lopt.experiments.compare.runs import _sft_command, evaluation_sets
+    from lopt.experiments.compare.spec import CompareSpec, _task, _world_knowledge_on
 
     # the short name is enough: nothing is converted or loaded to build the spec and its evaluation sets
     spec = CompareSpec(model_name_or_path="smollm2-135m", methods=["e2e"], seeds=1, eval_samples=5)
@@ -330,9 +332,11 @@ def test_compare_defaults_on_a_real_base():
 
 
 def test_compare_keeps_the_toy_and_user_defaults(tmp_path):
-    from lopt.builtin import builtin_task_rows, exact_match, retention_texts
-    from lopt.compare import CompareSpec, _task, _world_knowledge_on, evaluation_sets
+    from lopt.builtin.base import retention_texts
+    from lopt.builtin.tasks import builtin_task_rows, exact_match
     from lopt.errors import UserError
+    from lopt.experiments.compare.runs import evaluation_sets
+    from lopt.experiments.compare.spec import CompareSpec, _task, _world_knowledge_on
 
     toy = CompareSpec(methods=["e2e"], seeds=1, eval_samples=4)
     assert _task(toy) == "successor" and not _world_knowledge_on(toy)
@@ -350,7 +354,9 @@ def test_compare_keeps_the_toy_and_user_defaults(tmp_path):
 
 
 def test_the_evaluation_key_names_the_probe_only_when_it_runs():
-    from lopt.compare import CompareSpec, _evaluation_key, _Scorer
+    from lopt.experiments.compare.runs import _evaluation_key
+    from lopt.experiments.compare.spec import CompareSpec
+    from lopt.experiments.compare.sweep import _Scorer
 
     spec = CompareSpec(methods=["e2e"], seeds=1, eval_samples=4, lm_eval_tasks="none")
     plain = _Scorer.make(spec, "unused", tokenizer=object())
@@ -425,12 +431,12 @@ def _results(seeds: int = 2) -> tuple[dict, dict]:
 
 def test_report_and_plot_show_accuracy_against_knowledge_kept(tmp_path):
     results, runs = _results()
-    wk.add_world_knowledge(results, runs)
+    world_knowledge.add_world_knowledge(results, runs)
     e2e = results["methods"]["e2e"]
     assert e2e["knowledge_kept"] == pytest.approx(0.625) and e2e["code_ppl"] == pytest.approx(5.5)
     assert e2e["knowledge_kept_by_type"] == pytest.approx({"capital": 5 / 6, "demonym": 0.0})
     assert e2e["code_ppl_before"] == 4.0 and "knowledge_kept_std" in e2e
-    lines = wk.format_world_knowledge_report(results)
+    lines = world_knowledge.format_world_knowledge_report(results)
     text = "\n".join(lines)
     assert (
         "The base answers 4 of 8 country questions right (50.0%: capital 75.0% of 4, demonym 25.0% of 4"
@@ -441,14 +447,16 @@ def test_report_and_plot_show_accuracy_against_knowledge_kept(tmp_path):
         r"\| e2e \| 0.0001 \| 10 \| 90.0% \| 62.5% ± 17.7 \| 83.3% \| 0.0% \| \+20% \| \+38% \|", text
     )
     assert "| freeze | 0.0001 | 10 | 60.0% | 100.0% | 100.0% | 100.0% | +5% | +0% |" in text
-    assert [p["method"] for p in wk.knowledge_front(results["points"])] == ["freeze", "e2e"]
+    assert [p["method"] for p in world_knowledge.knowledge_front(results["points"])] == ["freeze", "e2e"]
     saved = []
 
     def save(fig, name):
         fig.savefig(tmp_path / name)
         saved.append(name)
 
-    wk.plot_knowledge_fronts(results, {"e2e": "C0", "freeze": "C1"}, {"e2e": "o", "freeze": "s"}, save)
+    world_knowledge.plot_knowledge_fronts(
+        results, {"e2e": "C0", "freeze": "C1"}, {"e2e": "o", "freeze": "s"}, save
+    )
     assert saved == ["knowledge_fronts.png"] and os.path.getsize(tmp_path / "knowledge_fronts.png") > 1000
 
 
@@ -456,30 +464,36 @@ def test_no_probe_no_report_no_plot():
     results, runs = _results()
     del results["before"]["world_knowledge"]
     runs = {k: [{"code_ppl": 1.0}] for k in runs}
-    wk.add_world_knowledge(results, runs)
+    world_knowledge.add_world_knowledge(results, runs)
     assert "knowledge_kept" not in results["methods"]["e2e"] and "code_ppl" not in results["methods"]["e2e"]
-    assert wk.format_world_knowledge_report(results) == []
-    wk.plot_knowledge_fronts(results, {}, {}, lambda fig, name: pytest.fail("no plot without the probe"))
+    assert world_knowledge.format_world_knowledge_report(results) == []
+    world_knowledge.plot_knowledge_fronts(
+        results, {}, {}, lambda fig, name: pytest.fail("no plot without the probe")
+    )
 
 
 def test_compare_with_the_probe_records_reports_and_plots_knowledge_kept(builtin_tiny, tmp_path, monkeypatch):
     """The whole compare path on the tiny built-in model with --world_knowledge on, in this process so that a fake
     scorer can stand for a base that knows something (the tiny model knows no country)."""
-    from lopt.compare import CompareSpec, run_compare
+    from lopt.experiments.compare.spec import CompareSpec
+    from lopt.experiments.compare.sweep import run_compare
 
     for name in ("LOPT_BUILTIN_PRESET", "LOPT_CACHE_DIR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
         monkeypatch.setenv(name, builtin_tiny["env"][name])
     scored = []
 
     def answers(model, tokenizer, items, batch_size=128):
-        scored.append(
-            len(items)
-        )  # the base: every item, each known other one; a trained model: the known ones
+        # the base: every item, each known other one; a trained model: the known ones
+        scored.append(len(items))
         return [i % 2 == 0 for i in range(len(items))]
 
-    monkeypatch.setattr(wk, "world_knowledge_answers", answers)
+    # compare's module calls both through its own imports; base_world_knowledge calls the scorer in its module
+    for module in (wk, world_knowledge):
+        monkeypatch.setattr(module, "world_knowledge_answers", answers)
     cached = wk.base_world_knowledge  # the fake answers are cached here, never in the shared cache
-    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a: cached(*a, cache_dir=tmp_path / "cache"))
+    monkeypatch.setattr(
+        world_knowledge, "base_world_knowledge", lambda *a: cached(*a, cache_dir=tmp_path / "cache")
+    )
     spec = CompareSpec(
         methods=["e2e"],
         seeds=1,

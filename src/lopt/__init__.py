@@ -1,12 +1,11 @@
 """lopt: LoPT (local-learning post-training) for Hugging Face causal language models."""
 
-__version__ = "0.1.0"
-
-from lopt.architectures import ARCHITECTURES, find_decoder_parts  # noqa: E402
-from lopt.config import LoPTConfig  # noqa: E402
-from lopt.heads import AuxHead, reconstruction_loss  # noqa: E402
-from lopt.model import LoPTModel, get_lopt_model  # noqa: E402
-from lopt.optim import param_groups  # noqa: E402
+from lopt._version import __version__
+from lopt.engine.architectures import ARCHITECTURES, find_decoder_parts  # noqa: E402
+from lopt.engine.config import LoPTConfig  # noqa: E402
+from lopt.engine.heads import AuxHead, reconstruction_loss  # noqa: E402
+from lopt.engine.model import LoPTModel, get_lopt_model  # noqa: E402
+from lopt.engine.optim import param_groups  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",

@@ -1,7 +1,7 @@
 """`lopt bench`: E2E vs LoPT (joint k=2, local k=2, local k=4), with and without gradient checkpointing.
 
 Prints one table: peak bytes saved for backward, peak process memory, median step time, each with its ratio
-to E2E, and the issue's targets as PASS/MISS. See lopt.bench for how each number is measured.
+to E2E, and the issue's targets as PASS/MISS. See lopt.experiments.bench for how each number is measured.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lopt import bench
+from lopt.experiments import bench, bench_race, bench_report
+from lopt.experiments.shapes import shape_names
 from lopt.io import atomic_write_json
-from lopt.shapes import shape_names
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -113,11 +113,11 @@ def run(args: argparse.Namespace) -> int:
         return run_race(args, spec, log)
     rows = bench.run_benchmark(spec, configs, log=log)
     targets = bench.check_targets(rows)
-    print(bench.describe_spec(spec))
+    print(bench_report.describe_spec(spec))
     print()
-    print(bench.format_table(rows, markdown=args.markdown))
+    print(bench_report.format_table(rows, markdown=args.markdown))
     print()
-    print(bench.format_targets(targets))
+    print(bench_report.format_targets(targets))
     if spec.model is not None and spec.num_layers < spec.full_num_layers:
         print()
         print(full_depth_table(spec, rows, log))
@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
 def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
     """--num_layers cut the depth: lopt plan's figure at the measured depth (it must equal the measurement)
     and at the model's full depth, with E2E's per-layer and fixed (embedding, LM head, loss) terms."""
-    from lopt import plan
-    from lopt.shapes import load_shape
+    from lopt.experiments import plan
+    from lopt.experiments.shapes import load_shape
 
     cut, full = spec.model_config(), load_shape(spec.model)
     lines = [
@@ -191,11 +191,13 @@ def run_race(args: argparse.Namespace, spec: bench.BenchSpec, log) -> int:
             raise ValueError(f"--activation_budget {budget!r} must be a number of MB or auto.") from None
         if budget <= 0:
             raise ValueError(f"--activation_budget must be > 0 MB, got {budget}.")
-    race = bench.budget_race(spec, None if budget == "auto" else budget, log=log)
-    print(bench.describe_spec(spec))
+    race = bench_race.budget_race(spec, None if budget == "auto" else budget, log=log)
+    print(bench_report.describe_spec(spec))
     print()
-    print(bench.format_race(race, markdown=args.markdown))
+    print(bench_race.format_race(race, markdown=args.markdown))
     if args.json:
-        atomic_write_json(args.json, {"spec": vars(spec), "race": race, "targets": bench.race_targets(race)})
+        atomic_write_json(
+            args.json, {"spec": vars(spec), "race": race, "targets": bench_race.race_targets(race)}
+        )
         print(f"\nwrote {args.json}")
     return 0

@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
-from lopt.arguments import DataArguments, LoPTArguments
 from lopt.errors import UserError
-from lopt.io import atomic_directory_write, atomic_write_json, is_complete_checkpoint
+from lopt.io import atomic_directory_write, atomic_write_json
+from lopt.training.arguments import DataArguments, LoPTArguments
 
 
 def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
 def recipe_task(values: dict[str, Any]) -> str | None:
     """The task a run trains on, from the parsed values, for choosing its recipe: --task, None for the user's data,
     else the model's default task (check_data refuses bad combinations afterwards)."""
-    from lopt.builtin import default_task
+    from lopt.builtin.tasks import default_task
 
     if values["task"] is not None:
         return values["task"]
@@ -54,8 +53,8 @@ def recipe_task(values: dict[str, Any]) -> str | None:
 
 def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, ...]) -> str | None:
     """The built-in task to train on (None for the user's data): --task, else the model's default task (see
-    lopt.builtin.default_task). One-line errors for flags that do not combine."""
-    from lopt.builtin import BUILTIN_MODEL_TASKS, EXTRACT_TASK, default_task
+    lopt.builtin.tasks.default_task). One-line errors for flags that do not combine."""
+    from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, EXTRACT_TASK, default_task
 
     if data.task is not None:
         if data.task not in tasks:
@@ -159,7 +158,7 @@ def check_training_args(
 
 def load_model(model_args, training_args, model_name_or_path: str | None = None, progress: bool = True):
     """The model and tokenizer ModelConfig names (or `model_name_or_path`), with its revision, dtype and attention."""
-    from lopt.loading import load_model_and_tokenizer
+    from lopt.data.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
         model_name_or_path or model_args.model_name_or_path,
@@ -172,8 +171,8 @@ def load_model(model_args, training_args, model_name_or_path: str | None = None,
 
 
 def prepare_model(model, lopt_args: LoPTArguments, model_args):
-    """`lopt.methods.prepare_model` with the method flags (LoRA from TRL's ModelConfig lora_* flags)."""
-    from lopt.methods import prepare_model as prepare
+    """`lopt.training.methods.prepare_model` with the method flags (LoRA from TRL's ModelConfig lora_* flags)."""
+    from lopt.training.methods import prepare_model as prepare
 
     lora = lora_config(model_args) if lopt_args.method == "lora" else None
     return prepare(
@@ -227,7 +226,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 def take_fsdp(training_args) -> bool:
-    """`--fsdp` (TrainingArguments' own flag): lopt shards the model itself with FSDP2 (lopt.distributed), which
+    """`--fsdp` (TrainingArguments' own flag): lopt shards the model itself with FSDP2 (lopt.engine.distributed), which
     handles LoPT's backward inside the forward, so transformers' accelerate FSDP plugin is turned off."""
     if not training_args.fsdp:
         return False
@@ -299,56 +298,3 @@ def describe_method(prepared, learning_rate: float, early_lr: float | None) -> s
             f", lr_k1={early_lr or learning_rate}"
         )
     return text
-
-
-def starting_model(command: str, model_args, task: str | None, progress: bool = True) -> str | None:
-    """The model an RL command starts from: the user's, else for a built-in task the built-in SFT checkpoint of that
-    task (the raw base never answers it, so it has nothing to reinforce), else the built-in base (None).
-
-    Announced as the command's first line; the checkpoint is made on first use with `lopt sft`'s built-in recipe."""
-    from lopt.builtin import BUILTIN_TASKS
-
-    if model_args.model_name_or_path is not None or task not in BUILTIN_TASKS:
-        return None
-    print(
-        f"lopt {command}: no --model_name_or_path: starting from the built-in SFT checkpoint of task {task} (the "
-        f"built-in model after `lopt sft --task {task}`, cached beside it; made now if missing)",
-        file=sys.stderr,
-        flush=True,
-    )
-    return str(builtin_sft_checkpoint(task, progress=progress))
-
-
-def builtin_sft_checkpoint(task: str, progress: bool = True):
-    """Path of the built-in model after `lopt sft --task TASK` with the built-in recipe, made once under a file lock
-    beside the built-in model (the same cache, preset and version)."""
-    from pathlib import Path
-
-    from filelock import FileLock
-
-    from lopt.builtin import builtin_model_path
-
-    base = Path(builtin_model_path(progress=progress))
-    path = base.parent / f"{base.name}-sft-{task}"
-
-    def complete() -> bool:  # summary.json is written after the checkpoint itself
-        return is_complete_checkpoint(path, "summary.json")
-
-    if complete():
-        return path
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
-        raise UserError(
-            f"the built-in SFT checkpoint is not made yet: run `lopt sft --task {task} --output_dir {path}` once in "
-            "one process, then launch again."
-        )
-    with FileLock(str(path) + ".lock"):
-        if not complete():
-            if path.exists():  # a folder cut short (no summary, or weights missing): made anew
-                shutil.rmtree(path)
-            from lopt.cli import sft
-
-            argv = ["--task", task, "--output_dir", str(path), "--eval_samples", "0"]
-            if not progress:
-                argv.append("--no_progress")
-            sft.main(argv)
-    return path

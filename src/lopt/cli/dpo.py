@@ -15,11 +15,11 @@ from typing import Any
 
 from trl import DPOConfig, ModelConfig
 
-from lopt.arguments import DataArguments, LoPTArguments
-from lopt.cli import common
+from lopt.cli import common, sft
 from lopt.cli.grpo import BUILTIN_TASK_EARLY_LR_FACTOR, message_list, prompt_messages
 from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
+from lopt.training.arguments import DataArguments, LoPTArguments
 
 DESCRIPTION = "Direct Preference Optimization with LoPT (or a baseline) on preference pairs."
 # Recipes for the fields the user did not set: the built-in task's sized for 2 CPU cores.
@@ -94,7 +94,7 @@ def build_dataset(rows: list, tokenizer):
     (TRL applies it), else plain text laid out as `lopt sft` does (TRL appends EOS to the completions)."""
     import datasets
 
-    from lopt.data import format_prompt, has_chat_template
+    from lopt.data.rows import format_prompt, has_chat_template
 
     templated = has_chat_template(tokenizer)
     items = []
@@ -123,18 +123,18 @@ def run(
     training_args: DPOConfig,
     set_fields: frozenset[str] = frozenset(),
 ) -> int:
-    from lopt.builtin import DEFAULT_TASK
+    from lopt.builtin.tasks import DEFAULT_TASK
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
     # Preference pairs exist for the default built-in task only (its wrong answers are task-specific).
     task = common.check_data("dpo", model_args, data_args, (DEFAULT_TASK,))
     data_args.check()
     if task is not None:
-        from lopt.builtin import builtin_preference_rows
+        from lopt.builtin.tasks import builtin_preference_rows
 
         rows = builtin_preference_rows("train", n=data_args.max_samples)
     else:
-        from lopt.loading import load_user_rows
+        from lopt.data.loading import load_user_rows
 
         rows = load_user_rows(
             data_args.train_file,
@@ -163,7 +163,7 @@ def run(
     )
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     progress = not training_args.disable_tqdm
-    start = common.starting_model("dpo", model_args, task, progress)
+    start = sft.starting_model("dpo", model_args, task, progress)
 
     from transformers import set_seed
 
@@ -208,7 +208,7 @@ def run(
         summary["reward_accuracy_last_log"] = logged[-1]["rewards/accuracies"]
         summary["reward_margin_last_log"] = logged[-1].get("rewards/margins")
     if task is not None and data_args.eval_samples > 0:
-        from lopt.loading import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_accuracy
 
         summary["heldout_exact_match"] = builtin_task_accuracy(
             trainer.model, tokenizer, data_args.eval_samples, task

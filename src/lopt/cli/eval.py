@@ -43,7 +43,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_lm_eval_args(parser: argparse.ArgumentParser, default_help: str = "Default: none.") -> None:
     """lm-evaluation-harness flags, shared with `lopt compare`."""
-    from lopt.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK, WORLD_KNOWLEDGE_TASK
+    from lopt.evaluation.lm_eval_tasks import INSTALL_HINT, KNOWLEDGE_TASK, WORLD_KNOWLEDGE_TASK
 
     g = parser.add_argument_group(f"lm-evaluation-harness (optional: {INSTALL_HINT})")
     g.add_argument(
@@ -66,7 +66,7 @@ def add_lm_eval_args(parser: argparse.ArgumentParser, default_help: str = "Defau
 
 
 def lm_eval_options(args: argparse.Namespace) -> dict:
-    """The lm-eval flags as `lopt.lm_eval_tasks.run_lm_eval` keywords, checked before any model is loaded."""
+    """The lm-eval flags as `lopt.evaluation.lm_eval_tasks.run_lm_eval` keywords, checked before any model is loaded."""
     limit = args.lm_eval_limit
     if limit is not None and not limit > 0:
         raise ValueError(f"--lm_eval_limit {limit:g} must be > 0 (a count, or a fraction below 1).")
@@ -80,15 +80,15 @@ def lm_eval_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopt.builtin import default_task, task_max_new_tokens
-    from lopt.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
+    from lopt.builtin.real_task import is_real_base
+    from lopt.builtin.tasks import default_task, task_max_new_tokens
+    from lopt.data.loading import load_model_and_tokenizer
+    from lopt.evaluation.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
     from lopt.io import atomic_write_json
-    from lopt.loading import load_model_and_tokenizer
-    from lopt.real_task import is_real_base
 
     lm_eval_tasks = None
     if args.lm_eval_tasks and args.lm_eval_tasks != "none":
-        from lopt.lm_eval_tasks import resolve_tasks
+        from lopt.evaluation.lm_eval_tasks import resolve_tasks
 
         lm_eval_kwargs = lm_eval_options(args)
         lm_eval_tasks = resolve_tasks(args.lm_eval_tasks)  # a bad flag fails now, not after the evaluation
@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
     if args.retention_file is not None:
         retention = read_retention_file(args.retention_file)
     elif real_base:
-        from lopt.world_knowledge import prose_texts
+        from lopt.evaluation.world_knowledge import prose_texts
 
         retention = prose_texts()
     elif builtin_data:
-        from lopt.builtin import retention_texts
+        from lopt.builtin.base import retention_texts
 
         retention = retention_texts()
     model, tokenizer, path = load_model_and_tokenizer(args.model_name_or_path, args.trust_remote_code)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = {"model": path, **result}
     if lm_eval_tasks:
-        from lopt.lm_eval_tasks import run_lm_eval
+        from lopt.evaluation.lm_eval_tasks import run_lm_eval
 
         del model  # lm-eval loads the checkpoint itself
         result["lm_eval"] = run_lm_eval(

@@ -18,10 +18,10 @@ from typing import Any
 
 from trl import GRPOConfig, ModelConfig
 
-from lopt.arguments import DataArguments, LoPTArguments
-from lopt.cli import common
+from lopt.cli import common, sft
 from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
+from lopt.training.arguments import DataArguments, LoPTArguments
 
 DESCRIPTION = "On-policy GRPO with LoPT (or a baseline) and verifiable rewards."
 # --task -> (hub dataset, config): the datasets of the authors' train_grpo.py.
@@ -46,7 +46,7 @@ BUILTIN_TASK_RECIPE = {
     "max_steps": 150,
     "logging_steps": 10,
 }
-# The real bases' task ("extract", lopt.real_task): JSON answers of ~40 tokens, from a checkpoint that `lopt sft` trained
+# The real bases' task ("extract", lopt.builtin.real_task): JSON answers of ~40 tokens, from a checkpoint that `lopt sft` trained
 # on the task (the reward is 0 for a model that never answers in JSON). Sized for a short run on 2 CPU cores.
 EXTRACT_TASK_RECIPE = {
     "learning_rate": 1e-5,
@@ -126,7 +126,7 @@ def make_parser() -> LoPTParser:
 def task_recipe(values: dict[str, Any]) -> dict[str, Any]:
     """The recipe of the run's task: extract's, a toy built-in task's, or the user's (check_data rejects bad
     combinations afterwards)."""
-    from lopt.builtin import BUILTIN_TASKS, EXTRACT_TASK
+    from lopt.builtin.tasks import BUILTIN_TASKS, EXTRACT_TASK
 
     task = common.recipe_task(values)
     if task == EXTRACT_TASK:
@@ -242,7 +242,7 @@ def to_prompt_answer(
 def model_prompt(messages: list[dict[str, str]], tokenizer) -> list[dict[str, str]] | str:
     """What the trainer gets as a prompt: the chat messages if the tokenizer has a chat template (TRL applies it),
     else the plain prompt text exactly as `lopt sft` lays it out."""
-    from lopt.data import format_prompt, has_chat_template
+    from lopt.data.rows import format_prompt, has_chat_template
 
     return messages if has_chat_template(tokenizer) else format_prompt(messages, tokenizer)
 
@@ -251,7 +251,7 @@ def build_dataset(rows: list, tokenizer, max_prompt_length: int, instruction: st
     """Rows -> a datasets.Dataset with `prompt` and `answer`; prompts over max_prompt_length tokens are skipped."""
     import datasets
 
-    from lopt.data import encode_prompt
+    from lopt.data.rows import encode_prompt
 
     items, skipped = [], 0
     for i, row in enumerate(rows):
@@ -276,11 +276,11 @@ def build_dataset(rows: list, tokenizer, max_prompt_length: int, instruction: st
 
 def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list:
     """GRPO rows: a built-in task's train split as prompt/answer, a hub task, or the user's rows."""
-    from lopt.builtin import BUILTIN_TASKS
-    from lopt.loading import load_user_rows
+    from lopt.builtin.tasks import BUILTIN_TASKS
+    from lopt.data.loading import load_user_rows
 
     if task in BUILTIN_TASKS:
-        from lopt.builtin import builtin_grpo_rows
+        from lopt.builtin.tasks import builtin_grpo_rows
 
         return builtin_grpo_rows("train", n=data_args.max_samples, task=task)
     dataset_name, dataset_config = data_args.dataset_name, data_args.dataset_config
@@ -298,11 +298,11 @@ def load_task_rows(data_args: DataArguments, task: str | None, trust_remote_code
 
 
 def reward_function(name: str, task: str | None):
-    from lopt.builtin import BUILTIN_TASKS
-    from lopt.rewards import REWARD_FUNCTIONS
+    from lopt.builtin.tasks import BUILTIN_TASKS
+    from lopt.training.rewards import REWARD_FUNCTIONS
 
     if name == "auto":
-        from lopt.builtin import EXTRACT_TASK
+        from lopt.builtin.tasks import EXTRACT_TASK
 
         name = "json_match" if task == EXTRACT_TASK else "exact_match" if task in BUILTIN_TASKS else "math"
     return REWARD_FUNCTIONS[name]
@@ -319,7 +319,7 @@ def run(
     training_args: GRPOConfig,
     set_fields: frozenset[str] = frozenset(),
 ) -> int:
-    from lopt.builtin import BUILTIN_TASKS
+    from lopt.builtin.tasks import BUILTIN_TASKS
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
     task = common.check_data("grpo", model_args, data_args, (*BUILTIN_TASKS, *TASK_DATASETS))
@@ -340,7 +340,7 @@ def run(
     )
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     progress = not training_args.disable_tqdm
-    start = common.starting_model("grpo", model_args, task, progress)
+    start = sft.starting_model("grpo", model_args, task, progress)
 
     from transformers import set_seed
 
@@ -382,7 +382,7 @@ def run(
         **reward_summary(os.path.join(training_args.output_dir, "metrics.jsonl")),
     }
     if builtin and data_args.eval_samples > 0:
-        from lopt.loading import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_accuracy
 
         summary["heldout_exact_match"] = builtin_task_accuracy(
             trainer.model, tokenizer, data_args.eval_samples, task

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from lopt.launch import (
+from lopt.training.launch import (
     LaunchRequired,
     is_lost_peer,
     launch_local,

@@ -18,8 +18,8 @@ from typing import Any
 
 from trl import TrlParser
 
+from lopt.data.loading import check_model_path
 from lopt.errors import UserError
-from lopt.loading import check_model_path
 
 # alias -> the field it sets: lopt's earlier names, kept working
 ALIASES = {"max_seq_length": "max_length", "warmup_ratio": "warmup_steps", "no_progress": "disable_tqdm"}

@@ -2,7 +2,7 @@
 
 Prints one table: activation bytes (a fake-tensor step through lopt bench's meter), weights + gradients + AdamW
 states per GPU (one GPU, or DDP and FSDP over --num_gpus), the total, and with --gpu_memory what fits and the
-largest micro-batch at --seq_len. See lopt.plan for how each number is computed.
+largest micro-batch at --seq_len. See lopt.experiments.plan for how each number is computed.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import sys
 import time
 
-from lopt import plan
+from lopt.experiments import plan
+from lopt.experiments.shapes import load_shape, shape_names
 from lopt.io import atomic_write_json
-from lopt.shapes import load_shape, shape_names
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:

@@ -3,22 +3,28 @@
 Flags: LoPTArguments, TRL's ModelConfig, DataArguments and TRL's SFTConfig (every field is a flag; `--config x.yaml`
 as in `trl sft`). Without --model_name_or_path it uses the built-in pretrained model and, without data flags, a
 built-in task, with the built-in recipe for the fields left unset. A real base (e.g. --model_name_or_path smollm2-135m)
-without data flags trains on the task extract (lopt.real_task) with its own recipe.
+without data flags trains on the task extract (lopt.builtin.real_task) with its own recipe.
 
 Multi-process: `torchrun --nproc_per_node N -m lopt sft ...` (or `accelerate launch`) trains data-parallel (DDP; the
-trainer mixin syncs what DDP cannot, see lopt.distributed); only rank 0 writes the outputs. `--block_parallel` puts
-one LoPT block on each process instead (lopt.block_parallel).
+trainer mixin syncs what DDP cannot, see lopt.engine.distributed); only rank 0 writes the outputs. `--block_parallel` puts
+one LoPT block on each process instead (lopt.training.block_parallel).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
-from lopt.arguments import (
+from lopt.cli import common
+from lopt.cli.parser import LoPTParser
+from lopt.errors import UserError
+from lopt.io import is_complete_checkpoint
+from lopt.training.arguments import (
     SFT_BUILTIN_RECIPE,
     SFT_LR_K1_RATIO,
     SFT_REAL_BASE_RECIPE,
@@ -26,9 +32,6 @@ from lopt.arguments import (
     LoPTArguments,
     sft_recipe,
 )
-from lopt.cli import common
-from lopt.cli.parser import LoPTParser
-from lopt.errors import UserError
 
 # SFTConfig's dataset-preparation fields: lopt tokenizes the rows itself (lopt.data), so SFTTrainer skips that step
 # and these would change nothing.
@@ -80,10 +83,10 @@ def main(argv: Sequence[str]) -> int:
 def training_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list[dict]:
     """The training rows: a built-in task's train split, or the user's file or dataset."""
     if task is not None:
-        from lopt.builtin import builtin_task_rows
+        from lopt.builtin.tasks import builtin_task_rows
 
         return builtin_task_rows("train", n=data_args.max_samples, task=task)
-    from lopt.loading import load_user_rows
+    from lopt.data.loading import load_user_rows
 
     return load_user_rows(
         data_args.train_file,
@@ -104,14 +107,14 @@ def eval_rows(data_args: DataArguments, task: str | None, training_args) -> list
             )
         return None
     if task is not None:
-        from lopt.builtin import builtin_task_rows
+        from lopt.builtin.tasks import builtin_task_rows
 
         return builtin_task_rows("validation", task=task)
     if data_args.eval_file is None:
         raise UserError(
             f"--eval_strategy {training_args.eval_strategy.value} needs rows to score: give --eval_file."
         )
-    from lopt.loading import load_user_rows
+    from lopt.data.loading import load_user_rows
 
     return load_user_rows(data_args.eval_file, None, None, "train", None)
 
@@ -123,7 +126,7 @@ def run(
     training_args: SFTConfig,
     set_fields: frozenset[str] = frozenset(),
 ) -> int:
-    from lopt.builtin import BUILTIN_TASKS
+    from lopt.builtin.tasks import BUILTIN_TASKS
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
     task = common.check_data("sft", model_args, data_args, tuple(BUILTIN_TASKS))
@@ -141,14 +144,14 @@ def run(
             )
     early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, SFT_LR_K1_RATIO)
     if lopt_args.block_parallel:
-        from lopt.block_parallel import run_block_parallel
+        from lopt.training.block_parallel import run_block_parallel
 
         return run_block_parallel(rows, lopt_args, model_args, data_args, training_args, early_lr, task)
 
     from transformers import set_seed
 
-    from lopt.data import tokenize_rows
-    from lopt.distributed import finish
+    from lopt.data.rows import tokenize_rows
+    from lopt.engine.distributed import finish
     from lopt.integrations import LoPTSFTTrainer
 
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -179,7 +182,7 @@ def run(
         )
     result = trainer.train(resume_from_checkpoint=resume)
     if not main_process:
-        finish()  # wait for rank 0's outputs (and exit cleanly: see lopt.distributed.finish)
+        finish()  # wait for rank 0's outputs (and exit cleanly: see lopt.engine.distributed.finish)
         return 0
     run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
     common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
@@ -190,7 +193,7 @@ def run(
         "steps": trainer.state.global_step,
     }
     if task is not None and data_args.eval_samples > 0:
-        from lopt.loading import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_accuracy
 
         summary["heldout_exact_match"] = builtin_task_accuracy(
             trainer.model, tokenizer, data_args.eval_samples, task
@@ -198,3 +201,55 @@ def run(
     code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
+
+
+def starting_model(command: str, model_args, task: str | None, progress: bool = True) -> str | None:
+    """The model an RL command starts from: the user's, else for a built-in task the built-in SFT checkpoint of that
+    task (the raw base never answers it, so it has nothing to reinforce), else the built-in base (None).
+
+    Announced as the command's first line; the checkpoint is made on first use with `lopt sft`'s built-in recipe."""
+    from lopt.builtin.tasks import BUILTIN_TASKS
+
+    if model_args.model_name_or_path is not None or task not in BUILTIN_TASKS:
+        return None
+    print(
+        f"lopt {command}: no --model_name_or_path: starting from the built-in SFT checkpoint of task {task} (the "
+        f"built-in model after `lopt sft --task {task}`, cached beside it; made now if missing)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return str(builtin_sft_checkpoint(task, progress=progress))
+
+
+def builtin_sft_checkpoint(task: str, progress: bool = True):
+    """Path of the built-in model after `lopt sft --task TASK` with the built-in recipe, made once under a file lock
+    beside the built-in model (the same cache, preset and version)."""
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from lopt.builtin.base import builtin_model_path
+
+    base = Path(builtin_model_path(progress=progress))
+    path = base.parent / f"{base.name}-sft-{task}"
+
+    def complete() -> bool:  # summary.json is written after the checkpoint itself
+        return is_complete_checkpoint(path, "summary.json")
+
+    if complete():
+        return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
+        raise UserError(
+            f"the built-in SFT checkpoint is not made yet: run `lopt sft --task {task} --output_dir {path}` once in "
+            "one process, then launch again."
+        )
+    with FileLock(str(path) + ".lock"):
+        if not complete():
+            if path.exists():  # a folder cut short (no summary, or weights missing): made anew
+                shutil.rmtree(path)
+
+            argv = ["--task", task, "--output_dir", str(path), "--eval_samples", "0"]
+            if not progress:
+                argv.append("--no_progress")
+            main(argv)
+    return path

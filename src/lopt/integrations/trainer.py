@@ -12,10 +12,10 @@ The mixin
   backpropagates (gradient accumulation, fp16 grad scaler); in joint mode it adds the aux objective to the loss;
 - logs the task loss and each boundary's aux loss (averaged over ranks);
 - writes checkpoints atomically and keeps the aux heads in them for resuming;
-- under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.distributed`;
+- under DDP (torchrun / accelerate launch), syncs what DDP cannot: see `lopt.engine.distributed`;
 - with `fsdp=True` (under torchrun), shards the model itself with FSDP2 (`fully_shard` per decoder layer and on the
   model; CPU/gloo or GPU), which transformers then treats as a model that owns its sharding and gradient reduction
-  (no DDP wrap); the local backward runs inside the forward as usual (lopt.distributed.fsdp2_local_backward), the
+  (no DDP wrap); the local backward runs inside the forward as usual (lopt.engine.distributed.fsdp2_local_backward), the
   aux heads stay replicated, checkpoints hold one standard HF model (gathered on rank 0) plus each rank's optimizer
   shard, and after `train()` rank 0's `trainer.model` is an unsharded copy on CPU (for saving and evaluating).
   Accelerate's own FSDP2 plugin is accepted too (untested: no GPU here, and transformers ignores FSDP on CPU); its
@@ -35,9 +35,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from lopt.architectures import unwrap_peft
-from lopt.config import LoPTConfig
-from lopt.distributed import (
+from lopt.engine.architectures import unwrap_peft
+from lopt.engine.config import LoPTConfig
+from lopt.engine.distributed import (
     LoPTGradientSync,
     all_reduce_mean_,
     clip_grad_norm_,
@@ -52,8 +52,8 @@ from lopt.distributed import (
     split_dtensor_groups,
     unsharded_copy_on_rank0,
 )
-from lopt.model import AUX_HEADS_NAME, get_lopt_model
-from lopt.optim import param_groups
+from lopt.engine.model import AUX_HEADS_NAME, get_lopt_model
+from lopt.engine.optim import param_groups
 
 
 class LoPTTrainerMixin:
@@ -126,8 +126,8 @@ class LoPTTrainerMixin:
             )
 
     def _check_distributed_backend(self, lopt_config: LoPTConfig) -> None:
-        """Local mode backpropagates inside the forward: fine under DDP (see lopt.distributed) and FSDP2
-        (lopt.distributed.fsdp2_local_backward), not under FSDP1's flat parameters or DeepSpeed, whose gradient
+        """Local mode backpropagates inside the forward: fine under DDP (see lopt.engine.distributed) and FSDP2
+        (lopt.engine.distributed.fsdp2_local_backward), not under FSDP1's flat parameters or DeepSpeed, whose gradient
         reduction hooks expect one backward after the forward."""
         if lopt_config.backward != "local":
             return

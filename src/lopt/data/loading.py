@@ -1,0 +1,88 @@
+"""Loading what a run trains on: the model and tokenizer (the user's or the built-in one), and training rows.
+Shared by the commands, `lopt compare` and block-parallel training."""
+
+from __future__ import annotations
+
+import os
+
+from lopt.builtin.hub_bases import resolve_model_name
+from lopt.data.rows import ensure_pad_token
+from lopt.errors import UserError
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else with a slash, or starting like a path, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def check_model_path(model_name_or_path: str | None) -> None:
+    """A one-line error for a local model path that does not exist (hub ids are checked when loaded)."""
+    if model_name_or_path is not None and looks_like_path(model_name_or_path):
+        if not os.path.exists(os.path.expanduser(model_name_or_path)):
+            raise UserError(
+                f"--model_name_or_path {model_name_or_path!r} does not exist: give a local model folder or a hub id."
+            )
+
+
+def load_model_and_tokenizer(
+    model_name_or_path: str | None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    revision: str | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    use_kernels: bool | None = None,
+):
+    """The user's model (safetensors only, no remote code unless asked), a real base by short name (converted once,
+    see lopt.builtin.hub_bases) or the built-in one, with its tokenizer (a pad token added if missing) and the path it came
+    from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_name_or_path is None:
+        from lopt.builtin.base import builtin_model_path
+
+        model_name_or_path = str(builtin_model_path(progress=progress))
+    model_name_or_path = resolve_model_name(model_name_or_path, progress=progress)  # e.g. smollm2-135m
+    check_model_path(model_name_or_path)
+    model_kwargs = {}
+    if revision is not None:
+        model_kwargs["revision"] = revision
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    if use_kernels is not None:
+        model_kwargs["use_kernels"] = use_kernels
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True, **model_kwargs
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {model_name_or_path!r}: {first_line}") from err
+    ensure_pad_token(tokenizer)
+    return model, tokenizer, model_name_or_path
+
+
+def load_user_rows(
+    train_file: str | None,
+    dataset_name: str | None,
+    dataset_config: str | None,
+    split: str,
+    max_samples: int | None,
+    trust_remote_code: bool = False,
+) -> list[dict]:
+    """Rows from a file or a dataset (one-line DataErrors for bad ones)."""
+    from lopt.data.rows import load_rows
+
+    return load_rows(
+        train_file=train_file,
+        dataset_name=dataset_name,
+        dataset_config=dataset_config,
+        split=split,
+        max_samples=max_samples,
+        trust_remote_code=trust_remote_code,
+    )

@@ -1,0 +1,35 @@
+"""Optimizer parameter groups: early (embedding, early blocks, aux heads) and late (last block, norm, head)."""
+
+from __future__ import annotations
+
+from lopt.engine.model import LoPTModel
+
+
+def param_groups(
+    model: LoPTModel, lr: float, early_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Two AdamW groups, as in the authors' code: "late" (last block, final norm, LM head: trained by the task
+    loss) at `lr`, and "early" (embedding, early blocks, aux heads: trained by the local objective) at `early_lr`
+    (default `lr`). Frozen parameters and empty groups are left out."""
+    if not isinstance(model, LoPTModel):
+        raise TypeError(
+            f"param_groups expects a LoPTModel (from get_lopt_model), got {type(model).__name__}."
+        )
+    late_ids = {id(p) for module in model.late_modules() for p in module.parameters()}
+    early, late, seen = [], [], set()
+    for param in model.parameters():  # the wrapped model's parameters, then the aux heads'
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (late if id(param) in late_ids else early).append(param)
+    # The task-loss group comes first: trainers report param_groups[0]'s rate as "the" learning rate.
+    groups = [
+        {"params": late, "lr": lr, "weight_decay": weight_decay, "name": "late"},
+        {
+            "params": early,
+            "lr": lr if early_lr is None else early_lr,
+            "weight_decay": weight_decay,
+            "name": "early",
+        },
+    ]
+    return [g for g in groups if g["params"]]

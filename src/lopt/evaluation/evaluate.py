@@ -1,0 +1,160 @@
+"""Evaluation: task accuracy (greedy generation, exact match) and retention (perplexity on held-out text)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split()).rstrip(".")
+
+
+@torch.no_grad()
+def task_accuracy(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    answers: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    match: Callable[[str, str], bool] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Greedy generation from each prompt's token ids (encoded exactly as in training, `lopt.data.rows.encode_prompt`);
+    exact match after normalisation. Returns {"accuracy", "n", "examples": the first few predictions}."""
+    match = match or (lambda prediction, answer: _normalize(prediction) == _normalize(answer))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    correct, examples = 0, []
+    try:
+        for start in tqdm(range(0, len(prompt_ids), batch_size), desc="eval: generate", disable=not progress):
+            batch = prompt_ids[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            # Left padding: generation continues from the right end of every row.
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+            attention_mask = torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
+            )
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for prediction, answer in zip(texts, answers[start : start + batch_size]):
+                ok = bool(match(prediction, answer))
+                correct += ok
+                if len(examples) < 5:
+                    examples.append({"prediction": prediction, "answer": answer, "correct": ok})
+    finally:
+        model.train(was_training)
+    return {"accuracy": correct / max(len(prompt_ids), 1), "n": len(prompt_ids), "examples": examples}
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8
+) -> float:
+    """Token-level perplexity over the concatenated texts, cut into non-overlapping windows of seq_len tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)] or [ids]
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = torch.tensor(windows[start : start + batch_size], device=device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += nll.item()
+            total_tokens += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def load_task_rows(
+    train_file, dataset_name, dataset_config, split: str, max_samples: int | None, task: str | None = None
+):
+    """Held-out task rows and their match function: a built-in task's test split (default: the built-in model's
+    task) unless data flags are given."""
+    if train_file is None and dataset_name is None:
+        from lopt.builtin.tasks import DEFAULT_TASK, builtin_task_rows, task_scorer
+
+        task = task or DEFAULT_TASK
+        return builtin_task_rows("test", n=max_samples, task=task), task_scorer(task)
+    from lopt.data.rows import load_rows
+
+    rows = load_rows(train_file, dataset_name, dataset_config, split=split, max_samples=max_samples)
+    return rows, None
+
+
+def read_retention_file(path: str) -> list[str]:
+    """Plain text, documents separated by blank lines."""
+    import os
+
+    from lopt.errors import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"--retention_file {path!r} does not exist: give a plain-text file.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError(f"--retention_file {path!r} is empty.")
+    return docs
+
+
+def evaluate_checkpoint(
+    model,
+    tokenizer,
+    rows: list[dict],
+    retention: list[str] | None,
+    match=None,
+    max_new_tokens: int = 32,
+    retention_seq_len: int = 256,
+    progress: bool = False,
+) -> dict:
+    """{"task_accuracy", "task_n", "examples", "retention_ppl"} for rows in any `lopt.data` format."""
+    from lopt.data.rows import encode_prompt, to_prompt_completion
+
+    pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
+    prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
+    answers = [p.completion for p in pairs]
+    task = task_accuracy(
+        model, tokenizer, prompt_ids, answers, max_new_tokens=max_new_tokens, match=match, progress=progress
+    )
+    result = {"task_accuracy": task["accuracy"], "task_n": task["n"], "examples": task["examples"]}
+    result["retention_ppl"] = (
+        perplexity(model, tokenizer, retention, seq_len=retention_seq_len) if retention is not None else None
+    )
+    return result
+
+
+def builtin_task_accuracy(model, tokenizer, n: int, task: str | None = None) -> float:
+    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer)."""
+    from lopt.builtin.tasks import DEFAULT_TASK, builtin_task_rows, task_max_new_tokens, task_scorer
+
+    task = task or DEFAULT_TASK
+    rows = builtin_task_rows("test", n=n, task=task)
+    result = evaluate_checkpoint(
+        model, tokenizer, rows, None, match=task_scorer(task), max_new_tokens=task_max_new_tokens(task)
+    )
+    return result["task_accuracy"]

@@ -1,0 +1,120 @@
+"""What `lopt bench` prints: the table of configurations, the targets as PASS/MISS and the line that describes the
+setup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lopt.experiments.bench import MB, BenchSpec
+
+COLUMNS = (
+    "config", "GC", "act. peak MB", "x E2E", "x E2E no-GC", "peak mem MB", "x E2E",
+    "median step s", "x E2E", "tokens/s", "ref. copy MB",
+)  # fmt: skip
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _fmt_mb(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "—"
+    # more decimals below 10 MB, so the tiny test models stay readable
+    return f"{nbytes / MB:.1f}" if nbytes >= 10 * MB else f"{nbytes / MB:.3f}"
+
+
+def _table_cells(rows: list[dict]) -> list[list[str]]:
+    cells = []
+    for row in rows:
+        cells.append([
+            row["label"],
+            "yes" if row["gc"] else "no",
+            _fmt_mb(row["act_peak_bytes"]),
+            _fmt(row.get("act_ratio"), ".2f"),
+            _fmt(row.get("act_ratio_vs_e2e_nogc"), ".2f"),
+            _fmt_mb(row.get("peak_mem_bytes")),
+            _fmt(row.get("peak_mem_ratio"), ".2f"),
+            _fmt(row.get("median_step_s"), ".3f"),
+            _fmt(row.get("time_ratio"), ".2f"),
+            _fmt(row.get("tokens_per_s"), ".0f"),
+            _fmt_mb(row.get("reference_bytes")) if row.get("reference_bytes") else "—",
+        ])  # fmt: skip
+    return cells
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """One row per configuration; ratios are to E2E with the same checkpointing setting unless marked."""
+    cells = _table_cells(rows)
+    kinds = {row.get("peak_mem_kind") for row in rows} - {None}
+    mem_note = {
+        "rss_fresh_process": "peak mem = peak RSS of a fresh process per config minus its RSS before the first "
+        "step (2 steps; includes gradients and AdamW state, the same for every config)",
+        "cuda_allocated": "peak mem = torch.cuda.max_memory_allocated during a step minus memory allocated "
+        "before it (includes gradients)",
+    }
+    footer = [
+        "act. peak = peak bytes saved for backward over forward+backward (saved_tensors_hooks), each storage "
+        "counted once while saved; parameters (and views of them, leaf tensors requiring grad) excluded.",
+        "LM head: TRL's fused head (add_fused_lm_head, fused_lm_head=True: chunked log-probs, no [B, T, V] "
+        "logits), as lopt sft trains; rows marked (HF loss) use the model's own loss over full logits, and "
+        "their ratios are to E2E (HF loss).",
+        "ref. copy = the anchor's frozen copy of the pretrained early weights (extra weight memory, outside "
+        "peak mem, which is measured from after the model is built).",
+        "GC rows: each checkpointed layer's saved input is counted; the tensors recomputed during the "
+        "backward (one layer at a time) go through the checkpoint's own hooks and are not (peak mem sees them).",
+        *(mem_note[k] for k in sorted(kinds)),
+        "x E2E = ratio to E2E with the same GC setting; x E2E no-GC = activation ratio to E2E without GC. "
+        "Step = forward + backward + AdamW step + zero_grad; median over interleaved rounds (each round runs "
+        "every config once); its x E2E is the median of per-round ratios, so load drift between rounds cancels.",
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines + [""] + [f"- {f}" for f in footer])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS)]
+
+    def fmt_row(c: Sequence[str]) -> str:  # labels left-aligned, numbers right-aligned
+        return "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+
+    lines = [fmt_row(COLUMNS), "  ".join("-" * w for w in widths), *map(fmt_row, cells)]
+    return "\n".join(lines + [""] + [f"* {f}" for f in footer])
+
+
+def format_targets(targets: list[dict]) -> str:
+    lines = ["Targets:"]
+    for t in targets:
+        value = "—" if t["value"] is None else f"{t['value']:.2f}x"
+        extra = ""
+        if t.get("peak_mem_ratio") is not None:
+            extra = f"  (peak process memory: {t['peak_mem_ratio']:.2f}x)"
+        lines.append(f"  [{t['status']:>4}] {t['target']}: {value}{extra}")
+    return "\n".join(lines)
+
+
+def describe_spec(spec: BenchSpec) -> str:
+    if spec.model is not None:
+        config = spec.model_config()
+        depth = f"{spec.num_layers} of {spec.full_num_layers} layers"
+        shape = (
+            f"{spec.model} shape ({config.model_type}), {depth}, hidden {config.hidden_size}, intermediate "
+            f"{config.intermediate_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} kv, "
+            f"vocab {config.vocab_size}, tied {config.tie_word_embeddings}"
+        )
+    else:
+        shape = (
+            f"Llama-shaped, {spec.num_layers} layers, hidden {spec.hidden_size}, intermediate "
+            f"{spec.intermediate_size}, {spec.num_heads} heads, vocab {spec.vocab_size}"
+        )
+    repeats = (
+        "activations only (one config at a time, no timing)"
+        if spec.steps == 0
+        else f"{spec.warmup} warmup + {spec.steps} timed steps per config (interleaved)"
+    )
+    return (
+        f"{shape}, random weights; seq {spec.seq_len}, batch {spec.batch_size}, {spec.dtype} on {spec.device}; "
+        f"{repeats}, torch {torch.__version__}, {spec.threads or torch.get_num_threads()} threads"
+    )

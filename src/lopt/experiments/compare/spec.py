@@ -1,0 +1,250 @@
+"""What a compare runs: the method names and the `lopt sft` flags of each (`METHOD_FLAGS`; "name@r" scales the early
+lr, "name+bN" moves the boundary), the default retention budgets and accuracy targets, and `CompareSpec`, the
+checked settings of one `lopt compare` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lopt.errors import UserError
+
+# compare name -> `lopt sft` flags. Names are fixed recipes: a LoPT name trains its early group at the full lr
+# (the paper's setting), "name@r" (e.g. "lopt@0.3", `lopt sft`'s default) at r x lr.
+METHOD_FLAGS: dict[str, list[str]] = {
+    "e2e": ["--method", "e2e"],
+    "lopt": ["--method", "lopt", "--num_blocks", "2"],
+    "lopt_k4": ["--method", "lopt", "--num_blocks", "4"],
+    "lopt_joint": ["--method", "lopt_joint", "--num_blocks", "2"],
+    "freeze": ["--method", "freeze"],
+    "lora": ["--method", "lora"],
+    "lopt_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "anchor"],
+    "lopt_recon_anchor": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "recon+anchor"],
+    "lopt_k4_anchor": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "recon+anchor"],
+    # The local task objective (logit-lens next-token loss at each boundary), at lambda 1: with the paper's 10 the
+    # early gradients dominate the global clipping norm and shrink the last block's step.
+    "lopt_task": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "task", "--lambda_aux", "1"],
+    "lopt_k4_task": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "task", "--lambda_aux", "1"],
+    "lopt_task_anchor": [
+        *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "task+anchor"),
+        *("--lambda_aux", "1", "--anchor_weight", "0.1"),
+    ],
+}
+DEFAULT_METHODS = ("e2e", "lopt", "lopt@0.3", "lopt_k4", "lopt_joint", "freeze", "lora")
+
+
+# retention-perplexity rise, as a fraction of the base model's perplexity
+RETENTION_BUDGETS = (0.25, 1.0, 4.0)
+ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation task accuracy
+
+
+# `lopt sft` flags that compare sets itself, per run; in --sft_args they would silently override the sweep.
+_COMPARE_OWNED_FLAGS = ("--max_steps", "--seed", "--output_dir", "--task", "--eval_samples")
+
+
+@dataclass
+class CompareSpec:
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: int = 3
+    max_steps: list[int] = field(default_factory=lambda: [300])  # the step-budget axis: one run per budget
+    learning_rates: list[float] | None = None  # None: --learning_rate in sft_args, else `lopt sft`'s default
+    method_learning_rates: dict[str, list[float]] = field(default_factory=dict)  # name or base name -> grid
+    eval_samples: int = 300
+    task: str | None = None  # a built-in task; None: the model's default one (see _task)
+    # None: the built-in model; a real base (lopt.builtin.hub_bases) trains on its task (extract) by default
+    model_name_or_path: str | None = None
+    train_file: str | None = None
+    eval_file: str | None = None  # test rows: what the report states
+    validation_file: str | None = None  # validation rows: what the selection uses
+    retention_file: str | None = None
+    # any other `lopt sft` flags, identical for every method
+    sft_args: list[str] = field(default_factory=list)
+    output_dir: str = "runs/compare"
+    progress: bool = True
+    lr_k1_ratios: list[float] | None = None  # adds "lopt@r" for each ratio r != 1 (the learning-rate study)
+    retention_budgets: tuple[float, ...] = RETENTION_BUDGETS
+    accuracy_targets: tuple[float, ...] = ACCURACY_TARGETS
+    # lm-evaluation-harness tasks scored before and after every run (lopt.evaluation.lm_eval_tasks.CompareLMEval)
+    lm_eval_tasks: str | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_batch_size: int | str = 16
+    # The world-knowledge probe and code perplexity (lopt.evaluation.world_knowledge); None: on for a real base only.
+    world_knowledge: bool | None = None
+    jobs: int = 1  # runs at once, each in its own worker process (a GPU is mostly idle with one small run)
+    time_limit: float | None = None  # seconds; past it no new run starts and the report covers finished runs
+    report_only: bool = False  # no training or scoring: the report from the finished runs in output_dir
+
+    def __post_init__(self):
+        if isinstance(self.max_steps, int):
+            self.max_steps = [self.max_steps]
+        unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
+        if unknown:
+            raise UserError(
+                f"--methods {unknown} unknown; choose from {', '.join(METHOD_FLAGS)} (optionally name@lr_k1_ratio, "
+                "name+bN for a boundary at layer N)."
+            )
+        for name in self.methods:
+            _lr_k1_ratio(name)  # validates the "@r" suffix
+            _boundary(name)  # and the "+bN" one
+        if self.lr_k1_ratios:
+            if "lopt" not in self.methods:
+                raise UserError(
+                    "--lr_k1_ratios varies the lopt method's early lr: include lopt in --methods."
+                )
+            if any(r <= 0 for r in self.lr_k1_ratios):
+                raise UserError(f"--lr_k1_ratios {self.lr_k1_ratios} must all be > 0.")
+            at = self.methods.index("lopt") + 1
+            extra = [f"lopt@{r:g}" for r in self.lr_k1_ratios if r != 1 and f"lopt@{r:g}" not in self.methods]
+            self.methods[at:at] = extra
+        if self.jobs < 1:
+            raise UserError(f"--jobs {self.jobs} must be >= 1.")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UserError(f"--time_limit {self.time_limit} must be > 0 seconds.")
+        if self.seeds < 1 or not self.max_steps or min(self.max_steps) < 1:
+            raise UserError(f"--seeds {self.seeds} and --max_steps {self.max_steps} must be >= 1.")
+        self.max_steps = sorted(set(self.max_steps))
+        grids = {"--learning_rates": self.learning_rates or [], **self.method_learning_rates}
+        for flag, grid in grids.items():
+            if any(not lr > 0 for lr in grid):
+                raise UserError(f"learning rates {flag} {grid} must all be > 0.")
+        known = {*self.methods, *map(_base_name, self.methods)}
+        stray = [k for k in self.method_learning_rates if k not in known]
+        if stray:
+            raise UserError(
+                f"--method_learning_rates names {stray}, not in --methods {','.join(self.methods)}: fix the name."
+            )
+        owned = [flag for flag in _COMPARE_OWNED_FLAGS if _has_flag(self.sft_args, flag)]
+        if (self.learning_rates or self.method_learning_rates) and _has_flag(
+            self.sft_args, "--learning_rate"
+        ):
+            owned.append("--learning_rate")
+        if owned:
+            raise UserError(
+                f"--sft_args sets {', '.join(owned)}, which compare sets per run: use compare's own flags "
+                "(--max_steps, --seeds, --task, --learning_rates) instead."
+            )
+        if self.task is not None:
+            from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, BUILTIN_TASKS
+
+            if self.task not in BUILTIN_TASKS:
+                raise UserError(f"--task {self.task!r} is unknown: choose from {', '.join(BUILTIN_TASKS)}.")
+            if self.model_name_or_path is not None and self.task in BUILTIN_MODEL_TASKS:
+                raise UserError(
+                    f"--task {self.task!r} is made for the built-in model: drop it, or --model_name_or_path."
+                )
+            if self.train_file is not None:
+                raise UserError(f"--task {self.task!r} is a built-in task: drop it, or --train_file.")
+        if self.model_name_or_path is not None and _task(self) is None and self.train_file is None:
+            raise UserError(
+                "a user model needs --train_file, or --task extract (a real base such as smollm2-135m trains on "
+                "extract by default)."
+            )
+        sweeping = any(len(self.points_of(name)) > 1 for name in self.methods)
+        if sweeping and self.eval_file and not self.validation_file:
+            raise UserError(
+                "a sweep chooses each method's best setting on validation rows: add --validation_file (rows "
+                "disjoint from --eval_file, which only reports)."
+            )
+
+    def learning_rates_of(self, name: str) -> list[float]:
+        """The lr grid of one method: its own (exact name, else base name), else --learning_rates, else one lr."""
+        grid = self.method_learning_rates.get(name) or self.method_learning_rates.get(_base_name(name))
+        return list(dict.fromkeys(grid or self.learning_rates or [_learning_rate(self)]))  # once each
+
+    def points_of(self, name: str) -> list[tuple[float, int]]:
+        """(lr, max_steps) of every point of one method, in a fixed order."""
+        return [(lr, steps) for lr in self.learning_rates_of(name) for steps in self.max_steps]
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _is_real_base(model_name_or_path: str | None) -> bool:
+    """A real pretrained base (lopt.builtin.hub_bases: a short name, or a folder converted from one)."""
+    from lopt.builtin.real_task import is_real_base
+
+    return model_name_or_path is not None and is_real_base(model_name_or_path)
+
+
+def _task(spec: CompareSpec) -> str | None:
+    """The built-in task compare trains and scores on: --task, else the model's default (successor for the built-in
+    model, extract for a real base); None for the user's data (--train_file)."""
+    from lopt.builtin.tasks import default_task
+
+    if spec.train_file is not None:
+        return None
+    return spec.task or default_task(spec.model_name_or_path)
+
+
+def _world_knowledge_on(spec: CompareSpec) -> bool:
+    return (
+        spec.world_knowledge if spec.world_knowledge is not None else _is_real_base(spec.model_name_or_path)
+    )
+
+
+def _base_name(name: str) -> str:
+    """The recipe of a method name: "lopt_task@0.3+b6" -> "lopt_task"."""
+    return name.split("@", 1)[0].split("+b", 1)[0]
+
+
+def _memory_name(name: str) -> str:
+    """The name without its "@r" (the early lr does not change memory): the key of its activation peak."""
+    return _base_name(name) + (f"+b{b}" if (b := _boundary(name)) is not None else "")
+
+
+def _lr_k1_ratio(name: str) -> float | None:
+    """The r of "method@r", None without a suffix."""
+    if "@" not in name:
+        return None
+    text = name.split("@", 1)[1].split("+b", 1)[0]
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = -1.0
+    if not ratio > 0 or not METHOD_FLAGS[_base_name(name)][1].startswith("lopt"):
+        raise UserError(f"--methods {name!r}: '@r' takes a ratio r > 0 and applies to LoPT methods only.")
+    return ratio
+
+
+def _boundary(name: str) -> int | None:
+    """The N of "method+bN" (the one boundary of a two-block method: its later block starts at layer N)."""
+    if "+b" not in name:
+        return None
+    text = name.split("+b", 1)[1].split("@", 1)[0]
+    command = METHOD_FLAGS[_base_name(name)]
+    flags = dict(zip(command[::2], command[1::2]))
+    two_blocks = flags["--method"] == "freeze" or flags.get("--num_blocks") == "2"
+    if not text.isdigit() or int(text) < 1 or not two_blocks:
+        raise UserError(
+            f"--methods {name!r}: '+bN' takes a layer N >= 1 and applies to freeze and the two-block LoPT methods."
+        )
+    return int(text)
+
+
+def _method_flags(name: str, lr: float) -> list[str]:
+    flags = list(METHOD_FLAGS[_base_name(name)])
+    if (boundary := _boundary(name)) is not None:
+        flags += ["--boundaries", str(boundary)]
+    if _is_lopt(name):  # always explicit, so a name means the same recipe whatever `lopt sft`'s default is
+        ratio = _lr_k1_ratio(name) or 1.0
+        flags += ["--lr_k1", f"{ratio * lr:.10g}"]
+    return flags
+
+
+def _learning_rate(spec: CompareSpec) -> float:
+    """The lr without a sweep: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
+    import argparse
+
+    from lopt.training.arguments import sft_learning_rate
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--learning_rate", type=float, default=None)
+    known, _ = parser.parse_known_args(spec.sft_args)
+    if known.learning_rate is not None:
+        return known.learning_rate
+    return sft_learning_rate(builtin_model=spec.model_name_or_path is None, task=_task(spec))
+
+
+def _is_lopt(name: str) -> bool:
+    return METHOD_FLAGS[_base_name(name)][1].startswith("lopt")

@@ -1,0 +1,422 @@
+"""`lopt compare`: the same base model, data, step budgets and seeds under each method; memory, time, task
+accuracy and retention side by side, written as results.json, report.md and PNG plots.
+
+A sweep runs every method at every (learning rate, step budget) point. Each run is a `lopt sft` subprocess (so its
+peak memory is its own), then its checkpoint is scored on two disjoint sides: validation (task rows and half the
+retention texts) for every choice, test (the other rows and half) for every reported number. Finished runs are
+reused when compare is run again (resume). The activation peak (bytes saved for backward) is measured per method
+on one training batch with the same meter as `lopt bench`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lopt.errors import UserError
+from lopt.experiments.compare.plots import write_plots
+from lopt.experiments.compare.report import format_report
+from lopt.experiments.compare.runs import (
+    RUN_RECORD,
+    _checkpoint_complete,
+    _evaluation_key,
+    _read_json,
+    _read_record,
+    _sft_command,
+    _train,
+    _training_metrics,
+    activation_peak_bytes,
+    evaluate_model,
+    evaluation_sets,
+    finished_run,
+    run_name,
+)
+from lopt.experiments.compare.select import (
+    accuracy_at_retention,
+    points_of,
+    retention_at_accuracy,
+    select_on_validation,
+)
+from lopt.experiments.compare.spec import CompareSpec, _memory_name, _task, _world_knowledge_on
+from lopt.io import atomic_write_json, atomic_write_text
+
+METRICS = (
+    "activation_peak_bytes",
+    "peak_memory_bytes",
+    "step_time_s",
+    "tokens_per_s",
+    "task_accuracy",
+    "retention_ppl",
+    "final_task_loss",
+    "validation_task_accuracy",
+    "validation_retention_ppl",
+)
+
+
+# In --output_dir: the base model's scores, each method's activation peak and the evaluation key (--report_only).
+BASE_RECORD = "compare_base.json"
+
+
+def run_compare(spec: CompareSpec) -> dict:
+    import time
+
+    started = time.monotonic()
+    os.makedirs(spec.output_dir, exist_ok=True)
+    points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
+    runs: dict[tuple, list[dict]] = {point: [] for point in points}
+    total = spec.seeds * len(points)
+    if spec.report_only:
+        base = _read_base(spec)
+        lm_eval = _lm_eval(spec)
+        for seed in range(spec.seeds):
+            for name, lr, steps in points:
+                record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
+                expected = {
+                    "command": _sft_command(spec, name, lr, steps, seed),
+                    "base_model": base["base_model"],
+                    "evaluation_key": base["evaluation_key"],
+                }
+                if record is not None and all(record.get(k) == v for k, v in expected.items()):
+                    runs[(name, lr, steps)].append(record)
+        reused = sum(map(len, runs.values()))
+    else:
+        base, scorer = _measure_base(spec)
+        lm_eval = scorer.lm_eval
+        bar = tqdm(total=total, desc="compare", disable=not spec.progress)
+        with _Pool(spec, base["base_model"], scorer) as pool:
+            # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order),
+            # so a --time_limit leaves the chosen settings with the most seeds.
+            for seed in range(spec.seeds):
+                order = (
+                    _first_seed_order(spec, points)
+                    if seed == 0
+                    else _seed_order(spec, runs, base["before"], points)
+                )
+                for point, record in pool.map([(seed, *point) for point in order], started):
+                    runs[point].append(record)
+                    bar.update()
+        bar.close()
+        reused = pool.reused
+
+    runs = {point: sorted(rs, key=lambda r: r["seed"]) for point, rs in runs.items() if rs}
+    finished = sum(map(len, runs.values()))
+    if not finished:
+        if spec.report_only:
+            raise UserError(f"--report_only: no finished run of this command in {spec.output_dir!r}.")
+        raise UserError(f"--time_limit {spec.time_limit:g} s passed before any run finished: raise it.")
+    results = collect_results(
+        spec,
+        runs,
+        base["before"],
+        # An lr does not change memory. None: not measured (--report_only of a method no compare here measured).
+        {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
+        _setup(spec, base, reused, total, finished),
+    )
+    from lopt.experiments.compare.world_knowledge import add_world_knowledge
+
+    add_world_knowledge(results, runs)  # knowledge kept and code perplexity per point, when the probe ran
+    chosen = results[
+        "methods"
+    ]  # each method's point chosen on validation (methods without runs are left out)
+    lm_eval.add_summaries(
+        results, {n: runs[(n, p["learning_rate"], p["max_steps"])] for n, p in chosen.items()}
+    )
+    atomic_write_json(os.path.join(spec.output_dir, "results.json"), results)
+    atomic_write_text(os.path.join(spec.output_dir, "report.md"), format_report(results))
+    write_plots(results, spec.output_dir)
+    return results
+
+
+def _lm_eval(spec: CompareSpec):
+    from lopt.evaluation.lm_eval_tasks import CompareLMEval
+
+    return CompareLMEval(
+        spec.lm_eval_tasks, spec.model_name_or_path is None, spec.lm_eval_limit, spec.lm_eval_batch_size
+    )
+
+
+def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
+    """Scores the base model and measures each method's activation peak; written to compare_base.json, so the
+    report can be rebuilt from the run records alone (--report_only), e.g. after a sweep was killed."""
+    import transformers
+    from transformers import AutoConfig
+
+    from lopt.data.loading import load_model_and_tokenizer
+
+    model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
+    scorer = _Scorer.make(spec, base_path, tokenizer)
+    before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
+    before.update(scorer.world.measure_base(model, tokenizer))
+    activation = {
+        name: activation_peak_bytes(base_path, name, spec) for name in map(_memory_name, spec.methods)
+    }
+    del model
+    before.update(scorer.lm_eval(base_path))
+    sets = scorer.sets
+    base = {
+        "base_model": str(base_path),
+        "evaluation_key": scorer.evaluation_key,
+        "before": before,
+        "activation": activation,
+        "facts": {
+            "vocab_size": len(tokenizer),
+            "num_layers": AutoConfig.from_pretrained(base_path).num_hidden_layers,
+            "validation_rows": len(sets["validation"][0]) if sets["validation"] else 0,
+            "test_rows": len(sets["test"][0]) if sets["test"] else 0,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu_threads": torch.get_num_threads(),
+        },
+    }
+    path = os.path.join(spec.output_dir, BASE_RECORD)
+    previous = _read_json(path) or {}
+    # Keep what earlier compares measured for other methods (a later --report_only may ask for the union).
+    if (
+        previous.get("base_model") == base["base_model"]
+        and previous.get("evaluation_key") == base["evaluation_key"]
+    ):
+        base["activation"] = {**previous.get("activation", {}), **activation}
+    atomic_write_json(path, base)
+    return base, scorer
+
+
+def _read_base(spec: CompareSpec) -> dict:
+    base = _read_json(os.path.join(spec.output_dir, BASE_RECORD))
+    if base is None:
+        raise UserError(
+            f"--report_only needs {BASE_RECORD} in {spec.output_dir!r}, written when a compare starts: run compare "
+            "there once without --report_only."
+        )
+    return base
+
+
+@dataclass
+class _Scorer:
+    """What training and scoring one run needs; made once per process (the parent, or each --jobs worker)."""
+
+    spec: CompareSpec
+    base_path: str
+    tokenizer: object
+    sets: dict
+    lm_eval: object
+    world: object  # lopt.experiments.compare.world_knowledge.CompareWorldKnowledge
+    evaluation_key: str
+
+    @classmethod
+    def make(cls, spec: CompareSpec, base_path: str, tokenizer=None) -> _Scorer:
+        from transformers import AutoTokenizer
+
+        from lopt.experiments.compare.world_knowledge import CompareWorldKnowledge
+
+        lm_eval = _lm_eval(spec)
+        world = CompareWorldKnowledge(_world_knowledge_on(spec), base_path)
+        sets = evaluation_sets(spec)
+        # lm-eval's tasks and limit, and the world-knowledge probe, are part of what a run is scored on: change them
+        # and runs are re-scored.
+        probes = {"lm_eval": [lm_eval.tasks.names if lm_eval.tasks else None, spec.lm_eval_limit]}
+        if world.enabled:
+            probes["world_knowledge"] = [world.key]
+        key = _evaluation_key({**sets, **probes})
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base_path)
+        return cls(spec, str(base_path), tokenizer, sets, lm_eval, world, key)
+
+    def _where(self, seed: int, name: str, lr: float, steps: int) -> tuple[str, list[str]]:
+        """The run's folder and its `lopt sft` command."""
+        run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
+        return run_dir, _sft_command(self.spec, name, lr, steps, seed)
+
+    def finished(self, seed: int, name: str, lr: float, steps: int) -> dict | None:
+        """The record of this run if an earlier compare finished it under the same command and evaluation."""
+        return finished_run(*self._where(seed, name, lr, steps), self.base_path, self.evaluation_key)
+
+    def run(self, seed: int, name: str, lr: float, steps: int) -> dict:
+        """Trains (unless a complete checkpoint of this command is there) and scores one run; returns its record."""
+        from transformers import AutoModelForCausalLM
+
+        run_dir, command = self._where(seed, name, lr, steps)
+        # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
+        if not _checkpoint_complete(run_dir, command, self.base_path):
+            _train(command, self.base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
+        trained = _scoring_device(AutoModelForCausalLM.from_pretrained(run_dir))
+        record = {
+            "command": command,
+            "base_model": self.base_path,
+            "evaluation_key": self.evaluation_key,
+            **_training_metrics(run_dir),
+            **evaluate_model(trained, self.tokenizer, self.sets),
+            **self.world(trained, self.tokenizer),
+            "seed": seed,
+        }
+        del trained
+        record.update(self.lm_eval(run_dir))
+        atomic_write_json(os.path.join(run_dir, RUN_RECORD), record)  # last: marks the run finished
+        return record
+
+
+def _scoring_device(model):
+    """The base model and every trained one are scored on the same device: the GPU when there is one."""
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+_WORKER: _Scorer | None = None  # a --jobs worker process's scorer
+
+
+def _init_worker(spec: CompareSpec, base_path: str, threads: int) -> None:
+    global _WORKER
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the `lopt sft` subprocesses share the cores too
+    torch.set_num_threads(threads)
+    _WORKER = _Scorer.make(spec, base_path)
+
+
+def _worker_run(seed: int, name: str, lr: float, steps: int) -> dict:
+    return _WORKER.run(seed, name, lr, steps)
+
+
+class _Pool:
+    """Runs compare's jobs: in this process with --jobs 1, else in that many worker processes (each trains with
+    `lopt sft` and scores). Past --time_limit no new run starts; the ones running finish."""
+
+    def __init__(self, spec: CompareSpec, base_path: str, scorer: _Scorer):
+        self.spec, self.scorer, self.reused = spec, scorer, 0
+        self.executor = None
+        if spec.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // spec.jobs)
+            self.executor = ProcessPoolExecutor(
+                spec.jobs,
+                mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot be forked
+                initializer=_init_worker,
+                initargs=(spec, str(base_path), threads),
+            )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+
+    def _out_of_time(self, started: float) -> bool:
+        import time
+
+        return self.spec.time_limit is not None and time.monotonic() - started > self.spec.time_limit
+
+    def map(self, jobs: list[tuple], started: float):
+        """Yields ((name, lr, steps), record) for each job that finished, in completion order. Runs an earlier
+        compare finished are reused at once, whatever the time."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        queue, pending = [], {}
+        for seed, *point in jobs:
+            record = self.scorer.finished(seed, *point)
+            if record is None:
+                queue.append((seed, *point))
+            else:
+                self.reused += 1
+                yield tuple(point), record
+        while queue or pending:
+            while queue and len(pending) < max(1, self.spec.jobs) and not self._out_of_time(started):
+                seed, *point = queue.pop(0)
+                if self.executor is None:
+                    yield tuple(point), self.scorer.run(seed, *point)
+                else:
+                    pending[self.executor.submit(_worker_run, seed, *point)] = tuple(point)
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+
+
+def _first_seed_order(spec: CompareSpec, points: list[tuple]) -> list[tuple]:
+    """Seed 0's order: the smallest step budget first, and within it the methods taking turns through their lr
+    grids, so a --time_limit leaves every method with its cheapest points rather than some methods with all."""
+    methods = {name: i for i, name in enumerate(spec.methods)}
+
+    def key(point):
+        name, lr, steps = point
+        return steps, spec.learning_rates_of(name).index(lr), methods[name]
+
+    return sorted(points, key=key)
+
+
+def _seed_order(spec: CompareSpec, runs: dict, before: dict, points: list[tuple]) -> list[tuple]:
+    """Points in the order their extra seeds are run: first those the report reads (each method's point chosen on
+    validation, then its points chosen at each retention budget and accuracy target), then the rest. The order
+    only matters under --time_limit, and it is decided on validation numbers alone."""
+    entries = []
+    for (name, lr, steps), rs in runs.items():
+        if rs:
+            entry = {"method": name, "learning_rate": lr, "max_steps": steps}
+            entry.update(_aggregate(rs, 0, before))
+            entries.append(entry)
+    first = []
+    for name in spec.methods:
+        own = [e for e in entries if e["method"] == name]
+        first.append(select_on_validation(own))
+        first += [accuracy_at_retention(own, b) for b in spec.retention_budgets]
+        first += [retention_at_accuracy(own, t) for t in spec.accuracy_targets]
+    keys = [(e["method"], e["learning_rate"], e["max_steps"]) for e in first if e is not None]
+    ranked = list(dict.fromkeys(k for k in keys if k in points))
+    return ranked + [p for p in points if p not in ranked]
+
+
+# --- results.json: every point's mean over seeds, each method's point chosen on validation ----------------------
+def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int) -> dict:
+    return {
+        "model": base["base_model"],
+        **base["facts"],
+        "steps": spec.max_steps,
+        "seeds": spec.seeds,
+        "learning_rates": {name: spec.learning_rates_of(name) for name in spec.methods},
+        "sft_args": spec.sft_args,
+        "data": spec.train_file or f"built-in task {_task(spec)}",
+        "retention_budgets": list(spec.retention_budgets),
+        "accuracy_targets": list(spec.accuracy_targets),
+        "runs": total,
+        "runs_finished": finished,  # fewer than runs when --time_limit stopped the sweep
+        "runs_reused": reused,
+        "jobs": spec.jobs,
+    }
+
+
+def _aggregate(runs: list[dict], activation: int, before: dict) -> dict:
+    """Mean (and std over seeds) of every metric of one (method, lr, steps) point."""
+    entry: dict = {
+        "activation_peak_bytes": activation,
+        "retention_ppl_before": before.get("retention_ppl"),
+        "validation_retention_ppl_before": before.get("validation_retention_ppl"),
+    }
+    for key in METRICS[1:]:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            entry[key] = statistics.fmean(values)
+            if len(values) > 1:
+                entry[f"{key}_std"] = statistics.stdev(values)
+    entry["seeds"] = len(runs)
+    entry["per_seed"] = [{k: r.get(k) for k in ("seed", *METRICS[1:])} for r in runs]
+    steps = [s for s, _ in runs[0]["curve"]]
+    entry["curve"] = [[s, statistics.fmean(r["curve"][i][1] for r in runs)] for i, s in enumerate(steps)]
+    return entry
+
+
+def collect_results(spec: CompareSpec, runs: dict, before: dict, activation: dict, setup: dict) -> dict:
+    """results.json: every (method, lr, steps) point, and per method the point chosen on validation."""
+    points = []
+    for (name, lr, steps), point_runs in runs.items():
+        entry = {"method": name, "learning_rate": lr, "max_steps": steps}
+        entry.update(_aggregate(point_runs, activation[name], before))
+        entry["compute_s"] = entry.get("step_time_s", 0.0) * steps  # median step time x steps
+        points.append(entry)
+    results = {"setup": setup, "before": before, "points": points}
+    chosen = {name: select_on_validation(points_of(results, name)) for name in spec.methods}
+    results["methods"] = {name: point for name, point in chosen.items() if point is not None}
+    setup["methods_without_runs"] = [name for name, point in chosen.items() if point is None]  # --time_limit
+    return results

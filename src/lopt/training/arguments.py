@@ -1,0 +1,223 @@
+"""The LoPT and data arguments of the training commands, as typed dataclasses (every field is a flag of `lopt sft`,
+`lopt grpo` and `lopt dpo`, next to TRL's `ModelConfig` and the trainer's own config), and `lopt sft`'s recipes.
+
+Adding a LoPT option is one field here: a field whose name is also a `LoPTConfig` field reaches the config as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from lopt.builtin.tasks import EXTRACT_TASK
+from lopt.engine.config import ANCHOR_DTYPES, AUX_OBJECTIVES, LoPTConfig
+from lopt.errors import UserError
+from lopt.training.methods import METHODS
+
+LOPT_METHODS = ("lopt", "ll", "lopt_joint")
+
+# `lopt sft` with the built-in model: sized for 2 CPU cores. Applied only to the fields the user did not set (flag or
+# YAML); with a user model, TRL's SFTConfig defaults stand, except one epoch (as `lopt sft` always had).
+SFT_BUILTIN_RECIPE = {
+    # lopt@0.3's validation-chosen rate of 1e-4 / 3e-4 / 1e-3 in the README's fair sweep (3 seeds, 300 steps)
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 16,
+    "max_length": 128,
+    "max_steps": 300,
+    "logging_steps": 25,
+}
+# `lopt sft` on a real base's default task ("extract", lopt.builtin.real_task), e.g. --model_name_or_path smollm2-135m, sized
+# for 2 CPU cores. SmolLM2-135M, e2e, 40 steps: validation 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
+# bf16 autocast: ~1.7x faster steps than fp32 on CPU for this 135M model (the default on a GPU anyway; dropped when
+# the user asks for --fp16).
+SFT_REAL_BASE_RECIPE = {
+    "learning_rate": 1e-4,
+    "per_device_train_batch_size": 8,
+    "max_length": 128,
+    "max_steps": 40,
+    "logging_steps": 5,
+    "bf16": True,
+}
+SFT_USER_RECIPE = {"num_train_epochs": 1.0}
+# `lopt sft` with a LoPT method and no --lr_k1: the early group learns at this fraction of --learning_rate.
+# Chosen from the 3-seed `lopt compare` study in the README (built-in model and task, 300 steps): 0.3 gave the
+# best held-out accuracy of the ratios 1 (the paper's), 0.3 and 0.1, and a smaller retention loss than 1.
+SFT_LR_K1_RATIO = 0.3
+
+
+def sft_recipe(builtin_model: bool, task: str | None = None) -> dict:
+    """`lopt sft`'s defaults: the built-in model's, a real base's on its task (`task` "extract"), or the user's."""
+    if builtin_model:
+        return dict(SFT_BUILTIN_RECIPE)
+    return dict(SFT_REAL_BASE_RECIPE if task == EXTRACT_TASK else SFT_USER_RECIPE)
+
+
+def sft_learning_rate(builtin_model: bool, task: str | None = None) -> float:
+    """`lopt sft`'s learning rate when --learning_rate is not given."""
+    from trl import SFTConfig
+
+    return sft_recipe(builtin_model, task).get("learning_rate", SFTConfig.learning_rate)
+
+
+@dataclass
+class LoPTArguments:
+    """The method and its knobs (flag names follow the LoPT authors' scripts)."""
+
+    method: str = field(
+        default="lopt",
+        metadata={"help": "lopt (ll is an alias), lopt_joint, e2e, freeze or lora.", "choices": METHODS},
+    )
+    num_blocks: int = field(default=2, metadata={"help": "LoPT blocks k (2 = cut at the midpoint)."})
+    boundaries: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated first layers of blocks 2..k, e.g. '2,5' (instead of even blocks). With "
+            "--num_blocks, the two must agree. For --method freeze, one layer: the first one trained (default the "
+            "midpoint)."
+        },
+    )
+    lambda_aux: float = field(default=10.0, metadata={"help": "Weight of the local aux loss (lambda)."})
+    lr_k1: float | None = field(
+        default=None,
+        metadata={
+            "help": "LR of the early group (embedding, early blocks, aux heads). Default: 0.3 x --learning_rate for "
+            "sft (README, 'Choosing the defaults'), learning_rate/20 for the built-in grpo/dpo recipes, else "
+            "--learning_rate. Pass --lr_k1 equal to --learning_rate for the paper's setting."
+        },
+    )
+    aux_objective: str = field(
+        default="recon",
+        metadata={
+            "help": "Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained "
+            "model's hidden state at the boundary), task (the batch's next-token loss read through the model's own "
+            "final norm and LM head; sft only), or a sum such as recon+task or task+anchor.",
+            "choices": AUX_OBJECTIVES,
+        },
+    )
+    anchor_weight: float = field(default=1.0, metadata={"help": "Weight of the anchor term in recon+anchor."})
+    task_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the task term in a sum such as recon+task or task+anchor."}
+    )
+    aux_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "For the first N optimizer steps only the aux heads learn from the local objective (the early "
+            "blocks' local gradient is dropped), so early blocks do not follow a random head."
+        },
+    )
+    anchor_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the frozen pretrained copy the anchor needs (default: the model's; bfloat16 halves it).",
+            "choices": ANCHOR_DTYPES,
+        },
+    )
+    aux_head_ratio: int = field(
+        default=4, metadata={"help": "Bottleneck of the aux heads: hidden -> hidden/ratio -> hidden."}
+    )
+    block_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "sft only: one LoPT block per process (torchrun --nproc_per_node K, K = --num_blocks): blocks "
+            "train at once, only activations travel forward. Without it, torchrun/accelerate launch train "
+            "data-parallel (DDP)."
+        },
+    )
+
+    @property
+    def is_lopt(self) -> bool:
+        return self.method in LOPT_METHODS
+
+    def boundary_list(self) -> list[int] | None:
+        if self.boundaries is None:
+            return None
+        try:
+            return [int(b) for b in str(self.boundaries).split(",") if b.strip()]
+        except ValueError:
+            raise UserError(
+                f"--boundaries {self.boundaries!r} must be comma-separated layer indices, e.g. '2,5'."
+            ) from None
+
+    def check(self, set_fields: frozenset[str] = frozenset()) -> None:
+        """One-line errors for LoPT flags that do not fit together (LoPTConfig checks each value on its own)."""
+        if not self.is_lopt:
+            if self.lr_k1 is not None:
+                raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {self.method}.")
+            if self.boundaries is not None and (self.method != "freeze" or len(self.boundary_list()) != 1):
+                raise UserError(
+                    f"--boundaries applies to LoPT methods and, as one layer (the first one trained), to freeze; "
+                    f"not --method {self.method} --boundaries {self.boundaries}."
+                )
+            if self.aux_objective != "recon":
+                raise UserError(f"--aux_objective only applies to LoPT methods, not --method {self.method}.")
+            if self.aux_warmup_steps:
+                raise UserError(
+                    f"--aux_warmup_steps only applies to LoPT methods, not --method {self.method}."
+                )
+        if self.num_blocks < 2:
+            raise UserError(f"--num_blocks {self.num_blocks} is invalid: LoPT needs at least 2 blocks.")
+        bounds = self.boundary_list()
+        if bounds is not None and "num_blocks" in set_fields and self.num_blocks != len(bounds) + 1:
+            raise UserError(
+                f"--boundaries {self.boundaries!r} makes {len(bounds) + 1} blocks but --num_blocks is "
+                f"{self.num_blocks}: drop --num_blocks or make them agree."
+            )
+        if self.is_lopt:
+            self.lopt_config()  # every value checked by LoPTConfig, before a model is loaded
+
+    def lopt_config(self) -> LoPTConfig | None:
+        """The LoPTConfig of a LoPT method (None for the baselines). Fields named as in LoPTConfig pass through."""
+        if not self.is_lopt:
+            return None
+        shared = {f.name for f in fields(LoPTConfig)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        values.update(
+            boundaries=self.boundary_list(),
+            aux_weight=self.lambda_aux,
+            backward="joint" if self.method == "lopt_joint" else "local",
+        )
+        return LoPTConfig(**values)
+
+
+@dataclass
+class DataArguments:
+    """Training data: a built-in task (the default) or the user's rows."""
+
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "A built-in task (default: 'successor' for the built-in model, 'extract' for a real base such as "
+            "smollm2-135m); successor and modules only with the built-in model, extract with any chat model. grpo "
+            "also takes gsm8k and numinamath (the authors' hub datasets)."
+        },
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "JSONL, JSON or Parquet rows (see README for row formats)."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A datasets hub id or local dataset folder."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
+    split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    max_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
+    eval_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rows in the training format scored by the trainer under --eval_strategy steps|epoch."
+        },
+    )
+    eval_samples: int = field(
+        default=200,
+        metadata={
+            "help": "Built-in task only: rows of its test split scored (greedy, the task's scorer) after training."
+        },
+    )
+
+    @property
+    def user_data(self) -> bool:
+        return self.train_file is not None or self.dataset_name is not None
+
+    def check(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError(f"--max_samples {self.max_samples} must be a positive integer.")
+        if self.eval_samples < 0:
+            raise UserError(f"--eval_samples {self.eval_samples} must be 0 or more.")
