@@ -1,11 +1,11 @@
 """lopt: LoPT (local-learning post-training) for Hugging Face causal language models."""
 
 from lopt._version import __version__
-from lopt.engine.architectures import ARCHITECTURES, find_decoder_parts  # noqa: E402
-from lopt.engine.config import LoPTConfig  # noqa: E402
-from lopt.engine.heads import AuxHead, reconstruction_loss  # noqa: E402
-from lopt.engine.model import LoPTModel, get_lopt_model  # noqa: E402
-from lopt.engine.optim import param_groups  # noqa: E402
+from lopt.engine.architectures import ARCHITECTURES, find_decoder_parts
+from lopt.engine.config import LoPTConfig
+from lopt.engine.heads import AuxHead, reconstruction_loss
+from lopt.engine.model import LoPTModel, get_lopt_model
+from lopt.engine.optim import param_groups
 
 __all__ = [
     "ARCHITECTURES",

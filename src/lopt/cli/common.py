@@ -101,8 +101,8 @@ def check_model_flags(model_args, lopt_args: LoPTArguments) -> None:
 def check_training_args(
     training_args, lopt_args: LoPTArguments, command: str, set_fields: frozenset[str] = frozenset()
 ) -> None:
-    """TRL/TrainingArguments flags that do not combine with lopt's commands, refused in one line each (the README
-    lists them); and values no trainer can use."""
+    """TRL/TrainingArguments flags that do not combine with lopt's commands, refused in one line each; and values no
+    trainer can use."""
     import importlib.util
 
     if training_args.fsdp:
@@ -141,7 +141,7 @@ def check_training_args(
             raise UserError("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")
     if getattr(training_args, "assistant_only_loss", False):
         raise UserError(
-            "--assistant_only_loss is not needed: lopt's rows train on the final response only (see README, row formats)."
+            "--assistant_only_loss is not needed: lopt's rows train on the final response only (row formats: docs/TRAINING.md)."
         )
     if getattr(training_args, "completion_only_loss", None) is False:
         raise UserError(

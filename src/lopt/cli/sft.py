@@ -140,7 +140,7 @@ def run(
         if name in set_fields:
             raise UserError(
                 f"--{name} has no effect in lopt sft: it tokenizes the rows itself with the model's chat template "
-                "(see README, row formats)."
+                "(row formats: docs/TRAINING.md)."
             )
     early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, SFT_LR_K1_RATIO)
     if lopt_args.block_parallel:

@@ -18,7 +18,7 @@ LOPT_METHODS = ("lopt", "ll", "lopt_joint")
 # `lopt sft` with the built-in model: sized for 2 CPU cores. Applied only to the fields the user did not set (flag or
 # YAML); with a user model, TRL's SFTConfig defaults stand, except one epoch (as `lopt sft` always had).
 SFT_BUILTIN_RECIPE = {
-    # lopt@0.3's validation-chosen rate of 1e-4 / 3e-4 / 1e-3 in the README's fair sweep (3 seeds, 300 steps)
+    # lopt@0.3's validation-chosen rate of 1e-4 / 3e-4 / 1e-3 in the fair sweep of docs/EVIDENCE.md (3 seeds, 300 steps)
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 16,
     "max_length": 128,
@@ -39,7 +39,7 @@ SFT_REAL_BASE_RECIPE = {
 }
 SFT_USER_RECIPE = {"num_train_epochs": 1.0}
 # `lopt sft` with a LoPT method and no --lr_k1: the early group learns at this fraction of --learning_rate.
-# Chosen from the 3-seed `lopt compare` study in the README (built-in model and task, 300 steps): 0.3 gave the
+# Chosen from the 3-seed `lopt compare` study in docs/EVIDENCE.md, 'Choosing the defaults' (built-in model and task, 300 steps): 0.3 gave the
 # best held-out accuracy of the ratios 1 (the paper's), 0.3 and 0.1, and a smaller retention loss than 1.
 SFT_LR_K1_RATIO = 0.3
 
@@ -80,7 +80,7 @@ class LoPTArguments:
         default=None,
         metadata={
             "help": "LR of the early group (embedding, early blocks, aux heads). Default: 0.3 x --learning_rate for "
-            "sft (README, 'Choosing the defaults'), learning_rate/20 for the built-in grpo/dpo recipes, else "
+            "sft (docs/EVIDENCE.md, 'Choosing the defaults'), learning_rate/20 for the built-in grpo/dpo recipes, else "
             "--learning_rate. Pass --lr_k1 equal to --learning_rate for the paper's setting."
         },
     )
@@ -191,7 +191,7 @@ class DataArguments:
         },
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "JSONL, JSON or Parquet rows (see README for row formats)."}
+        default=None, metadata={"help": "JSONL, JSON or Parquet rows (row formats: docs/TRAINING.md)."}
     )
     dataset_name: str | None = field(
         default=None, metadata={"help": "A datasets hub id or local dataset folder."}
