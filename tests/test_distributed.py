@@ -793,12 +793,10 @@ def test_block_parallel_refuses_bad_process_counts(builtin_tiny, tmp_path):
     proc = torchrun(["-m", "lopt", "sft", "--block_parallel", "--num_blocks", "3", "--no_progress"], env)
     assert proc.returncode != 0
     assert "--num_blocks 3 but 2 processes (use torchrun --nproc_per_node 3" in proc.stderr
-    # Each rank: that one line and exit code 2; torchrun's report then names the line as the failure.
+    # Each rank prints that one line and exits 2, unless torchrun stopped it first (it stops the other ranks as soon
+    # as one fails, so whether the second gets to print depends on timing); torchrun's report names the line.
     lines = proc.stderr.splitlines()
-    assert (
-        sum(ln.startswith("lopt sft: error: --block_parallel needs one process per block") for ln in lines)
-        == 2
-    )
+    assert any(ln.startswith("lopt sft: error: --block_parallel needs one process per block") for ln in lines)
     assert "traceback : lopt sft: error: --block_parallel needs one process per block" in proc.stderr
     assert "exitcode  : 2" in proc.stderr and "lopt/training/block_parallel.py" not in proc.stderr
     # Flags that block-parallel training cannot take: one line, exit 2, before any process is started.
