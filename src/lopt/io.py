@@ -1,4 +1,4 @@
-"""Atomic writes: a kill never leaves a half-written checkpoint, config or report."""
+"""Atomic writes: a kill never leaves a half-written checkpoint, config, report or cache folder; and lopt's cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 
 def atomic_directory_write(directory: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -27,6 +28,38 @@ def atomic_directory_write(directory: str | os.PathLike, write: Callable[[str], 
             os.replace(os.path.join(tmp, name), target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """lopt's cache (built and real bases, lm-eval task folders, cached answers): `cache_dir`, else
+    $LOPT_CACHE_DIR, else ~/.cache/lopt."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if env := os.environ.get("LOPT_CACHE_DIR"):
+        return Path(env)
+    return Path.home() / ".cache" / "lopt"
+
+
+def publish_directory(final: Path, write: Callable[[Path], None], marker: str) -> Path:
+    """A cache folder written once: `write` fills a temp sibling, which is renamed into place, so a reader never
+    sees half of it. `marker` is a file of the folder that says it is there; when another process put the folder
+    in place first, its copy is kept."""
+    if (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private to its owner
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process put it in place first
+            if not (final / marker).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def is_complete_checkpoint(directory: str | os.PathLike, marker: str | None = None) -> bool:

@@ -40,6 +40,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lopt.io import cache_root
+
 __all__ = [
     "BUILTIN_VERSION",
     "PRESETS",
@@ -364,14 +366,6 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, model_max_length: 
 # --------------------------------------------------------------------------------------
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if env := os.environ.get("LOPT_CACHE_DIR"):
-        return Path(env)
-    return Path.home() / ".cache" / "lopt"
-
-
 def _build_device() -> str:
     device = os.environ.get("LOPT_BUILTIN_DEVICE", "cpu")
     if device not in ("cpu", "cuda"):
@@ -402,7 +396,7 @@ def builtin_model_path(
     from lopt.io import is_complete_checkpoint
 
     name = _resolve_preset(preset)
-    root = _cache_root(cache_dir)
+    root = cache_root(cache_dir)
     final = root / _build_name(name)
     if is_complete_checkpoint(final, METADATA_FILE):
         return final

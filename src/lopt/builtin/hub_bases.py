@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lopt.errors import UserError
+from lopt.io import cache_root
 
 # Written last into a converted folder: its presence (with config and weights) marks the folder complete.
 METADATA_FILE = "lopt_base.json"
@@ -65,15 +66,6 @@ REAL_BASES: dict[str, RealBase] = {
         ),
     )
 }
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """The same root as the built-in models: `cache_dir`, else $LOPT_CACHE_DIR, else ~/.cache/lopt."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if env := os.environ.get("LOPT_CACHE_DIR"):
-        return Path(env)
-    return Path.home() / ".cache" / "lopt"
 
 
 def _lookup(name: str) -> RealBase:
@@ -129,7 +121,7 @@ def real_base_path(
     from filelock import FileLock
 
     base = _lookup(name)
-    root = _cache_root(cache_dir)
+    root = cache_root(cache_dir)
     final = root / base.folder_name
     if is_complete(final):
         return final

@@ -20,10 +20,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 from lopt.builtin.knowledge import knowledge_items
 from lopt.errors import UserError
 from lopt.evaluation.world_knowledge import WORLD_KNOWLEDGE_TASK, world_knowledge_task_dir
+from lopt.io import cache_root, publish_directory
 
 __all__ = [
     "CHAT_TASKS",
@@ -98,33 +97,19 @@ def knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Written into a temporary folder and renamed into place, so a reader never sees half of it.
     """
-    from lopt.builtin.base import _cache_root
-
     # The items depend on the installed standard library and on lopt.builtin.knowledge: the folder is named by their hash.
     jsonl = "".join(json.dumps(row) + "\n" for row in knowledge_items())
     digest = hashlib.sha256(jsonl.encode("utf-8")).hexdigest()[:12]
-    root = _cache_root(cache_dir) / "lm_eval_tasks"
-    final = root / f"{KNOWLEDGE_TASK}-v{KNOWLEDGE_VERSION}-{digest}"
-    if (final / f"{KNOWLEDGE_TASK}.yaml").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        (tmp / f"{KNOWLEDGE_TASK}.jsonl").write_text(jsonl, encoding="utf-8")
+    final = cache_root(cache_dir) / "lm_eval_tasks" / f"{KNOWLEDGE_TASK}-v{KNOWLEDGE_VERSION}-{digest}"
+
+    def write(folder: Path) -> None:
+        (folder / f"{KNOWLEDGE_TASK}.jsonl").write_text(jsonl, encoding="utf-8")
         # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
         data_file = json.dumps(str(final.resolve() / f"{KNOWLEDGE_TASK}.jsonl"))
         yaml = _KNOWLEDGE_YAML.format(task=KNOWLEDGE_TASK, data_file=data_file, version=KNOWLEDGE_VERSION)
-        (tmp / f"{KNOWLEDGE_TASK}.yaml").write_text(yaml, encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process put it in place first
-            if not (final / f"{KNOWLEDGE_TASK}.yaml").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        (folder / f"{KNOWLEDGE_TASK}.yaml").write_text(yaml, encoding="utf-8")
+
+    return publish_directory(final, write, marker=f"{KNOWLEDGE_TASK}.yaml")
 
 
 # --- running lm-eval ---------------------------------------------------------------------------------------------

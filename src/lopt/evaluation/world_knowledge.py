@@ -44,16 +44,15 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import statistics
 import string
-import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lopt.errors import UserError
+from lopt.io import atomic_write_json, cache_root, publish_directory
 
 __all__ = [
     "KEPT_TYPES",
@@ -397,15 +396,12 @@ def base_world_knowledge(
     None when the answers are cached (the device is then the one compare scores on: the GPU when there is one)."""
     import torch
 
-    from lopt.builtin.base import _cache_root
-    from lopt.io import atomic_write_json
-
     if model is not None:
         device = next(model.parameters()).device.type
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = f"base-{_checkpoint_fingerprint(base_path)}-{_items_digest(items)}-{device}.json"
-    path = _cache_root(cache_dir) / "world_knowledge" / name
+    path = cache_root(cache_dir) / "world_knowledge" / name
     if path.is_file():
         with open(path) as f:
             cached = json.load(f)
@@ -538,8 +534,6 @@ def world_knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path
     """Folder holding the lm-eval group `WORLD_KNOWLEDGE_TASK` (its acc is over every item) and one task per kept
     question type (`type_task`), each over its own JSONL file, with the scoring hook; written on first use into
     lopt's cache (named by a hash of its contents) and renamed into place, so a reader never sees half of it."""
-    from lopt.builtin.base import _cache_root
-
     items = world_knowledge_items()
     kinds = list(dict.fromkeys(item["type"] for item in items))
     rows = {
@@ -548,17 +542,17 @@ def world_knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path
     }
     text = json.dumps([rows, _GROUP_YAML, _TASK_YAML, _UTILS, MAX_NEW_TOKENS])
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    root = _cache_root(cache_dir) / "lm_eval_tasks"
-    final = root / f"{WORLD_KNOWLEDGE_TASK}-v{WORLD_KNOWLEDGE_VERSION}-{digest}"
-    if (final / f"{WORLD_KNOWLEDGE_TASK}.yaml").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        (tmp / "utils.py").write_text(_UTILS, encoding="utf-8")
+    final = (
+        cache_root(cache_dir)
+        / "lm_eval_tasks"
+        / f"{WORLD_KNOWLEDGE_TASK}-v{WORLD_KNOWLEDGE_VERSION}-{digest}"
+    )
+
+    def write(folder: Path) -> None:
+        (folder / "utils.py").write_text(_UTILS, encoding="utf-8")
         for kind in kinds:
             task = type_task(kind)
-            (tmp / f"{task}.jsonl").write_text(rows[kind], encoding="utf-8")
+            (folder / f"{task}.jsonl").write_text(rows[kind], encoding="utf-8")
             # lm-eval resolves data_files against the working directory, so the YAML names the final absolute path.
             yaml = _TASK_YAML.format(
                 kind=kind,
@@ -567,20 +561,12 @@ def world_knowledge_task_dir(cache_dir: str | os.PathLike | None = None) -> Path
                 max_new_tokens=MAX_NEW_TOKENS,
                 version=WORLD_KNOWLEDGE_VERSION,
             )
-            (tmp / f"{task}.yaml").write_text(yaml, encoding="utf-8")
+            (folder / f"{task}.yaml").write_text(yaml, encoding="utf-8")
         group = _GROUP_YAML.format(
             group=WORLD_KNOWLEDGE_TASK,
             tasks="".join(f"  - {type_task(kind)}\n" for kind in kinds).rstrip("\n"),
             version=WORLD_KNOWLEDGE_VERSION,
         )
-        (tmp / f"{WORLD_KNOWLEDGE_TASK}.yaml").write_text(group, encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process put it in place first
-            if not (final / f"{WORLD_KNOWLEDGE_TASK}.yaml").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        (folder / f"{WORLD_KNOWLEDGE_TASK}.yaml").write_text(group, encoding="utf-8")
+
+    return publish_directory(final, write, marker=f"{WORLD_KNOWLEDGE_TASK}.yaml")
