@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -137,3 +138,48 @@ def test_report_states_missed_targets_plainly():
     assert "freeze 60.0%, target above: MISSED" in lines and "Fewer than 3 seeds" in lines
     assert "retention rise +20.0 vs e2e +10.0 (target ≤ half: MISSED)" in lines
     assert "| lopt | — | — | — | 0.0 (0.70x)" in format_report(results)
+
+
+def test_eval_scores_the_task_a_checkpoint_was_trained_on(builtin_tiny, tmp_path):
+    """A user's second run: `lopt sft` on a real base (a tiny stand-in: the built-in tiny model marked as a converted
+    real base), then `lopt eval` on the checkpoint with no data flags scores extract, the task the checkpoint's own
+    records name, and says so; a folder without records is scored on no task, and says so. The checkpoint's files
+    get the user's usual permissions."""
+    import shutil
+
+    from lopt.builtin.base import METADATA_FILE as BUILTIN_METADATA
+    from lopt.builtin.hub_bases import METADATA_FILE as REAL_BASE_METADATA
+
+    plain = tmp_path / "plain"  # a Hugging Face folder that lopt did not write
+    shutil.copytree(builtin_tiny["path"], plain)
+    (plain / BUILTIN_METADATA).unlink()
+    standin = tmp_path / "standin"
+    shutil.copytree(plain, standin)
+    (standin / REAL_BASE_METADATA).write_text("{}")
+
+    out = tmp_path / "sft"
+    fast = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--max_samples", "16", "--no_progress"]
+    args = ["sft", "--model_name_or_path", str(standin), "--max_length", "192", "--eval_samples", "2", *fast]
+    proc = lopt([*args, "--output_dir", str(out)], builtin_tiny["env"])
+    assert "task=extract" in proc.stderr
+
+    proc = lopt(
+        ["eval", "--model_name_or_path", str(out), "--max_samples", "4", "--no_progress"], builtin_tiny["env"]
+    )
+    result = json.loads(proc.stdout)
+    assert (
+        f"lopt eval: scoring task extract: lopt_args.json: trained from {standin}, task extract"
+        in proc.stderr
+    )
+    assert result["task"] == "extract" and result["task_n"] == 4
+    assert all(example["answer"].startswith("{") for example in result["examples"])  # extract's JSON records
+
+    proc = lopt(["eval", "--model_name_or_path", str(plain), "--no_progress"], builtin_tiny["env"])
+    result = json.loads(proc.stdout)
+    assert "lopt eval: no task accuracy (give --train_file to score held-out rows)" in proc.stderr
+    assert result["task"] is None and result["task_accuracy"] is None and result["retention_ppl"] > 1
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json", "lopt_args.json", "summary.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

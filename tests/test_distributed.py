@@ -413,6 +413,40 @@ def worker_rl(out_dir: str) -> None:
             json.dump(report, f)
 
 
+def worker_cache_built_on_rank_1(out_dir: str) -> None:
+    """Rank 1 alone builds the built-in base into an empty cache ($LOPT_CACHE_DIR) while rank 0 waits at a barrier,
+    then rank 0 reads it: the build must not depend on the rank that takes the lock. Also, on rank 1,
+    `save_checkpoint_files` (what every lopt cache writes with) and `LoPTModel.save_pretrained` (rank 0 writes)."""
+    import torch.distributed as dist
+
+    from lopt import LoPTConfig, get_lopt_model
+    from lopt.builtin.base import METADATA_FILE, builtin_model_path
+    from lopt.io import is_complete_checkpoint, save_checkpoint_files
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 1:
+        builtin_model_path(progress=False)
+        save_checkpoint_files(tiny_model("llama", tie=True), os.path.join(out_dir, "rank1_save"))
+    lopt_model = get_lopt_model(tiny_model("llama"), LoPTConfig(num_blocks=2))
+    lopt_model.save_pretrained(os.path.join(out_dir, "lopt_save"))  # every rank calls it, as users do
+    dist.barrier()
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        path = builtin_model_path(progress=False)  # built by rank 1: found, not built again
+        AutoModelForCausalLM.from_pretrained(path)
+        report = {
+            "base_complete": is_complete_checkpoint(path, METADATA_FILE),
+            "leftovers": sorted(p.name for p in path.parent.glob(".*.tmp-*")),
+            "rank1_save_complete": is_complete_checkpoint(os.path.join(out_dir, "rank1_save")),
+            "lopt_save_complete": is_complete_checkpoint(os.path.join(out_dir, "lopt_save")),
+            "out_dir": sorted(os.listdir(out_dir)),
+        }
+        with open(os.path.join(out_dir, "cache.json"), "w") as f:
+            json.dump(report, f)
+
+
 def worker_cli_user_error_on_rank_1(out_dir: str) -> None:
     """`lopt sft --block_parallel` where rank 1 alone stops with a UserError while building its block: rank 0 goes on
     to its first collective and loses its peer there."""
@@ -442,6 +476,7 @@ def worker_cli_user_error_on_rank_1(out_dir: str) -> None:
 
 
 WORKERS = {
+    "cache_built_on_rank_1": worker_cache_built_on_rank_1,
     "cli_user_error_on_rank_1": worker_cli_user_error_on_rank_1,
     "ddp_library": worker_ddp_library,
     "ddp_trainer": worker_ddp_trainer,
@@ -704,20 +739,49 @@ def check_checkpoint(output_dir, base_path) -> None:
     assert AutoTokenizer.from_pretrained(output_dir).chat_template
     base = load_file(os.path.join(base_path, "model.safetensors"))
     trained = load_file(os.path.join(output_dir, "model.safetensors"))
-    assert set(trained) == set(base) | {"lm_head.weight"} and not any("aux" in k for k in trained)
+    # The base's shape: the built-in model is untied (its checkpoint has lm_head.weight), and LoPT adds no key.
+    assert set(trained) == set(base) and "lm_head.weight" in base and not any("aux" in k for k in trained)
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
     assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
     layers = {int(k.split(".")[2]) for k in changed if k.startswith("model.layers.")}
     assert layers == set(range(AutoModelForCausalLM.from_pretrained(output_dir).config.num_hidden_layers))
 
 
-def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
+@pytest.fixture
+def empty_cache(builtin_tiny, tmp_path):
+    """The subprocess environment of `builtin_tiny` with a new, empty cache: the run's ranks build the base themselves
+    (a user's first run). `base()` is the base they built, once the run is over."""
+    from lopt.builtin.base import builtin_model_path
+
+    cache = tmp_path / "empty-cache"
+    env = {**builtin_tiny["env"], "LOPT_CACHE_DIR": str(cache)}
+    return {
+        "env": env,
+        "base": lambda: str(builtin_model_path(preset="tiny", cache_dir=cache, progress=False)),
+    }
+
+
+def test_a_cache_built_by_rank_1_is_complete(builtin_tiny, tmp_path):
+    """transformers' save_pretrained writes nothing on a rank other than 0 once a process group is up: rank 1 building
+    lopt's cache must still write it whole (and rank 0, waiting, must find it)."""
+    env = {**builtin_tiny["env"], "LOPT_CACHE_DIR": str(tmp_path / "empty-cache")}
+    proc = torchrun([__file__, "cache_built_on_rank_1", str(tmp_path)], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "cache.json").read_text())
+    assert report["base_complete"] and report["leftovers"] == []
+    assert report["rank1_save_complete"] and report["lopt_save_complete"]
+    assert not [
+        name for name in report["out_dir"] if name.startswith(".tmp-")
+    ]  # rank 1 put no empty copy in place
+
+
+def test_torchrun_lopt_sft_trains_data_parallel(empty_cache, tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun(
-        ["-m", "lopt", "sft", *FAST, "--max_steps", "3", "--output_dir", str(out)], builtin_tiny["env"]
+        ["-m", "lopt", "sft", *FAST, "--max_steps", "3", "--output_dir", str(out)], empty_cache["env"]
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_checkpoint(out, builtin_tiny["path"])
+    check_checkpoint(out, empty_cache["base"]())
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]  # rank 0 alone writes
     assert metrics[0]["epoch"] == pytest.approx(8 / 64)  # 2 ranks x 4 rows per step
@@ -725,16 +789,16 @@ def test_torchrun_lopt_sft_trains_data_parallel(builtin_tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
-def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(builtin_tiny, tmp_path):
-    """`lopt sft --fsdp` shards the model with FSDP2 (gloo): one standard HF checkpoint on rank 0, checkpoints with
-    each rank's optimizer shard, and a run resumed after step 2 ends with exactly the weights of the run that did not
-    stop."""
-    env = builtin_tiny["env"]
+def test_torchrun_lopt_sft_fsdp_saves_one_checkpoint_and_resumes(empty_cache, tmp_path):
+    """`lopt sft --fsdp` shards the model with FSDP2 (gloo), from an empty cache: one standard HF checkpoint on rank 0,
+    checkpoints with each rank's optimizer shard, and a run resumed after step 2 ends with exactly the weights of the
+    run that did not stop."""
+    env = empty_cache["env"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = ["-m", "lopt", "sft", "--fsdp", "--method", "lopt", *FAST, "--max_steps", "3", "--save_steps", "2"]
     proc = torchrun([*args, "--output_dir", str(full)], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_checkpoint(full, builtin_tiny["path"])
+    check_checkpoint(full, empty_cache["base"]())
     assert [m["step"] for m in read_metrics(full)] == [1, 2, 3]
     names = set(os.listdir(full / "checkpoint-2"))
     assert {
@@ -773,12 +837,12 @@ def test_fsdp_flag_refusals(capsys, monkeypatch):
         assert capsys.readouterr().err.strip().splitlines() == [f"lopt {command.split()[0]}: error: {line}"]
 
 
-def test_block_parallel_cli_trains_and_saves_one_checkpoint(builtin_tiny, tmp_path):
+def test_block_parallel_cli_trains_and_saves_one_checkpoint(empty_cache, tmp_path):
     out = tmp_path / "bp"
     args = ["-m", "lopt", "sft", "--block_parallel", *FAST, "--max_steps", "10", "--output_dir", str(out)]
-    proc = torchrun(args, builtin_tiny["env"])
+    proc = torchrun(args, empty_cache["env"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_checkpoint(out, builtin_tiny["path"])
+    check_checkpoint(out, empty_cache["base"]())
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 11))
     task = [m["task_loss"] for m in metrics]
@@ -836,12 +900,12 @@ def test_user_error_on_one_rank_reaches_the_launcher(builtin_tiny, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_block_parallel_without_torchrun_starts_its_own_ranks(builtin_tiny, tmp_path):
+def test_block_parallel_without_torchrun_starts_its_own_ranks(empty_cache, tmp_path):
     out = tmp_path / "bp"
     args = ["-m", "lopt", "sft", "--block_parallel", *FAST, "--max_steps", "2", "--output_dir", str(out)]
     proc = subprocess.run(
-        [sys.executable, *args], env=builtin_tiny["env"], capture_output=True, text=True, timeout=600
+        [sys.executable, *args], env=empty_cache["env"], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_checkpoint(out, builtin_tiny["path"])
+    check_checkpoint(out, empty_cache["base"]())
     assert json.loads((out / "summary.json").read_text())["block_parallel"] == 2

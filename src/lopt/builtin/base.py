@@ -32,15 +32,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lopt.io import cache_root
+from lopt.io import cache_root, save_checkpoint_files
 
 __all__ = [
     "BUILTIN_VERSION",
@@ -389,38 +387,21 @@ def builtin_model_path(
     The result is a directory that ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` load.  It is built into a temporary directory next to
     its final place and renamed into place once complete, under a file lock, so concurrent
-    callers (e.g. parallel test workers) build it once and never see a half-written one.
+    callers (parallel test workers, the ranks of a torchrun launch) build it once, whichever takes the lock, and
+    never see a half-written one (`lopt.io.build_cache_folder`).
     """
-    from filelock import FileLock
-
-    from lopt.io import is_complete_checkpoint
+    from lopt.io import build_cache_folder, is_complete_checkpoint
 
     name = _resolve_preset(preset)
-    root = cache_root(cache_dir)
-    final = root / _build_name(name)
-    if is_complete_checkpoint(final, METADATA_FILE):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{final.name}.lock")):
-        if is_complete_checkpoint(final, METADATA_FILE):  # another process built it meanwhile
-            return final
-        for stale in root.glob(f".{final.name}.tmp-*"):  # left by a build that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            import torch
+    final = cache_root(cache_dir) / _build_name(name)
 
-            with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-                _build(name, tmp, progress=progress)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            # An incomplete folder (weights or metadata missing, e.g. a copy cut short) is built anew.
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    def build(tmp: Path) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            _build(name, tmp, progress=progress)
+
+    return build_cache_folder(final, build, lambda folder: is_complete_checkpoint(folder, METADATA_FILE))
 
 
 def _pack(tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None):
@@ -539,7 +520,7 @@ def _build(preset: str, out_dir: Path, progress: bool) -> None:
     if not progress:  # save_pretrained shows its own bar; honour progress=False there too
         hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(out_dir)
+        save_checkpoint_files(model, out_dir)  # on whichever rank builds it
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

@@ -20,14 +20,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lopt.errors import UserError
-from lopt.io import cache_root
+from lopt.io import cache_root, save_checkpoint_files
 
 # Written last into a converted folder: its presence (with config and weights) marks the folder complete.
 METADATA_FILE = "lopt_base.json"
@@ -118,56 +116,42 @@ def real_base_path(
     complete (metadata written last), so concurrent callers (torchrun ranks, parallel tests) convert once and never
     see a half-written folder; a folder left incomplete, or temporary ones left by a killed conversion, are rebuilt.
     """
-    from filelock import FileLock
+    from lopt.io import build_cache_folder
 
     base = _lookup(name)
-    root = cache_root(cache_dir)
-    final = root / base.folder_name
+    final = cache_root(cache_dir) / base.folder_name
     if is_complete(final):
         return final
     source = Path(gguf_dir) if gguf_dir is not None else package_dir(base)
     _require_gguf(base.install)
     if not (source / base.gguf_file).is_file():
         raise UserError(f"{base.name}: no {base.gguf_file} in {source}: {base.install}")
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{final.name}.lock")):
-        if is_complete(final):  # another process converted it meanwhile
-            return final
-        for stale in root.glob(f".{final.name}.tmp-*"):  # left by a conversion that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            if progress:
-                print(
-                    f"lopt: converting {base.name} from {source / base.gguf_file} into {final} (once)",
-                    file=sys.stderr,
-                )
-            facts = convert_gguf(source, base.gguf_file, tmp, progress=progress)
-            metadata = {
-                "name": base.name,
-                "description": base.description,
-                "license": base.license,
-                "conversion_version": CONVERSION_VERSION,
-                "source": {
-                    "package": base.package,
-                    "distribution": base.distribution,
-                    "distribution_version": _distribution_version(base.distribution),
-                    "gguf_file": base.gguf_file,
-                    "gguf_sha256": _sha256(source / base.gguf_file),
-                },
-                **facts,
-            }
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o755)  # mkdtemp and the safetensors writer make them private; the cache is shared
-            for file in tmp.iterdir():
-                os.chmod(file, 0o644)
-            if final.exists():  # an incomplete folder (e.g. weights deleted by hand)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    def build(tmp: Path) -> None:
+        if progress:
+            print(
+                f"lopt: converting {base.name} from {source / base.gguf_file} into {final} (once)",
+                file=sys.stderr,
+            )
+        facts = convert_gguf(source, base.gguf_file, tmp, progress=progress)
+        metadata = {
+            "name": base.name,
+            "description": base.description,
+            "license": base.license,
+            "conversion_version": CONVERSION_VERSION,
+            "source": {
+                "package": base.package,
+                "distribution": base.distribution,
+                "distribution_version": _distribution_version(base.distribution),
+                "gguf_file": base.gguf_file,
+                "gguf_sha256": _sha256(source / base.gguf_file),
+            },
+            **facts,
+        }
+        # written last: marks the folder whole
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+    return build_cache_folder(final, build, is_complete)
 
 
 def resolve_model_name(name_or_path: str | None, progress: bool = True) -> str | None:
@@ -211,7 +195,7 @@ def convert_gguf(
         del state
         model.generation_config = generation  # bos/eos/pad ids as the GGUF states them
         tokenizer.model_max_length = config.max_position_embeddings
-        model.save_pretrained(out_dir)
+        save_checkpoint_files(model, out_dir)  # on whichever rank converts it
         tokenizer.save_pretrained(out_dir)
     finally:
         if bars_were_on and not progress:

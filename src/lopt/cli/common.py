@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from lopt.errors import UserError
-from lopt.io import atomic_directory_write, atomic_write_json
+from lopt.io import atomic_directory_write, atomic_write_json, save_checkpoint_files
 from lopt.training.arguments import DataArguments, LoPTArguments
 
 
@@ -256,7 +256,8 @@ def run_arguments(*parsed, set_fields: frozenset[str] = frozenset()) -> dict:
 
 
 def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: dict) -> None:
-    """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, and the run's arguments."""
+    """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, and the run's arguments. Called on
+    the writing rank only (rank 0: `trainer.args.should_save`); the write is checked, never trusted."""
     model = trainer.model
     lopt_config = prepared.lopt_config
 
@@ -264,9 +265,9 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: di
         if prepared.method == "lora":
             model.save_pretrained(os.path.join(tmp, "adapter"))
             merged = model.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
+            save_checkpoint_files(merged, tmp, safe_serialization=True)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            save_checkpoint_files(model, tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if lopt_config is not None:
             lopt_config.save_pretrained(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +14,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trust_remote_code", action="store_true")
     g = parser.add_argument_group(
-        "task data (default: the held-out split of the built-in task; of extract for a real base such as smollm2-135m)"
+        "task data (default: the test split of the model's own task: the one a checkpoint of lopt sft/grpo/dpo was "
+        "trained on, from its lopt_args.json; extract for a real base such as smollm2-135m; the built-in task for "
+        "the built-in model)"
     )
     g.add_argument(
         "--train_file", default=None, help="Rows with prompt + answer, in any format `lopt sft` reads."
@@ -80,10 +83,14 @@ def lm_eval_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopt.builtin.real_task import is_real_base
-    from lopt.builtin.tasks import default_task, task_max_new_tokens
+    from lopt.builtin.tasks import task_max_new_tokens
     from lopt.data.loading import load_model_and_tokenizer
-    from lopt.evaluation.evaluate import evaluate_checkpoint, load_task_rows, read_retention_file
+    from lopt.evaluation.evaluate import (
+        evaluate_checkpoint,
+        load_task_rows,
+        read_retention_file,
+        scoring_defaults,
+    )
     from lopt.io import atomic_write_json
 
     lm_eval_tasks = None
@@ -93,23 +100,30 @@ def run(args: argparse.Namespace) -> int:
         lm_eval_kwargs = lm_eval_options(args)
         lm_eval_tasks = resolve_tasks(args.lm_eval_tasks)  # a bad flag fails now, not after the evaluation
     builtin_data = args.train_file is None and args.dataset_name is None
-    # A real base (e.g. smollm2-135m) is scored on its own task and on English prose, not the built-in model's.
-    real_base = builtin_data and args.model_name_or_path is not None and is_real_base(args.model_name_or_path)
-    task = default_task(args.model_name_or_path) if real_base else None
-    rows, match = load_task_rows(
-        args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples, task=task
-    )
+    task, base = None, "other"
+    if builtin_data:  # the model's own task and base, from its records; said, since the user named none
+        defaults = scoring_defaults(args.model_name_or_path)
+        task, base = defaults.task, defaults.base
+        scored = (
+            f"scoring task {task}" if task else "no task accuracy (give --train_file to score held-out rows)"
+        )
+        print(f"lopt eval: {scored}: {defaults.reason}", file=sys.stderr)
+    rows, match = None, None
+    if not builtin_data or task is not None:
+        rows, match = load_task_rows(
+            args.train_file, args.dataset_name, args.dataset_config, args.split, args.max_samples, task=task
+        )
     retention = None
     if args.retention_file is not None:
         retention = read_retention_file(args.retention_file)
-    elif real_base:
-        from lopt.evaluation.world_knowledge import prose_texts
-
-        retention = prose_texts()
-    elif builtin_data:
+    elif builtin_data and base == "builtin":
         from lopt.builtin.base import retention_texts
 
         retention = retention_texts()
+    elif builtin_data:  # a real base, or any other language model: English prose
+        from lopt.evaluation.world_knowledge import prose_texts
+
+        retention = prose_texts()
     model, tokenizer, path = load_model_and_tokenizer(args.model_name_or_path, args.trust_remote_code)
     result = evaluate_checkpoint(
         model,
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         retention_seq_len=args.retention_seq_len,
         progress=not args.no_progress,
     )
-    result = {"model": path, **result}
+    result = {"model": path, "task": task if builtin_data else "custom", **result}
     if lm_eval_tasks:
         from lopt.evaluation.lm_eval_tasks import run_lm_eval
 

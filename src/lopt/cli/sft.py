@@ -13,7 +13,6 @@ one LoPT block on each process instead (lopt.training.block_parallel).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -222,34 +221,53 @@ def starting_model(command: str, model_args, task: str | None, progress: bool = 
 
 
 def builtin_sft_checkpoint(task: str, progress: bool = True):
-    """Path of the built-in model after `lopt sft --task TASK` with the built-in recipe, made once under a file lock
-    beside the built-in model (the same cache, preset and version)."""
+    """Path of the built-in model after `lopt sft --task TASK` with the built-in recipe, made once beside the built-in
+    model (the same cache, preset and version) by whichever process takes its lock (`lopt.io.build_cache_folder`).
+
+    It trains in a process of its own, outside any torchrun launch this one belongs to: every rank of a launch may
+    need it, and training it inside the launch would make it a data-parallel run of that launch."""
+    import subprocess
     from pathlib import Path
 
-    from filelock import FileLock
-
     from lopt.builtin.base import builtin_model_path
+    from lopt.io import build_cache_folder
 
     base = Path(builtin_model_path(progress=progress))
-    path = base.parent / f"{base.name}-sft-{task}"
 
-    def complete() -> bool:  # summary.json is written after the checkpoint itself
-        return is_complete_checkpoint(path, "summary.json")
+    def complete(folder: Path) -> bool:  # summary.json is written after the checkpoint itself
+        return is_complete_checkpoint(folder, "summary.json")
 
-    if complete():
-        return path
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: make it once, in one process
-        raise UserError(
-            f"the built-in SFT checkpoint is not made yet: run `lopt sft --task {task} --output_dir {path}` once in "
-            "one process, then launch again."
-        )
-    with FileLock(str(path) + ".lock"):
-        if not complete():
-            if path.exists():  # a folder cut short (no summary, or weights missing): made anew
-                shutil.rmtree(path)
+    def train(tmp: Path) -> None:
+        argv = ["--task", task, "--output_dir", str(tmp), "--eval_samples", "0"]
+        if not progress:
+            argv.append("--no_progress")
+        alone = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+        code = subprocess.call([sys.executable, "-m", "lopt", "sft", *argv], env=alone)
+        if code != 0:
+            raise UserError(
+                f"making the built-in SFT checkpoint of task {task} failed (exit {code}, its error above): "
+                f"`lopt sft --task {task}` shows it alone."
+            )
 
-            argv = ["--task", task, "--output_dir", str(path), "--eval_samples", "0"]
-            if not progress:
-                argv.append("--no_progress")
-            main(argv)
-    return path
+    return build_cache_folder(base.parent / f"{base.name}-sft-{task}", train, complete)
+
+
+# torchrun's (and accelerate's) environment: a process started without them is a run of its own.
+LAUNCH_VARIABLES = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "ACCELERATE_USE_FSDP",
+        "ACCELERATE_USE_DEEPSPEED",
+    }
+)

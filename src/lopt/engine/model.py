@@ -33,7 +33,7 @@ from lopt.engine.config import LoPTConfig
 from lopt.engine.distributed import fsdp2_local_backward
 from lopt.engine.heads import AuxHead, reconstruction_loss
 from lopt.engine.lens import lens_cross_entropy
-from lopt.io import atomic_directory_write
+from lopt.io import atomic_directory_write, save_checkpoint_files
 
 AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
 
@@ -283,9 +283,12 @@ class LoPTModel(nn.Module):
 
     # --- saving ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """A standard HF checkpoint (safetensors, no aux keys), written atomically."""
+        """A standard HF checkpoint (safetensors, no aux keys), written atomically. Under torch.distributed only rank 0
+        writes (as transformers does): call it on every rank."""
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return  # never an empty folder put in place beside rank 0's
         kwargs.setdefault("safe_serialization", True)
-        atomic_directory_write(save_directory, lambda tmp: self.model.save_pretrained(tmp, **kwargs))
+        atomic_directory_write(save_directory, lambda tmp: save_checkpoint_files(self.model, tmp, **kwargs))
 
     def save_aux_heads(self, directory: str | os.PathLike) -> str:
         """Aux heads and the LoPT config, for resuming training."""

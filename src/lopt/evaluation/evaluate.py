@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -90,6 +91,62 @@ def perplexity(
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+# The records `lopt sft`, `grpo` and `dpo` write beside a checkpoint: every flag of the run (lopt.cli.common.run_arguments).
+RUN_RECORDS = "lopt_args.json"
+
+
+@dataclass(frozen=True)
+class ScoringDefaults:
+    """What `lopt eval` scores a model on when no data flags are given, and why: `task` a built-in task (None: no
+    task can be named, e.g. a model trained on the user's own rows); `base` "builtin" (the built-in model's
+    held-out text is its retention set), "real" (a real base: English prose) or "other"; `reason` one line."""
+
+    task: str | None
+    base: str
+    reason: str
+
+
+def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> ScoringDefaults:
+    """The task and base of `model_name_or_path`: the built-in model, a real base (short name or converted folder),
+    or a checkpoint, read from its own records (the model it was trained from, followed back, and its task)."""
+    import json
+    import os
+
+    from lopt.builtin.base import METADATA_FILE as BUILTIN_METADATA
+    from lopt.builtin.real_task import is_real_base
+    from lopt.builtin.tasks import BUILTIN_TASKS, DEFAULT_TASK, default_task
+
+    if model_name_or_path is None:
+        return ScoringDefaults(DEFAULT_TASK, "builtin", "the built-in model")
+    if is_real_base(model_name_or_path):
+        return ScoringDefaults(
+            default_task(model_name_or_path), "real", f"{model_name_or_path} is a real base"
+        )
+    folder = os.path.expanduser(model_name_or_path)
+    if os.path.isfile(os.path.join(folder, BUILTIN_METADATA)):
+        return ScoringDefaults(DEFAULT_TASK, "builtin", f"{model_name_or_path} is the built-in model")
+    records_path = os.path.join(folder, RUN_RECORDS)
+    if not os.path.isfile(records_path):
+        kind = "a folder" if os.path.isdir(folder) else "not a local folder"
+        return ScoringDefaults(
+            None,
+            "other",
+            f"{model_name_or_path} has no {RUN_RECORDS} ({kind}, not written by lopt): no task is known",
+        )
+    with open(records_path) as f:
+        records = json.load(f)
+    parent = records.get("model_name_or_path")
+    trained_from = scoring_defaults(parent, _depth + 1) if _depth < 8 else ScoringDefaults(None, "other", "")
+    source = f"{RUN_RECORDS}: trained from {parent or 'the built-in model'}"
+    task = records.get("task")
+    if task is None and not (records.get("train_file") or records.get("dataset_name")):
+        task = trained_from.task  # the default task of the model it was trained from
+    if task not in BUILTIN_TASKS:  # the user's rows, or a hub task (GRPO)
+        what = records.get("train_file") or records.get("dataset_name") or task
+        return ScoringDefaults(None, trained_from.base, f"{source} on {what}, not a built-in task")
+    return ScoringDefaults(task, trained_from.base, f"{source}, task {task}")
+
+
 def load_task_rows(
     train_file, dataset_name, dataset_config, split: str, max_samples: int | None, task: str | None = None
 ):
@@ -125,23 +182,32 @@ def read_retention_file(path: str) -> list[str]:
 def evaluate_checkpoint(
     model,
     tokenizer,
-    rows: list[dict],
+    rows: list[dict] | None,
     retention: list[str] | None,
     match=None,
     max_new_tokens: int = 32,
     retention_seq_len: int = 256,
     progress: bool = False,
 ) -> dict:
-    """{"task_accuracy", "task_n", "examples", "retention_ppl"} for rows in any `lopt.data` format."""
+    """{"task_accuracy", "task_n", "examples", "retention_ppl"} for rows in any `lopt.data` format (None: no task
+    scored, its fields None)."""
     from lopt.data.rows import encode_prompt, to_prompt_completion
 
-    pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
-    prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
-    answers = [p.completion for p in pairs]
-    task = task_accuracy(
-        model, tokenizer, prompt_ids, answers, max_new_tokens=max_new_tokens, match=match, progress=progress
-    )
-    result = {"task_accuracy": task["accuracy"], "task_n": task["n"], "examples": task["examples"]}
+    result = {"task_accuracy": None, "task_n": 0, "examples": []}
+    if rows is not None:
+        pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
+        prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
+        answers = [p.completion for p in pairs]
+        task = task_accuracy(
+            model,
+            tokenizer,
+            prompt_ids,
+            answers,
+            max_new_tokens=max_new_tokens,
+            match=match,
+            progress=progress,
+        )
+        result = {"task_accuracy": task["accuracy"], "task_n": task["n"], "examples": task["examples"]}
     result["retention_ppl"] = (
         perplexity(model, tokenizer, retention, seq_len=retention_seq_len) if retention is not None else None
     )

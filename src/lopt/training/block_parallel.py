@@ -236,7 +236,7 @@ def _write_metrics(
 
 def _save(model: nn.Module, tokenizer, config: LoPTConfig, args, early_lr, run_args: dict) -> None:
     """The same layout as `lopt sft`: HF checkpoint, tokenizer, lopt_config.json, training and CLI arguments."""
-    from lopt.io import atomic_directory_write
+    from lopt.io import atomic_directory_write, save_checkpoint_files
 
     training = {
         "block_parallel": config.num_blocks,
@@ -258,7 +258,7 @@ def _save(model: nn.Module, tokenizer, config: LoPTConfig, args, early_lr, run_a
     }
 
     def write(tmp: str) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_checkpoint_files(model, tmp, safe_serialization=True)  # rank 0 alone gets here
         tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
         with open(os.path.join(tmp, "training_args.json"), "w") as f:
