@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lopt.experiments.compare.report import format_report, summarize
 
 
@@ -97,6 +99,48 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
     assert "| lopt |" in report and "What the numbers show" in report
     for png in ("loss_curves.png", "memory_time.png", "accuracy_retention.png", "fronts.png"):
         assert (out / png).stat().st_size > 1000, png
+
+
+def test_compare_extends_a_grid_chosen_at_its_edge(builtin_tiny, tmp_path):
+    """A two-rate grid's choice is always at one of its edges: compare runs one more rate past that edge (3x), chooses
+    again on validation, and says whether the choice is still at an edge; --report_only derives the same grid from
+    the records."""
+    from lopt.experiments.compare.grid import GRID_FACTOR, grid_edge
+
+    out = tmp_path / "compare"
+    args = [
+        "compare",
+        "--quick",
+        "--methods",
+        "e2e",
+        "--method_learning_rates",
+        "e2e=1e-3,3e-3",
+        "--extend_grid",
+        "1",
+    ]
+    args += ["--max_steps", "3", "--eval_samples", "8", "--output_dir", str(out), "--no_progress"]
+    args += [
+        "--lm_eval_tasks",
+        "none",
+        "--sft_args",
+        "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32",
+    ]
+    lopt(args, builtin_tiny["env"])
+    results = json.loads((out / "results.json").read_text())
+    chosen = results["methods"]["e2e"]
+    assert len(chosen["grid_added"]) == 1 and len(chosen["grid"]) == 3
+    added = chosen["grid_added"][0]
+    assert added == pytest.approx(1e-3 / GRID_FACTOR, rel=1e-2) or added == pytest.approx(3e-3 * GRID_FACTOR)
+    assert (out / "runs" / f"e2e-lr{added:g}-steps3-seed0" / "compare_run.json").is_file()
+    assert {p["learning_rate"] for p in results["points"]} == set(chosen["grid"])
+    assert chosen["grid_edge"] == grid_edge(chosen["grid"], chosen["learning_rate"])
+    report = (out / "report.md").read_text()
+    assert f"(added past an edge: {added:g})" in report
+    assert ("edge of its grid" in report) == (chosen["grid_edge"] is not None)
+
+    lopt([*args, "--report_only"], builtin_tiny["env"])
+    rebuilt = json.loads((out / "results.json").read_text())["methods"]["e2e"]
+    assert rebuilt["grid"] == chosen["grid"] and rebuilt["learning_rate"] == chosen["learning_rate"]
 
 
 def test_report_states_missed_targets_plainly():

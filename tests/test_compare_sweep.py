@@ -45,6 +45,8 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
         "--no_progress",
     ]
     args += ["--sft_args", "--per_device_train_batch_size 4 --logging_steps 1 --max_samples 32"]
+    # the grids as given (the extension: test_compare_extends_a_grid_chosen_at_its_edge)
+    args += ["--extend_grid", "0"]
     # Two worker processes here; the resumes below run in-process.
     lopt([*args, "--jobs", "2"], builtin_tiny["env"])
     results = json.loads((out / "results.json").read_text())

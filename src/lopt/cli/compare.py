@@ -130,6 +130,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "it mostly idle, so several runs share it well; on a CPU, 1 uses every core.",
     )
     parser.add_argument(
+        "--extend_grid",
+        type=int,
+        default=None,
+        help="When a method's rate chosen on validation is the lowest or highest of its grid (2+ rates), run up to "
+        "this many more rates past that edge (3x apart) until the choice is interior; the report marks a method "
+        "still at an edge. Default 2 (0 with --quick; 0: the grids as given).",
+    )
+    parser.add_argument(
         "--time_limit",
         type=float,
         default=None,
@@ -181,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         accuracy_targets=tuple(_numbers("--accuracy_targets", args.accuracy_targets)),
         jobs=args.jobs,
         time_limit=args.time_limit,
+        extend_grid=args.extend_grid if args.extend_grid is not None else (0 if args.quick else 2),
         report_only=args.report_only,
     )
     run_compare(spec)

@@ -89,6 +89,7 @@ def format_report(results: dict) -> str:
             f"{m.get('tokens_per_s', float('nan')):.0f} | {acc_text} | {ppl_text} | {rise_text} | "
             f"{m.get('final_task_loss', float('nan')):.3f} |"
         )
+    lines += _grid_lines(methods)
     from lopt.evaluation.lm_eval_tasks import format_lm_eval_report
     from lopt.experiments.compare.world_knowledge import format_world_knowledge_report
 
@@ -107,6 +108,27 @@ def format_report(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _grid_lines(methods: dict) -> list[str]:
+    """Each method's learning-rate grid, the rates compare added past an edge, and a plain mark on every method whose
+    choice is still at an edge of its grid (its best rate may lie outside it) or that ran at one rate."""
+    if not any("grid" in m for m in methods.values()):
+        return []  # results written before compare extended grids
+    lines = ["", "Learning-rate grids (choice on validation in bold):"]
+    for name, m in methods.items():
+        rates = ", ".join(f"**{lr:g}**" if lr == m["learning_rate"] else f"{lr:g}" for lr in m["grid"])
+        text = f"- {name}: {rates}"
+        if m["grid_added"]:
+            text += f" (added past an edge: {', '.join(f'{lr:g}' for lr in m['grid_added'])})"
+        edge = m["grid_edge"]
+        if edge == "one rate":
+            text += ": **one rate, not tuned**"
+        elif edge is not None:
+            beyond = "lower" if edge == "low" else "higher"
+            text += f": **chosen at the {edge} edge of its grid; a {beyond} rate may do better**"
+        lines.append(text)
+    return lines
 
 
 def _pct(value: float | None, spread: float | None = None) -> str:

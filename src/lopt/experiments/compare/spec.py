@@ -72,6 +72,9 @@ class CompareSpec:
     world_knowledge: bool | None = None
     jobs: int = 1  # runs at once, each in its own worker process (a GPU is mostly idle with one small run)
     time_limit: float | None = None  # seconds; past it no new run starts and the report covers finished runs
+    # A method whose rate chosen on validation sits at an edge of its grid (2+ rates) gets up to this many more rates
+    # past that edge, each GRID_FACTOR from the last, until the choice is interior (lopt.experiments.compare.grid).
+    extend_grid: int = 2
     report_only: bool = False  # no training or scoring: the report from the finished runs in output_dir
 
     def __post_init__(self):
@@ -96,6 +99,8 @@ class CompareSpec:
             at = self.methods.index("lopt") + 1
             extra = [f"lopt@{r:g}" for r in self.lr_k1_ratios if r != 1 and f"lopt@{r:g}" not in self.methods]
             self.methods[at:at] = extra
+        if self.extend_grid < 0:
+            raise UserError(f"--extend_grid {self.extend_grid} must be >= 0 (0: the grids as given).")
         if self.jobs < 1:
             raise UserError(f"--jobs {self.jobs} must be >= 1.")
         if self.time_limit is not None and not self.time_limit > 0:

@@ -66,14 +66,22 @@ def run_compare(spec: CompareSpec) -> dict:
 
     started = time.monotonic()
     os.makedirs(spec.output_dir, exist_ok=True)
-    points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
-    runs: dict[tuple, list[dict]] = {point: [] for point in points}
-    total = spec.seeds * len(points)
+    runs: dict[tuple, list[dict]] = {}
+
+    def all_points() -> list[tuple]:
+        points = [(name, lr, steps) for name in spec.methods for lr, steps in spec.points_of(name)]
+        for point in points:
+            runs.setdefault(point, [])
+        return points
+
     if spec.report_only:
         base = _read_base(spec)
         lm_eval = _lm_eval(spec)
-        for seed in range(spec.seeds):
-            for name, lr, steps in points:
+
+        def run_points(jobs: list[tuple]) -> bool:
+            """Reads the finished records of these (seed, name, lr, steps) jobs; whether every one was there."""
+            found = True
+            for seed, name, lr, steps in jobs:
                 record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
                 expected = {
                     "command": _sft_command(spec, name, lr, steps, seed),
@@ -81,26 +89,45 @@ def run_compare(spec: CompareSpec) -> dict:
                     "evaluation_key": base["evaluation_key"],
                 }
                 if record is not None and all(record.get(k) == v for k, v in expected.items()):
-                    runs[(name, lr, steps)].append(record)
+                    if not any(r["seed"] == seed for r in runs[(name, lr, steps)]):
+                        runs[(name, lr, steps)].append(record)
+                else:
+                    found = False
+            return found
+
+        run_points([(0, *point) for point in all_points()])
+        grid_added = _extend_grids(spec, runs, base["before"], all_points, run_points)
+        points = all_points()
+        run_points([(seed, *point) for seed in range(1, spec.seeds) for point in points])
         reused = sum(map(len, runs.values()))
     else:
         base, scorer = _measure_base(spec)
         lm_eval = scorer.lm_eval
-        bar = tqdm(total=total, desc="compare", disable=not spec.progress)
+        bar = tqdm(total=spec.seeds * len(all_points()), desc="compare", disable=not spec.progress)
         with _Pool(spec, base["base_model"], scorer) as pool:
-            # Seed 0 of every point first, then the other seeds where the report reads first (see _seed_order),
-            # so a --time_limit leaves the chosen settings with the most seeds.
-            for seed in range(spec.seeds):
-                order = (
-                    _first_seed_order(spec, points)
-                    if seed == 0
-                    else _seed_order(spec, runs, base["before"], points)
-                )
-                for point, record in pool.map([(seed, *point) for point in order], started):
+
+            def run_points(jobs: list[tuple]) -> bool:
+                """Runs (or reuses) these (seed, name, lr, steps) jobs; whether every one finished (not past
+                --time_limit)."""
+                jobs = [job for job in jobs if not any(r["seed"] == job[0] for r in runs[tuple(job[1:])])]
+                finished = 0
+                for point, record in pool.map(jobs, started):
                     runs[point].append(record)
+                    finished += 1
                     bar.update()
+                return finished == len(jobs)
+
+            # Seed 0 of every point first, then the edges of the grids chosen at an edge, then the other seeds where
+            # the report reads first (see _seed_order), so a --time_limit leaves the chosen settings with the most.
+            run_points([(0, *point) for point in _first_seed_order(spec, all_points())])
+            grid_added = _extend_grids(spec, runs, base["before"], all_points, run_points)
+            points = all_points()
+            bar.total = spec.seeds * len(points)
+            for seed in range(1, spec.seeds):
+                run_points([(seed, *point) for point in _seed_order(spec, runs, base["before"], points)])
         bar.close()
         reused = pool.reused
+    total = spec.seeds * len(points)
 
     runs = {point: sorted(rs, key=lambda r: r["seed"]) for point, rs in runs.items() if rs}
     finished = sum(map(len, runs.values()))
@@ -116,6 +143,7 @@ def run_compare(spec: CompareSpec) -> dict:
         {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
+    _mark_grid_edges(spec, results, grid_added)
     from lopt.experiments.compare.world_knowledge import add_world_knowledge
 
     add_world_knowledge(results, runs)  # knowledge kept and code perplexity per point, when the probe ran
@@ -333,6 +361,42 @@ class _Pool:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield pending.pop(future), future.result()
+
+
+def _extend_grids(
+    spec: CompareSpec, runs: dict, before: dict, all_points, run_points
+) -> dict[str, list[float]]:
+    """`lopt.experiments.compare.grid.extend_grids` over seed 0's runs: a new rate's points run (or are read) here."""
+    from lopt.experiments.compare.grid import extend_grids
+
+    def first_seed_points(name: str) -> list[dict] | None:
+        mine = [point for point in all_points() if point[0] == name]
+        if not run_points([(0, *point) for point in mine]):
+            return None
+        return [
+            {
+                "method": name,
+                "learning_rate": lr,
+                "max_steps": steps,
+                **_aggregate(runs[(name, lr, steps)][:1], 0, before),
+            }
+            for name, lr, steps in mine
+        ]
+
+    return extend_grids(spec, first_seed_points) if spec.extend_grid else {}
+
+
+def _mark_grid_edges(spec: CompareSpec, results: dict, added: dict[str, list[float]]) -> None:
+    """Per chosen method: the rates compare added to its grid, and "grid_edge" ("low"/"high") when its choice is still
+    at an edge of its grid (or "one rate" when it ran at a single rate: nothing was tuned)."""
+    from lopt.experiments.compare.grid import grid_edge
+
+    for name, point in results["methods"].items():
+        grid = spec.learning_rates_of(name)
+        point["grid"] = grid
+        point["grid_added"] = added.get(name, [])
+        point["grid_edge"] = "one rate" if len(grid) < 2 else grid_edge(grid, point["learning_rate"])
+    results["setup"]["extend_grid"] = spec.extend_grid
 
 
 def _first_seed_order(spec: CompareSpec, points: list[tuple]) -> list[tuple]:
