@@ -21,6 +21,11 @@ so restricting each term's gradient to its own parameters is exactly "the lens w
 
 So one plain forward of the unmodified model (read-only hooks record h_j and the block outputs) and one
 `torch.autograd.grad` per term, restricted to that term's parameters, give the exact gradients of L.
+
+A tied embedding and LM head (one matrix W used twice, E = H = W) breaks "one term per parameter": W is reached by
+aux_0 through the embedding and by the task cross-entropy through the head. The chain rule for a shared variable
+gives dL/dW = dL/dE + dL/dH at E = H = W, so `tied_reference_gradients` unties a copy (two parameters holding W),
+computes the gradients above, and adds the embedding's and the head's into the shared one.
 """
 
 from __future__ import annotations
@@ -225,3 +230,20 @@ def pretrained_block_outputs(
         for handle in handles:
             handle.remove()
     return [outputs[i] for i in range(len(block_ranges) - 1)]
+
+
+def tied_reference_gradients(model: nn.Module, model_type: str, *args, **kwargs):
+    """`reference_gradients` for a model whose embedding and LM head share one weight W: the same return values,
+    with W's gradient (under the embedding's name, the one `named_parameters()` gives) = the embedding's gradient
+    + the head's gradient of an untied copy. `model` is untied in place: pass a copy."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    assert head.weight is embedding.weight, "the model's embedding and LM head are not tied"
+    names = {id(module): name for name, module in base.named_modules()}
+    shared = embedding.weight
+    head.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    grads, head_grads, task, auxes = reference_gradients(model, model_type, *args, **kwargs)
+    embedding_name, head_name = f"{names[id(embedding)]}.weight", f"{names[id(head)]}.weight"
+    parts = [g for g in (grads.pop(embedding_name), grads.pop(head_name)) if g is not None]
+    grads[embedding_name] = sum(parts[1:], parts[0]) if parts else None
+    return grads, head_grads, task, auxes

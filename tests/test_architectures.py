@@ -118,11 +118,29 @@ def test_task_loss_reaches_only_the_last_block(arch, mode):
 
 # --- tied embeddings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma2", "opt", "falcon", "llama"])
-def test_tied_embeddings_are_untied_at_wrap_time(model_type):
+def test_tied_embeddings_stay_one_matrix_by_default(model_type):
+    """The default keeps the tie: the task loss reaches the shared matrix through the head, and nothing else early."""
+    model = tiny_model(model_type, tie=True)
+    shared = model.get_input_embeddings().weight
+    lm = get_lopt_model(model, LoPTConfig(aux_weight=0.0))
+    assert model.get_output_embeddings().weight is shared and model.get_input_embeddings().weight is shared
+    assert model.config.tie_word_embeddings is True
+    assert model.config.get_text_config().tie_word_embeddings is True
+    lm(**make_batch()).loss.backward()
+    assert _nonzero(shared.grad)
+    late = {id(p) for m in lm.late_modules() for p in m.parameters()}
+    assert id(shared) in late
+    for name, param in lm.model.named_parameters():
+        if id(param) not in late:
+            assert _is_zero(param.grad), f"task loss reached early parameter {name}"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma2", "opt", "falcon", "llama"])
+def test_untie_embeddings_unties_at_wrap_time(model_type):
     model = tiny_model(model_type, tie=True)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     before = model.get_input_embeddings().weight.detach().clone()
-    lm = get_lopt_model(model, LoPTConfig(aux_weight=0.0))
+    lm = get_lopt_model(model, LoPTConfig(aux_weight=0.0, untie_embeddings=True))
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert head is not embedding and head.data_ptr() != embedding.data_ptr()
     assert head.requires_grad

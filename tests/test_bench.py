@@ -12,7 +12,7 @@ from torch import nn
 from lopt.cli.main import main
 from lopt.experiments.bench import CONFIGS, DEFAULT_CONFIGS, BenchSpec, check_targets, run_benchmark
 from lopt.experiments.bench_race import budget_race, format_race, race_targets
-from lopt.experiments.bench_report import format_table
+from lopt.experiments.bench_report import format_table, format_whole_step
 from lopt.experiments.meter import SavedTensorMeter, measure_saved_tensor_peak
 
 # one thread: tiny matmuls gain nothing from more, and on a busy machine spinning threads cost seconds
@@ -178,3 +178,37 @@ def test_budget_race_picks_the_largest_fitting_micro_batch_per_setting():
 def test_budget_race_cli_rejects_a_bad_budget(capsys):
     assert main(["bench", *TINY_ARGS, "--activation_budget", "lots"]) == 2
     assert "--activation_budget 'lots'" in capsys.readouterr().err
+
+
+def test_optimizer_in_backward_configs_measure_the_whole_step():
+    """+oib changes no activation and no AdamW state, only how many gradients are alive at once: every one for the
+    ordinary step, one LoPT block (or the task loss's parameters) or one E2E parameter at a time with it."""
+    from lopt.experiments.bench import canonical_config
+
+    assert {"e2e+oib", "lopt-k2+oib", "lopt-k4+oib", "e2e+oib+gc", "lopt-k2+oib+gc"} <= set(DEFAULT_CONFIGS)
+    assert canonical_config("lopt-k2+gc+oib") == "lopt-k2+oib+gc"
+    spec = BenchSpec(**TINY, steps=1, warmup=0, peak_memory="off")
+    names = ["e2e", "e2e+oib", "lopt-k2", "lopt-k2+oib", "lopt-k4+oib"]
+    rows = {row["name"]: row for row in run_benchmark(spec, configs=names)}
+    parts = {name: row["whole_step"] for name, row in rows.items()}
+    assert rows["e2e+oib"]["loss"] == rows["e2e"]["loss"]  # (each LoPT runner draws its own aux heads)
+    for name in ("e2e", "lopt-k2"):
+        oib = f"{name}+oib"
+        for key in ("weights", "optimizer", "activations"):
+            assert parts[oib][key] == parts[name][key], (oib, key)
+        assert parts[name]["gradients"] == parts[name]["weights"]  # the ordinary step holds every gradient
+        assert parts[oib]["gradients"] < parts[name]["gradients"]
+    # E2E: the largest single gradient (embedding or LM head, vocab x hidden fp32)
+    assert parts["e2e+oib"]["gradients"] == TINY["vocab_size"] * TINY["hidden_size"] * 4
+    assert parts["lopt-k4+oib"]["gradients"] < parts["lopt-k2+oib"]["gradients"]
+    assert rows["e2e+oib"]["act_ratio"] == 1.0  # ratios are to the ordinary E2E
+    table = format_whole_step(list(rows.values()), markdown=True)
+    assert "LoPT k=2, opt. in bwd" in table and "grads MB" in table
+
+
+def test_whole_step_peak_in_a_fresh_process():
+    spec = BenchSpec(**TINY, steps=1, warmup=0)
+    (row,) = run_benchmark(spec, configs=["lopt-k2+oib"])
+    parts = row["whole_step"]
+    assert parts["step_peak"] >= parts["weights"] + parts["optimizer"] > 0
+    assert "step peak" in format_whole_step([row], {"lopt-k2+oib": None})

@@ -25,13 +25,25 @@ SEQ = 8
 
 
 # --- shared by the workers and the single-process references ----------------------------------------------------
-def lopt_model_for(backward: str):
+def lopt_model_for(backward: str, tie: bool = False):
+    """The tiny Llama wrapped for LoPT k=2; `tie=True`: its embedding and LM head are one matrix (LoPT's default keeps
+    it so: DDP syncs it with the late parameters, FSDP2 shards it in the root unit)."""
     from lopt import LoPTConfig, get_lopt_model
 
     model = tiny_model(
-        "llama", seed=0
+        "llama", seed=0, tie=tie
     )  # seeds the RNG: the aux heads built next are the same in every process
     return get_lopt_model(model, LoPTConfig(num_blocks=2, backward=backward))
+
+
+# Variants of the library scenarios: name -> (backward, tied embedding and LM head)
+LIBRARY_VARIANTS = {"local": ("local", False), "joint": ("joint", False), "tied": ("local", True)}
+
+
+def moved_prefixes(weights: dict) -> tuple[str, ...]:
+    """Parameters that must have moved in a run (a tied model has no lm_head.weight of its own)."""
+    head = ("lm_head",) if any(n.startswith("lm_head") for n in weights) else ()
+    return ("model.embed_tokens", "model.layers.0.", "model.layers.3.", *head, "aux.")
 
 
 def all_weights(lopt_model) -> dict[str, torch.Tensor]:
@@ -128,8 +140,8 @@ def worker_ddp_library(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {}
-    for backward in ("local", "joint"):
-        lopt_model = lopt_model_for(backward)
+    for name, (backward, tie) in LIBRARY_VARIANTS.items():
+        lopt_model = lopt_model_for(backward, tie)
         sync = LoPTGradientSync(lopt_model)  # before DDP reads the ignore list
         ddp = DDP(lopt_model.model, find_unused_parameters=True)  # the transformers Trainer's default
         optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
@@ -138,9 +150,9 @@ def worker_ddp_library(out_dir: str) -> None:
             mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
             library_step(ddp, lopt_model, optimizer, mine, sync)
         weights = all_weights(lopt_model)
-        result[backward] = _gather_equal(weights)
+        result[name] = _gather_equal(weights)
         if rank == 0:
-            save_file(weights, os.path.join(out_dir, f"library_{backward}.safetensors"))
+            save_file(weights, os.path.join(out_dir, f"library_{name}.safetensors"))
     if rank == 0:
         with open(os.path.join(out_dir, "library.json"), "w") as f:
             json.dump({"ranks_equal": result}, f)
@@ -210,11 +222,13 @@ def full_weights(lopt_model) -> dict[str, torch.Tensor]:
 
 
 # FSDP2 variants: (backward, hook order). "lopt_first" is lopt.engine.distributed.fully_shard_lopt_model; "fsdp_first" is
-# plain fully_shard calls after get_lopt_model (FSDP2's pre-forward runs before LoPT's boundary hook).
+# plain fully_shard calls after get_lopt_model (FSDP2's pre-forward runs before LoPT's boundary hook). "_tied": the
+# embedding and LM head are one matrix (in the root unit: its local gradient is reduce-scattered at the boundary).
 FSDP2_VARIANTS = {
     "local": ("local", "lopt_first"),
     "joint": ("joint", "lopt_first"),
     "local_fsdp_first": ("local", "fsdp_first"),
+    "local_tied": ("local", "lopt_first"),
 }
 FSDP2_ACCUMULATION = 2
 FSDP2_MAX_NORM = 0.5  # below the gradient norms of these steps, so the clipping acts
@@ -259,7 +273,7 @@ def worker_fsdp2(out_dir: str) -> None:
     rank = dist.get_rank()
     report = {}
     for name, (backward, order) in FSDP2_VARIANTS.items():
-        lopt_model = lopt_model_for(backward)
+        lopt_model = lopt_model_for(backward, tie=name.endswith("_tied"))
         sync = LoPTGradientSync(
             lopt_model, sync_early=False
         )  # FSDP reduces the whole model; we sync the aux heads
@@ -523,25 +537,25 @@ def assert_close(actual: dict, expected: dict, atol: float = 1e-5) -> None:
 
 
 def test_ddp_library_matches_one_process_on_the_global_batch(tmp_path):
-    """Local and joint mode under DDP: every rank ends equal, and equal to one process on the whole batch."""
+    """Local and joint mode under DDP, and a tied embedding and LM head (whose local-backward gradient arrives during
+    the forward, before DDP expects it): every rank ends equal, and equal to one process on the whole batch."""
     from lopt import param_groups
 
     run_worker("ddp_library", tmp_path)
-    assert json.loads((tmp_path / "library.json").read_text())["ranks_equal"] == {
-        "local": True,
-        "joint": True,
-    }
-    for backward in ("local", "joint"):
-        lopt_model = lopt_model_for(backward)
+    assert json.loads((tmp_path / "library.json").read_text())["ranks_equal"] == dict.fromkeys(
+        LIBRARY_VARIANTS, True
+    )
+    for name, (backward, tie) in LIBRARY_VARIANTS.items():
+        lopt_model = lopt_model_for(backward, tie)
         initial = all_weights(lopt_model)
         optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
         for step in range(STEPS):
             library_step(lopt_model.model, lopt_model, optimizer, make_batch(4, SEQ, seed=step))
         reference = all_weights(lopt_model)
-        ddp = load_file(tmp_path / f"library_{backward}.safetensors")
+        ddp = load_file(tmp_path / f"library_{name}.safetensors")
         assert_close(ddp, reference)
         # Every block (and the aux heads) moved: the comparison is not vacuous.
-        for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+        for prefix in moved_prefixes(reference):
             name = next(n for n in reference if n.startswith(prefix))
             assert not torch.allclose(reference[name], initial[name]), name
 
@@ -626,7 +640,7 @@ def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_out
 
     report = json.loads((fsdp2_worker_output / "fsdp2.json").read_text())[variant]
     assert report["ranks_equal"]
-    lopt_model = lopt_model_for(FSDP2_VARIANTS[variant][0])
+    lopt_model = lopt_model_for(FSDP2_VARIANTS[variant][0], tie=variant.endswith("_tied"))
     initial = all_weights(lopt_model)
     optimizer = torch.optim.AdamW(param_groups(lopt_model, lr=LR))
     norms = [fsdp2_step(lopt_model, optimizer, fsdp2_micro_batches(step)) for step in range(STEPS)]
@@ -634,7 +648,7 @@ def test_fsdp2_matches_one_process_on_the_global_batch(variant, fsdp2_worker_out
     assert_close(load_file(fsdp2_worker_output / f"fsdp2_{variant}.safetensors"), reference)
     assert report["norms"] == pytest.approx(norms, rel=1e-5)
     assert min(norms) > FSDP2_MAX_NORM  # the clipping acted at every step
-    for prefix in ("model.embed_tokens", "model.layers.0.", "model.layers.3.", "lm_head", "aux."):
+    for prefix in moved_prefixes(reference):
         name = next(n for n in reference if n.startswith(prefix))
         assert not torch.allclose(reference[name], initial[name]), name
 

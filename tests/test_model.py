@@ -10,7 +10,14 @@ import peft
 import pytest
 import torch
 from conftest import ARCHS, clone, make_batch, tiny_model
-from reference import PARTS, ReferenceAuxHead, causal_lm_loss, reference_gradients, split_layers
+from reference import (
+    PARTS,
+    ReferenceAuxHead,
+    causal_lm_loss,
+    reference_gradients,
+    split_layers,
+    tied_reference_gradients,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -69,9 +76,14 @@ def _assert_same_grads(actual: tuple[dict, list], expected: tuple[dict, list], *
             _assert_same_grad(a, e, f"aux head {i} param {j}", **tol)
 
 
+def _is_tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
 def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict, anchor_states=None):
     """Reference gradients, losses for the (unwrapped, identical) copy of lm's model, with lm's aux heads (none for
-    the "anchor" objective) and, for the anchor objectives, the pretrained model's block outputs."""
+    the "anchor" objective) and, for the anchor objectives, the pretrained model's block outputs. A tied copy gets
+    the tied oracle (the embedding's and the head's gradients of an untied copy, summed)."""
     heads = None
     if lm.lopt_config.uses_reconstruction:
         hidden = lm.aux_heads[0].norm.weight.shape[0]
@@ -79,7 +91,8 @@ def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict, anchor_st
             ReferenceAuxHead(hidden, lm.lopt_config.aux_head_ratio).load_lopt_state(h.state_dict())
             for h in lm.aux_heads
         ]
-    return reference_gradients(
+    oracle = tied_reference_gradients if _is_tied(_base(base_copy)) else reference_gradients
+    return oracle(
         base_copy,
         model_type,
         heads,
@@ -93,13 +106,16 @@ def _reference(base_copy, model_type: str, lm: LoPTModel, batch: dict, anchor_st
     )
 
 
-def _check_against_reference(model_type: str, num_layers: int, expected_ranges, **config) -> None:
-    base = tiny_model(model_type, num_layers=num_layers)
+def _check_against_reference(
+    model_type: str, num_layers: int, expected_ranges, tie: bool = False, **config
+) -> None:
+    base = tiny_model(model_type, num_layers=num_layers, tie=tie)
     batch = make_batch()
     results = {}
     for mode in ("local", "joint"):
         lm = _wrap(clone(base), backward=mode, **config)
         assert lm.block_ranges == expected_ranges
+        assert _is_tied(lm.model) == tie  # LoPT keeps a tie by default
         out = _step(lm, batch)
         results[mode] = (_grads(lm), out, lm)
     lm = results["local"][2]
@@ -154,6 +170,72 @@ def test_gradients_match_reference_k2(model_type):
 def test_gradients_match_reference_block_layouts(model_type, num_layers, config, expected):
     assert split_layers(num_layers, config.get("num_blocks", 2), config.get("boundaries")) == expected
     _check_against_reference(model_type, num_layers, expected, **config)
+
+
+# --- a tied embedding and LM head: one parameter -------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2", "opt", "falcon"])
+def test_tied_gradients_match_reference_k2(model_type):
+    """The shared matrix's gradient is block 0's local gradient through the embedding plus the task gradient through
+    the head; every other parameter gets what it gets untied (no gradient crosses a boundary)."""
+    _check_against_reference(model_type, 4, [(0, 2), (2, 4)], tie=True, num_blocks=2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_tied_gradients_match_reference_k3(model_type):
+    _check_against_reference(model_type, 6, [(0, 2), (2, 4), (4, 6)], tie=True, num_blocks=3)
+
+
+def test_tied_matrix_gets_the_local_and_the_task_gradient():
+    """Not vacuous: in local mode the local backward writes the embedding's part during the forward, and the task
+    backward adds the head's part to the same .grad."""
+    lm = _wrap(tiny_model("llama", tie=True))
+    shared = lm.embedding.weight
+    out = lm(**make_batch())
+    local = shared.grad.clone()
+    assert local.any()
+    out.loss.backward()
+    task = shared.grad - local
+    assert task.any() and not torch.allclose(task, local)
+
+
+def test_tied_matrix_is_one_parameter_in_the_late_group():
+    base = tiny_model("llama", tie=True)
+    base_numel = sum(p.numel() for p in base.parameters())
+    lm = get_lopt_model(base, LoPTConfig(num_blocks=2))
+    shared = lm.embedding.weight
+    assert lm.model.lm_head.weight is shared and lm.config.tie_word_embeddings is True
+    aux = sum(p.numel() for p in lm.aux_heads.parameters())
+    assert sum(p.numel() for p in lm.parameters()) == base_numel + aux  # no second matrix
+    groups = param_groups(lm, lr=1e-3, early_lr=1e-4)
+    assert [g["name"] for g in groups for p in g["params"] if p is shared] == ["late"]
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(lm.parameters()))
+    torch.optim.AdamW(groups)  # torch refuses a parameter listed twice
+
+    # untie_embeddings=True: the authors' setting, one more matrix, the embedding back in the early group
+    untied = get_lopt_model(tiny_model("llama", tie=True), LoPTConfig(untie_embeddings=True))
+    assert untied.model.lm_head.weight is not untied.embedding.weight
+    assert untied.config.tie_word_embeddings is False
+    assert sum(p.numel() for p in untied.parameters()) == base_numel + aux + shared.numel()
+    by_name = {g["name"]: g for g in param_groups(untied, lr=1e-3, early_lr=1e-4)}
+    assert any(p is untied.embedding.weight for p in by_name["early"]["params"])
+    assert any(p is untied.model.lm_head.weight for p in by_name["late"]["params"])
+
+
+def test_trainer_optimizer_holds_the_tied_matrix_once_in_the_late_group(tmp_path):
+    from transformers import TrainingArguments
+
+    from lopt.integrations import LoPTTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=1e-3)
+    trainer = LoPTTrainer(
+        model=tiny_model("llama", tie=True), args=args, lopt_config=LoPTConfig(), early_learning_rate=1e-4
+    )
+    optimizer = trainer.create_optimizer()
+    shared = trainer.model.lm_head.weight
+    assert shared is trainer.model.model.embed_tokens.weight
+    holding = [g for g in optimizer.param_groups for p in g["params"] if p is shared]
+    assert len(holding) == 1 and holding[0]["name"] == "late" and holding[0]["lr"] == 1e-3
 
 
 @pytest.mark.parametrize("mode", ["local", "joint"])
@@ -286,25 +368,44 @@ def test_bf16_weights_training_step(mode):
 
 
 # --- saving --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("model_type", "tie"), [("llama", False), ("llama", True), ("gpt2", True)])
-def test_save_and_reload_as_plain_model(tmp_path, model_type, tie):
-    lm = _wrap(tiny_model(model_type, tie=tie))
+@pytest.mark.parametrize(
+    ("model_type", "tie", "untie"),
+    [
+        ("llama", False, False),
+        ("llama", True, False),
+        ("gpt2", True, False),
+        ("llama", True, True),
+        ("gpt2", True, True),
+    ],
+)
+def test_save_and_reload_as_plain_model(tmp_path, model_type, tie, untie):
+    """A tied model saves in its base's shape (same keys and shapes, tie_word_embeddings true); with
+    untie_embeddings=True (the authors' setting) the head is saved as its own matrix."""
+    base = tiny_model(model_type, tie=tie)
+    base.save_pretrained(tmp_path / "base")
+    lm = _wrap(clone(base), untie_embeddings=untie)
     optimizer = torch.optim.SGD(lm.parameters(), lr=0.5)
     _step(lm, make_batch())
     optimizer.step()  # after a step an untied head differs from the embedding: a re-tie on load would show
+    tied = tie and not untie
     head, embedding = lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
-    assert not torch.equal(head, embedding)
+    assert (head is embedding) == tied
+    assert tied or not torch.equal(head, embedding)
 
     lm.save_pretrained(tmp_path / "ckpt")
     files = os.listdir(tmp_path / "ckpt")
     assert "model.safetensors" in files and "config.json" in files
     assert not any("aux" in f or "lopt" in f for f in files)
     state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    base_state = load_file(tmp_path / "base" / "model.safetensors")
     assert state and not any("aux" in key for key in state)
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tie_word_embeddings"] is False
+    extra = {"lm_head.weight"} if tie and untie else set()
+    assert set(state) == set(base_state) | extra
+    assert all(state[key].shape == base_state[key].shape for key in base_state)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tie_word_embeddings"] is tied
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").eval()
-    assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
     lm.eval()
     batch = make_batch(seed=5)
     with torch.no_grad():

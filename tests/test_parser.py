@@ -168,6 +168,19 @@ def test_lopt_arguments_reach_the_config():
     assert LoPTArguments(method="e2e").lopt_config() is None
 
 
+@pytest.mark.parametrize(
+    "name, untied", [("lopt", True), ("lopt@0.3+b1", True), ("lopt_tied", False), ("lopt_task@0.3", False)]
+)
+def test_compare_paper_arm_unties_the_embedding(name, untied):
+    """`lopt compare`'s "lopt" reproduces the authors' code (a tied head untied); the other LoPT names keep the
+    default (one shared matrix). The recipe's flags go through `lopt sft`'s parser as compare passes them."""
+    from lopt.experiments.compare.spec import _method_flags
+
+    (lopt_args, *_), set_fields = sft.make_parser().parse(_method_flags(name, lr=1e-3), sft.recipe)
+    lopt_args.check(set_fields)
+    assert lopt_args.lopt_config().untie_embeddings is untied
+
+
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     code = main(argv)
     err = capsys.readouterr().err
@@ -208,6 +221,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["sft", "--completion_only_loss", "false"], "--completion_only_loss false"),
         (["sft", "--model_init_kwargs", '{"dtype": "float32"}'], "--model_init_kwargs is not used"),
         (["dpo", "--block_parallel"], "sft option"),
+        (["sft", "--method", "e2e", "--untie_embeddings"], "--untie_embeddings only applies to LoPT methods"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, expected):

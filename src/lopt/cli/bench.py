@@ -1,7 +1,9 @@
 """`lopt bench`: E2E vs LoPT (joint k=2, local k=2, local k=4), with and without gradient checkpointing.
 
 Prints one table: peak bytes saved for backward, peak process memory, median step time, each with its ratio
-to E2E, and the issue's targets as PASS/MISS. See lopt.experiments.bench for how each number is measured.
+to E2E, and the issue's targets as PASS/MISS; then the whole step part by part (weights, gradients, optimizer
+states, activations, the step's peak) beside lopt plan's figure. See lopt.experiments.bench for how each number is
+measured.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     print(bench_report.format_table(rows, markdown=args.markdown))
     print()
     print(bench_report.format_targets(targets))
+    if any(row.get("whole_step") for row in rows):
+        print()
+        print(
+            bench_report.format_whole_step(rows, planned_step_bytes(spec, rows, log), markdown=args.markdown)
+        )
     if spec.model is not None and spec.num_layers < spec.full_num_layers:
         print()
         print(full_depth_table(spec, rows, log))
@@ -125,6 +132,33 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, {"spec": vars(spec), "rows": rows, "targets": targets})
         print(f"\nwrote {args.json}")
     return 0
+
+
+def planned_step_bytes(spec: bench.BenchSpec, rows: list[dict], log=None) -> dict[str, int | None]:
+    """lopt plan's whole-step total (single GPU) for each measured config at the measured depth; None where the
+    planner does not plan that config (not in its PLAN_METHODS), and nothing in bfloat16, where its precision is not
+    what bench trains (the plan keeps fp32 master weights and AdamW state, bench trains bf16 weights directly)."""
+    from lopt.experiments import plan
+
+    if spec.dtype != "float32":
+        return {}
+    out: dict[str, int | None] = {}
+    for row in rows:
+        name = row["name"]
+        if name not in plan.PLAN_METHODS:  # a config the planner does not plan (yet): no figure beside it
+            out[name] = None
+            continue
+        try:
+            planned = plan.make_plan(
+                spec.model_config(), spec.seq_len, spec.batch_size, spec.dtype, methods=[name]
+            )
+        except (KeyError, ValueError, NotImplementedError) as err:  # a config the planner does not know (yet)
+            if log:
+                log(f"[bench] lopt plan has no figure for {name}: {err}")
+            out[name] = None
+            continue
+        out[name] = planned["rows"][0]["total"]["single"]
+    return out
 
 
 def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
@@ -147,16 +181,17 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
             continue  # the anchor's frozen copy is not planned
         if log:
             log(f"[bench] planning {row['name']} at {spec.num_layers} and {spec.full_num_layers} layers")
-        same = plan.activation_bytes(cut, row["name"], spec.batch_size, spec.seq_len, spec.dtype)
-        at_full = plan.activation_bytes(full, row["name"], spec.batch_size, spec.seq_len, spec.dtype)
+        name = row["name"].replace("+oib", "")  # the step in the backward changes no activation
+        same = plan.activation_bytes(cut, name, spec.batch_size, spec.seq_len, spec.dtype)
+        at_full = plan.activation_bytes(full, name, spec.batch_size, spec.seq_len, spec.dtype)
         full_bytes[row["name"]] = at_full
         per_layer = fixed = "—"
         if config.backward is None:  # E2E: affine in depth, so two shallow steps give both terms
             one = plan.activation_bytes(
-                plan.with_depth(full, 1), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+                plan.with_depth(full, 1), name, spec.batch_size, spec.seq_len, spec.dtype
             )
             two = plan.activation_bytes(
-                plan.with_depth(full, 2), row["name"], spec.batch_size, spec.seq_len, spec.dtype
+                plan.with_depth(full, 2), name, spec.batch_size, spec.seq_len, spec.dtype
             )
             per_layer, fixed = f"{(two - one) / bench.MB:.1f}", f"{(2 * one - two) / bench.MB:.1f}"
         row.update(plan_same_depth_bytes=same, plan_full_depth_bytes=at_full)

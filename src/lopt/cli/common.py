@@ -118,6 +118,9 @@ def check_training_args(
                 f"--nproc_per_node N -m lopt {command} --fsdp ...`."
             )
 
+    if lopt_args.optimizer_in_backward:
+        check_optimizer_in_backward(training_args, command)
+
     if training_args.torch_compile and lopt_args.is_lopt:
         raise UserError(
             "--torch_compile is not supported with LoPT methods yet (untested with the local backward)."
@@ -154,6 +157,31 @@ def check_training_args(
             raise UserError(f"--{name} {getattr(training_args, name)} must be positive.")
     if getattr(training_args, "max_length", 1) is not None and getattr(training_args, "max_length", 1) <= 0:
         raise UserError(f"--max_length {training_args.max_length} must be positive.")
+
+
+def check_optimizer_in_backward(training_args, command: str) -> None:
+    """--optimizer_in_backward steps inside the backward of one process, once per backward (lopt.engine.in_backward)."""
+    if training_args.gradient_accumulation_steps > 1:
+        raise UserError(
+            f"--optimizer_in_backward steps after every backward: --gradient_accumulation_steps must be 1, not "
+            f"{training_args.gradient_accumulation_steps} (raise --per_device_train_batch_size instead)."
+        )
+    if training_args.fp16:
+        raise UserError(
+            "--optimizer_in_backward cannot use --fp16's grad scaler (it checks every gradient before the step): use "
+            "--bf16 or fp32."
+        )
+    if training_args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "--optimizer_in_backward runs in one process (it would step before the gradients are averaged over "
+            f"processes): run lopt {command} without torchrun/--fsdp, or drop --optimizer_in_backward."
+        )
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    if optim in ("lomo", "adalomo"):
+        raise UserError(
+            f"--optimizer_in_backward does not combine with --optim {optim}, which fuses its own update into the "
+            "backward: use one of them."
+        )
 
 
 def load_model(model_args, training_args, model_name_or_path: str | None = None, progress: bool = True):
@@ -234,7 +262,9 @@ def take_fsdp(training_args) -> bool:
     return True
 
 
-def lopt_trainer_kwargs(prepared, early_lr: float | None, output_dir: str, fsdp: bool = False) -> dict:
+def lopt_trainer_kwargs(
+    prepared, early_lr: float | None, output_dir: str, fsdp: bool = False, optimizer_in_backward: bool = False
+) -> dict:
     """The LoPT mixin's arguments and the metrics log, identical for every training command."""
     from lopt.integrations import MetricsLogCallback
 
@@ -242,6 +272,7 @@ def lopt_trainer_kwargs(prepared, early_lr: float | None, output_dir: str, fsdp:
         lopt_config=prepared.lopt_config,
         early_learning_rate=early_lr,
         fsdp=fsdp,
+        optimizer_in_backward=optimizer_in_backward,
         callbacks=[MetricsLogCallback(os.path.join(output_dir, "metrics.jsonl"))],
     )
 

@@ -178,7 +178,12 @@ def run(
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir),
+        **common.lopt_trainer_kwargs(
+            prepared,
+            early_lr,
+            training_args.output_dir,
+            optimizer_in_backward=lopt_args.optimizer_in_backward,
+        ),
     )
     if len(trainer.train_dataset) == 0:
         raise DataError(

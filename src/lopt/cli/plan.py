@@ -1,8 +1,10 @@
-"""`lopt plan`: memory of one training step of E2E and LoPT (+-GC) for any model size, without allocating it.
+"""`lopt plan`: memory of one training step of E2E and LoPT (k=2, k=4; each with and without the optimizer step in
+the backward, "+oib", and activation checkpointing, "+gc") for any model size, without allocating it.
 
-Prints one table: activation bytes (a fake-tensor step through lopt bench's meter), weights + gradients + AdamW
-states per GPU (one GPU, or DDP and FSDP over --num_gpus), the total, and with --gpu_memory what fits and the
-largest micro-batch at --seq_len. See lopt.experiments.plan for how each number is computed.
+Prints one table: activation bytes (a fake-tensor step through lopt bench's meter), and the step's peak: weights,
+AdamW states, and the gradients and activations alive at the step's worst moment (named), on one GPU, or DDP and
+FSDP over --num_gpus; with --gpu_memory what fits and the largest micro-batch at --seq_len. See
+lopt.experiments.plan for how each number is computed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(plan.PLAN_METHODS),
         metavar="METHOD",
-        help="space or comma separated (default: %(default)s)",
+        help="space or comma separated; any of them with +oib (optimizer step in the backward) or +gc "
+        "(activation checkpointing), and the other lopt bench configurations (default: %(default)s)",
     )
     parser.add_argument(
         "--num_gpus", type=int, default=1, help="data-parallel GPUs: DDP and FSDP (default: 1)"

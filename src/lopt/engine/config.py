@@ -67,8 +67,9 @@ class LoPTConfig:
         metadata={
             "help": "For the first N optimizer steps the local objective trains only the aux heads: the block outputs "
             "are detached before it, so the embedding and early blocks get no gradient (and AdamW skips them) "
-            "until the heads are no longer random. The last block trains from step 0. Trainer integrations apply "
-            "it; with the bare model set LoPTModel.aux_heads_only yourself."
+            "until the heads are no longer random (a tied embedding still learns as the LM head). The last block "
+            "trains from step 0. Trainer integrations apply it; with the bare model set LoPTModel.aux_heads_only "
+            "yourself."
         },
     )
     anchor_dtype: str | None = field(
@@ -76,6 +77,15 @@ class LoPTConfig:
         metadata={
             "help": "dtype of the frozen pretrained copy used by the anchor (e.g. 'bfloat16' halves its memory "
             "for a float32 model). None: the model's dtype."
+        },
+    )
+    untie_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Give a tied LM head its own copy of the embedding matrix, as the authors' code does, so the task "
+            "loss never reaches the embedding (costs one more vocab x hidden matrix of weights, gradients and "
+            "optimizer states, and the checkpoint is saved untied). False: a tied matrix stays one parameter, "
+            "trained in the late group (see lopt.engine.optim.param_groups). No effect on an untied model."
         },
     )
 
@@ -116,6 +126,8 @@ class LoPTConfig:
             raise ValueError(
                 f"aux_warmup_steps={self.aux_warmup_steps!r} must be an integer >= 0 (0: no warm-up)."
             )
+        if not isinstance(self.untie_embeddings, bool):
+            raise ValueError(f"untie_embeddings={self.untie_embeddings!r} must be True or False.")
         if self.anchor_dtype is not None and self.anchor_dtype not in ANCHOR_DTYPES:
             raise ValueError(f"anchor_dtype={self.anchor_dtype!r} is not one of {ANCHOR_DTYPES} (or None).")
 

@@ -17,15 +17,21 @@ A training forward (module in train mode, grad enabled) goes like this, for k bl
 Everything is done with forward pre-hooks on the first layer of each block, so the HF model keeps its module
 structure and parameter names, saves as a plain checkpoint, and can be handed to any trainer as it is.
 In eval mode or under `torch.no_grad()` the hooks do nothing: logits equal the base model's.
+
+A tied embedding and LM head stay one matrix (unless `LoPTConfig.untie_embeddings`): its gradient is the sum of
+block 0's local gradient through the embedding and the task gradient through the head. Each reaches it without
+crossing a boundary, so the stop-gradient holds; the matrix is trained with the late group (lopt.engine.optim).
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lopt.engine.anchor import ANCHOR_REFERENCE_NAME, PretrainedAnchor, anchor_loss
 from lopt.engine.architectures import DecoderParts, find_decoder_parts, hidden_states_arg, unwrap_peft
@@ -85,7 +91,9 @@ class LoPTModel(nn.Module):
         )
         self.anchor: PretrainedAnchor | None = None
         if config.uses_anchor:
-            late = {id(p) for module in self.late_modules() for p in module.parameters()}
+            # The reference copies what runs before the last boundary: a tied embedding too, although it is late.
+            embedding = {id(p) for p in parts.embedding.parameters()}
+            late = {id(p) for module in self.late_modules() for p in module.parameters()} - embedding
             dtype = getattr(torch, config.anchor_dtype) if config.anchor_dtype else None
             self.anchor = PretrainedAnchor(model, parts, block_ranges, late, dtype)
         self._anchor_states: list[torch.Tensor] | None = None
@@ -96,6 +104,7 @@ class LoPTModel(nn.Module):
         self.last_task_loss: torch.Tensor | None = None
         self._block_inputs: dict[int, torch.Tensor] = {}
         self._pending_aux: torch.Tensor | None = None  # lambda * mean(aux) since the last take_aux_loss()
+        self._local_backward_hooks: OrderedDict = OrderedDict()  # register_local_backward_hook
         self._block_hook_handles = []
         self.register_block_hooks()
         self._hook_handles = []
@@ -201,6 +210,8 @@ class LoPTModel(nn.Module):
             with torch.autocast(block_output.device.type, enabled=False), fsdp2_local_backward(self.model):
                 (weighted * self.loss_scale).backward()
             weighted = weighted.detach()
+            for hook in list(self._local_backward_hooks.values()):  # the block's gradients are final now
+                hook(index)
         self._pending_aux = weighted if self._pending_aux is None else self._pending_aux + weighted
 
     def _check_checkpointing(self) -> None:
@@ -215,6 +226,14 @@ class LoPTModel(nn.Module):
                     "reentrant checkpointing cannot backpropagate through): call gradient_checkpointing_enable("
                     "gradient_checkpointing_kwargs={'use_reentrant': False})."
                 )
+
+    def register_local_backward_hook(self, hook) -> RemovableHandle:
+        """Call `hook(block_index)` right after each early block's local backward, inside the forward: that block's
+        gradients (and its aux head's) are final then, since no later loss reaches it. lopt.engine.in_backward steps
+        the block's parameters there. Returns a handle whose `remove()` unregisters it."""
+        handle = RemovableHandle(self._local_backward_hooks)
+        self._local_backward_hooks[handle.id] = hook
+        return handle
 
     def take_aux_loss(self) -> torch.Tensor | None:
         """lambda * mean_i aux_i summed over the training forwards since the last call, then cleared.
@@ -335,7 +354,9 @@ class LoPTModel(nn.Module):
 
 
 def untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
-    """Give the LM head its own weight so the task gradient cannot reach the (early) embedding."""
+    """Give the LM head its own weight so the task gradient cannot reach the (early) embedding: the authors' setting
+    (`LoPTConfig(untie_embeddings=True)`), the freeze baseline's and block-parallel's (embedding and head on two
+    ranks). Costs one more vocab x hidden matrix, and the model then saves untied."""
     if parts.lm_head.weight is not parts.embedding.weight:
         return
     tied = parts.embedding.weight
@@ -347,8 +368,10 @@ def untie_embeddings(hf_model: nn.Module, parts: DecoderParts) -> None:
 def get_lopt_model(model: nn.Module, config: LoPTConfig | None = None) -> LoPTModel:
     """Wrap a transformers causal LM (optionally already wrapped by PEFT) for LoPT training.
 
-    Everything is validated before the model is touched; the only change to the model itself is untying tied
-    input/output embeddings. Apply PEFT (`get_peft_model`) first, then LoPT.
+    Everything is validated before the model is touched. A tied embedding and LM head stay one parameter (trained
+    with the late group, see lopt.engine.optim.param_groups), so the model saves in its base's shape; with
+    `config.untie_embeddings` the head gets its own copy first, the only change LoPT makes to the model itself.
+    Apply PEFT (`get_peft_model`) first, then LoPT.
     """
     config = LoPTConfig() if config is None else config
     if not isinstance(config, LoPTConfig):
@@ -361,5 +384,6 @@ def get_lopt_model(model: nn.Module, config: LoPTConfig | None = None) -> LoPTMo
     block_ranges = config.block_ranges(parts.num_layers)
     if not hasattr(parts.embedding, "weight") or not hasattr(parts.lm_head, "weight"):
         raise TypeError(f"{type(model).__name__}: the embedding and LM head must have a `.weight`.")
-    untie_embeddings(unwrap_peft(model), parts)
+    if config.untie_embeddings:
+        untie_embeddings(unwrap_peft(model), parts)
     return LoPTModel(model, config, parts, block_ranges)

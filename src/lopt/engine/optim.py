@@ -10,7 +10,12 @@ def param_groups(
 ) -> list[dict]:
     """Two AdamW groups, as in the authors' code: "late" (last block, final norm, LM head: trained by the task
     loss) at `lr`, and "early" (embedding, early blocks, aux heads: trained by the local objective) at `early_lr`
-    (default `lr`). Frozen parameters and empty groups are left out."""
+    (default `lr`). Frozen parameters and empty groups are left out.
+
+    A tied embedding and LM head (one parameter, `LoPTConfig.untie_embeddings=False`) is in the late group, once:
+    it is also the LM head, which the task loss trains at the main rate, and its last gradient (the task backward's)
+    arrives after block 0's local one, so a step inside the backward may update it only when the task backward
+    has ended (lopt.engine.in_backward)."""
     if not isinstance(model, LoPTModel):
         raise TypeError(
             f"param_groups expects a LoPTModel (from get_lopt_model), got {type(model).__name__}."

@@ -1,7 +1,8 @@
 """`lopt bench`: activation memory, peak memory and step time of E2E vs LoPT, side by side in one run.
 
 Three measurements per configuration (E2E, LoPT-joint k=2, LoPT local k=2, LoPT local k=4; each with and
-without gradient checkpointing), all on the same random tokens and the same initial weights:
+without gradient checkpointing; E2E and LoPT local also with the optimizer step in the backward, "+oib",
+lopt.engine.in_backward), all on the same random tokens and the same initial weights:
 
 * peak bytes saved for backward (`measure_saved_tensor_peak`): every tensor autograd saves goes through a
   `saved_tensors_hooks` pack hook that counts its storage while it is alive. LoPT's local backward runs
@@ -11,6 +12,13 @@ without gradient checkpointing), all on the same random tokens and the same init
   allocator's peak (`max_memory_allocated`) minus what was allocated before the step.
 * median step time (forward + backward + AdamW step + zero_grad) over interleaved repeats: round r runs
   every configuration once, so machine noise hits all of them alike and the time ratios come from one run.
+
+And the whole step, part by part (`whole_step` in each row): weights (parameter bytes, aux heads included),
+gradients (the peak bytes of gradients alive at once during a step, from post-accumulate-grad hooks: all of them
+for the ordinary step, one block or one parameter at a time with +oib), optimizer states (AdamW's tensors after a
+step), activations (the saved-for-backward peak above), and the step's peak: the weights (and, on CUDA, the AdamW
+state, resident before a timed step) plus the peak process memory above (on CPU the fresh process's two steps, which
+allocate the AdamW state; on CUDA the allocator's peak over what was allocated before the step).
 
 Importable API: BenchSpec, run_benchmark(spec, configs) -> list[dict], check_targets(rows) -> list[dict].
 The meter is lopt.experiments.meter (shared with `lopt plan` and `lopt compare`), the tables
@@ -52,6 +60,7 @@ class BenchConfig(NamedTuple):
     aux_objective: str = "recon"
     anchor_dtype: str | None = None  # dtype of the anchor's frozen pretrained copy
     head: str = "fused"  # "fused": TRL's chunked LM head, as `lopt sft` trains; "hf": the model's own loss
+    oib: bool = False  # optimizer step in the backward (lopt.engine.in_backward, --optimizer_in_backward)
 
 
 # Every method goes through TRL's fused LM head by default (`add_fused_lm_head`, called with fused_lm_head=True),
@@ -70,10 +79,18 @@ CONFIGS: dict[str, BenchConfig] = {
     # the task objective's cost: a logit-lens cross-entropy per boundary, chunked so no full logits are kept
     "lopt-k2-task": BenchConfig("LoPT k=2 task", "local", 2, False, "task"),
     "lopt-k4-task": BenchConfig("LoPT k=4 task", "local", 4, False, "task"),
+    # the optimizer step in the backward: each early block stepped and its gradients freed right after its local
+    # backward (LoPT), each parameter as its gradient is written (E2E)
+    "e2e+oib": BenchConfig("E2E, opt. in bwd", None, 1, False, oib=True),
+    "lopt-k2+oib": BenchConfig("LoPT k=2, opt. in bwd", "local", 2, False, oib=True),
+    "lopt-k4+oib": BenchConfig("LoPT k=4, opt. in bwd", "local", 4, False, oib=True),
     "e2e+gc": BenchConfig("E2E", None, 1, True),
     "lopt-joint-k2+gc": BenchConfig("LoPT-joint k=2", "joint", 2, True),
     "lopt-k2+gc": BenchConfig("LoPT k=2", "local", 2, True),
     "lopt-k4+gc": BenchConfig("LoPT k=4", "local", 4, True),
+    "e2e+oib+gc": BenchConfig("E2E, opt. in bwd", None, 1, True, oib=True),
+    "lopt-k2+oib+gc": BenchConfig("LoPT k=2, opt. in bwd", "local", 2, True, oib=True),
+    "lopt-k4+oib+gc": BenchConfig("LoPT k=4, opt. in bwd", "local", 4, True, oib=True),
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
 CONFIGS.update({
@@ -181,7 +198,17 @@ class BenchSpec:
         )
 
 
+def canonical_config(name: str) -> str:
+    """A config name with its "+" options in CONFIGS' order: "lopt-k2+gc+oib" is "lopt-k2+oib+gc"."""
+    base, *options = name.split("+")
+    order = ("oib", "gc")
+    if set(options) <= set(order) and len(set(options)) == len(options):
+        return "+".join([base, *(o for o in order if o in options)])
+    return name
+
+
 def _check_configs(configs: Sequence[str]) -> list[str]:
+    configs = [canonical_config(c) for c in configs]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise ValueError(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}.")
@@ -244,16 +271,51 @@ def training_loss(model: nn.Module, input_ids: torch.Tensor, head: str) -> torch
     return out.loss  # LoPT: task + lambda*aux (local mode: aux already backpropagated, detached here)
 
 
+class GradientMeter:
+    """The peak bytes of gradients alive at once while active: after every accumulation into a `.grad` (a
+    post-accumulate-grad hook), the bytes of every gradient then present. Gradients only grow at accumulations, so
+    the largest of those sums is the peak. Register it before an optimizer-in-backward, whose hook frees the gradient
+    right after it is written; `remove()` detaches it."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = [p for p in params if p.requires_grad]
+        self.active = False
+        self.peak = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._after_accumulation) for p in self.params]
+
+    def _after_accumulation(self, _param: torch.Tensor) -> None:
+        if self.active:
+            live = sum(p.grad.nbytes for p in self.params if p.grad is not None)
+            self.peak = max(self.peak, live)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
 class Runner:
     """One configuration: its own copy of the model, its optimizer, and one training step."""
 
-    def __init__(self, name: str, spec: BenchSpec, base_model: nn.Module, copy_model: bool = True):
+    def __init__(
+        self,
+        name: str,
+        spec: BenchSpec,
+        base_model: nn.Module,
+        copy_model: bool = True,
+        meter_gradients: bool = False,
+    ):
+        from lopt.engine.in_backward import optimizer_in_backward
         from lopt.engine.optim import param_groups
 
         self.name = name
         config = CONFIGS[name]
         self.label, self.backward, self.k, self.gc = config.label, config.backward, config.k, config.gc
-        self.head = config.head
+        self.head, self.oib = config.head, config.oib
         self.reference_bytes = 0  # the anchor's frozen copy of pretrained weights
         # same initial weights for every configuration
         self.model = prepare_for_training(copy.deepcopy(base_model) if copy_model else base_model, config)
@@ -264,6 +326,12 @@ class Runner:
             if self.model.anchor is not None:
                 self.reference_bytes = self.model.anchor.num_bytes
         self.optimizer = torch.optim.AdamW(groups, lr=spec.lr)
+        self.weight_bytes = sum(p.nbytes for p in _unique_parameters(self.model))
+        # before the optimizer-in-backward's hooks, so it sees each gradient before the step frees it
+        self.gradient_meter = GradientMeter(_unique_parameters(self.model)) if meter_gradients else None
+        self.in_backward = None
+        if self.oib:  # no clipping, as the ordinary step here: the same update, made earlier
+            self.in_backward = optimizer_in_backward(self.model, self.optimizer, track_grad_norm=False)
 
     def forward_backward(self, input_ids: torch.Tensor) -> float:
         loss = training_loss(
@@ -272,11 +340,23 @@ class Runner:
         loss.backward()
         return loss.item()
 
+    def finish_step(self) -> None:
+        """The optimizer step after the backward (+oib: what the backward left, LoPT's task-loss parameters)."""
+        if self.in_backward is not None:
+            self.in_backward.step()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self, input_ids: torch.Tensor) -> float:
         loss = self.forward_backward(input_ids)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.finish_step()
         return loss
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(
+            t.nbytes for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        )
 
 
 def _sync(device: str) -> None:
@@ -322,7 +402,7 @@ def measure_one_process(name: str, spec: BenchSpec, steps: int = 2) -> dict:
     """
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    runner = Runner(name, spec, build_base_model(spec))
+    runner = Runner(name, spec, build_base_model(spec), copy_model=False)
     batch = make_batch(spec)
     gc.collect()
     reset = _reset_peak_rss()
@@ -336,15 +416,25 @@ def measure_one_process(name: str, spec: BenchSpec, steps: int = 2) -> dict:
         "rss_before": before,
         "rss_peak": peak,
         "peak_mem_bytes": max(0, peak - before),
+        # the whole step: the weights (resident before it) plus what the steps added (gradients, AdamW state,
+        # activations, temporaries)
+        "step_peak_bytes": runner.weight_bytes + runner.reference_bytes + max(0, peak - before),
         # without a reset, a build transient above the step's peak would make the delta an underestimate
         "peak_reset": reset,
         "peak_hidden_by_build": (not reset) and peak <= peak_before,
     }
 
 
+# glibc malloc's fixed mmap threshold for the fresh process: every allocation of 64 KiB or more is its own mapping,
+# returned to the system when freed, so the RSS follows the tensors alive. With the default dynamic threshold, freed
+# gradients and temporaries stay in the heap as holes, and the peak RSS moved by about 100 MB between two runs of
+# the same configuration (8 layers x 512, vocab 32000).
+FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def _fresh_process_peak(name: str, spec: BenchSpec) -> dict:
     cmd = [sys.executable, "-m", "lopt.experiments.bench", "--one", name, "--spec", json.dumps(asdict(spec))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **FRESH_PROCESS_ENV})
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory subprocess for {name} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -374,7 +464,7 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
 
     base = build_base_model(spec)
     batch = make_batch(spec)
-    runners = [Runner(name, spec, base) for name in configs]
+    runners = [Runner(name, spec, base, meter_gradients=True) for name in configs]
     del base
     rows = {r.name: _row(r) for r in runners}
 
@@ -382,15 +472,26 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
     #    Python work would add to the time). It also serves as the first warmup step.
     for r in runners:
         gc.collect()
+        r.gradient_meter.active = True
         with SavedTensorMeter() as meter:
             loss = r.forward_backward(batch)
         gc.collect()
-        r.optimizer.step()
-        r.optimizer.zero_grad(set_to_none=True)
+        r.finish_step()
+        r.gradient_meter.active = False
+        r.gradient_meter.remove()  # the timed steps run without it
         rows[r.name].update(
             act_peak_bytes=meter.peak, act_live_after=meter.live, loss=loss, saved_tensors=meter.num_saved
         )
-        log(f"[bench] {r.name}: saved-for-backward peak {meter.peak / MB:.1f} MB")
+        rows[r.name]["whole_step"] = {
+            "weights": r.weight_bytes + r.reference_bytes,
+            "gradients": r.gradient_meter.peak,
+            "optimizer": r.optimizer_state_bytes(),
+            "activations": meter.peak,
+        }
+        log(
+            f"[bench] {r.name}: saved-for-backward peak {meter.peak / MB:.1f} MB, gradients peak "
+            f"{r.gradient_meter.peak / MB:.1f} MB"
+        )
 
     # 2) Timing, interleaved: round i runs each configuration once, starting at a rotating offset so no
     #    configuration always follows the same one.
@@ -431,6 +532,9 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
             row.update(peak_mem_bytes=None, peak_mem_kind=None)
         elif cuda:
             row.update(peak_mem_bytes=cuda_peaks[name], peak_mem_kind="cuda_allocated")
+            # resident before a step: this configuration's weights and AdamW state (no gradients: set to None)
+            resident = row["whole_step"]["weights"] + row["whole_step"]["optimizer"]
+            row["whole_step"]["step_peak"] = resident + cuda_peaks[name]
         else:
             info = _fresh_process_peak(name, spec)
             row.update(
@@ -439,6 +543,7 @@ def _run_benchmark(spec: BenchSpec, configs: list[str], log: Callable[[str], Non
                 rss_before=info["rss_before"],
                 peak_hidden_by_build=info["peak_hidden_by_build"],
             )
+            row["whole_step"]["step_peak"] = info["step_peak_bytes"]
             log(f"[bench] {name}: peak RSS +{info['peak_mem_bytes'] / MB:.1f} MB (fresh process)")
 
     out = [rows[name] for name in configs]
@@ -454,6 +559,7 @@ def _row(r: Runner) -> dict:
         "head": r.head,
         "backward": r.backward or "e2e",
         "k": r.k,
+        "oib": r.oib,
         "reference_bytes": r.reference_bytes,
     }
 
@@ -482,7 +588,11 @@ def _measure_activations_only(spec: BenchSpec, configs: list[str], log: Callable
 def add_ratios(rows: list[dict]) -> None:
     """Ratios to E2E with the same checkpointing setting and LM head (and activation ratio to E2E without
     checkpointing), in place."""
-    e2e = {(row["gc"], row.get("head", "fused")): row for row in rows if row["backward"] == "e2e"}
+    e2e = {
+        (row["gc"], row.get("head", "fused")): row
+        for row in rows
+        if row["backward"] == "e2e" and not row.get("oib")
+    }
 
     def ratio(row, key, ref_gc):
         ref = e2e.get((ref_gc, row.get("head", "fused")))
@@ -528,7 +638,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 def _main(argv: list[str] | None = None) -> int:
     """`python -m lopt.experiments.bench --one NAME --spec JSON`: the fresh-process peak-RSS measurement."""
     parser = argparse.ArgumentParser(prog="python -m lopt.experiments.bench")
-    parser.add_argument("--one", required=True, choices=list(CONFIGS))
+    parser.add_argument("--one", required=True, type=canonical_config, choices=list(CONFIGS))
     parser.add_argument("--spec", required=True, help="BenchSpec as JSON")
     args = parser.parse_args(argv)
     spec = BenchSpec(**json.loads(args.spec))

@@ -52,7 +52,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     kinds = {row.get("peak_mem_kind") for row in rows} - {None}
     mem_note = {
         "rss_fresh_process": "peak mem = peak RSS of a fresh process per config minus its RSS before the first "
-        "step (2 steps; includes gradients and AdamW state, the same for every config)",
+        "step (2 steps; includes gradients and AdamW state; glibc's mmap threshold fixed at 64 KiB, so freed "
+        "tensors leave the RSS)",
         "cuda_allocated": "peak mem = torch.cuda.max_memory_allocated during a step minus memory allocated "
         "before it (includes gradients)",
     }
@@ -118,3 +119,82 @@ def describe_spec(spec: BenchSpec) -> str:
         f"{shape}, random weights; seq {spec.seq_len}, batch {spec.batch_size}, {spec.dtype} on {spec.device}; "
         f"{repeats}, torch {torch.__version__}, {spec.threads or torch.get_num_threads()} threads"
     )
+
+
+WHOLE_STEP_COLUMNS = (
+    "config", "GC", "weights MB", "grads MB", "optimizer MB", "act. MB", "sum MB", "step peak MB", "x E2E",
+    "x E2E oib", "plan MB", "peak / plan",
+)  # fmt: skip
+
+
+def format_whole_step(
+    rows: list[dict], plan_bytes: dict[str, int | None] | None = None, markdown: bool = False
+) -> str:
+    """The whole step per configuration: weights, the gradients' peak, optimizer states, activations, their sum and
+    the measured step peak, with its ratios to E2E and to E2E with the optimizer in the backward (same GC setting and
+    LM head), and lopt plan's figure for it where the planner has one (`plan_bytes`, by config name)."""
+    plan_bytes = plan_bytes or {}
+    with_parts = [row for row in rows if row.get("whole_step")]
+    if not with_parts:
+        return ""
+    refs = {
+        (row["gc"], row.get("head", "fused"), bool(row.get("oib"))): row["whole_step"].get("step_peak")
+        for row in with_parts
+        if row["backward"] == "e2e"
+    }
+
+    def ratio(value, ref):
+        return None if value is None or not ref else value / ref
+
+    cells = []
+    for row in with_parts:
+        parts = row["whole_step"]
+        total = sum(parts[key] for key in ("weights", "gradients", "optimizer", "activations"))
+        peak = parts.get("step_peak")
+        key = (row["gc"], row.get("head", "fused"))
+        planned = plan_bytes.get(row["name"])
+        cells.append([
+            row["label"],
+            "yes" if row["gc"] else "no",
+            _fmt_mb(parts["weights"]),
+            _fmt_mb(parts["gradients"]),
+            _fmt_mb(parts["optimizer"]),
+            _fmt_mb(parts["activations"]),
+            _fmt_mb(total),
+            _fmt_mb(peak),
+            _fmt(ratio(peak, refs.get((*key, False))), ".2f"),
+            _fmt(ratio(peak, refs.get((*key, True))), ".2f"),
+            _fmt_mb(planned),
+            _fmt(ratio(peak, planned), ".2f"),
+        ])  # fmt: skip
+    kinds = {row.get("peak_mem_kind") for row in with_parts} - {None}
+    footer = [
+        "Whole step, part by part. weights: parameter bytes (aux heads and an anchor's frozen copy included); "
+        "grads: the most gradient bytes alive at once during a step (all of them for the ordinary step; one LoPT "
+        "block, or one E2E parameter, at a time with the optimizer in the backward); optimizer: AdamW's state "
+        "after a step; act.: the saved-for-backward peak; sum: the four added, as if all peaked at once.",
+        *(
+            {
+                "rss_fresh_process": "step peak = weights + the peak RSS of a fresh process per config during 2 "
+                "steps minus its RSS before them (which includes AdamW's state, allocated by the first step, and the "
+                "allocator's and libraries' pages).",
+                "cuda_allocated": "step peak = this config's weights and AdamW state plus torch.cuda's peak "
+                "allocated during a step over what was allocated before it.",
+            }[k]
+            for k in sorted(kinds)
+        ),
+        "x E2E / x E2E oib = step peak over E2E's / E2E with the optimizer in the backward's (same GC, same LM "
+        "head). plan = lopt plan's whole-step figure at this depth, where the planner has this config (— where "
+        "not).",
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(WHOLE_STEP_COLUMNS) + " |", "|" + "---|" * len(WHOLE_STEP_COLUMNS)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines + [""] + [f"- {f}" for f in footer])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(WHOLE_STEP_COLUMNS)]
+
+    def fmt_row(c: Sequence[str]) -> str:
+        return "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+
+    lines = [fmt_row(WHOLE_STEP_COLUMNS), "  ".join("-" * w for w in widths), *map(fmt_row, cells)]
+    return "\n".join(lines + [""] + [f"* {f}" for f in footer])

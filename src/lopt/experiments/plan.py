@@ -1,18 +1,20 @@
-"""`lopt plan`: the memory of one training step for any model size, exactly, without allocating it.
+"""`lopt plan`: the memory of one training step for any model size, without allocating it: weights, gradients,
+optimizer states, activations and the step's peak, per configuration, at full depth.
 
 Activations: one training step (forward + backward, LoPT's local backward included) of the real model code on
 fake tensors (`FakeTensorMode`: every tensor has its shape, dtype and device, none has memory), metered by the
 same `SavedTensorMeter` as `lopt bench`. So the plan is the meter's number, not a formula: it follows the
-attention implementation, the fused LM head, checkpointing and the LoPT wrapper as they really run on CPU.
+attention implementation, the fused LM head, checkpointing and the LoPT wrapper as they really run on CPU. The
+meter's peak is also taken per phase: LoPT's local backward of each early block ends a phase (its activations are
+freed there), the task backward ends the last one; e2e has one phase.
 
 Depth, exactly and fast: a decoder's layers are identical, so with k blocks of sizes q or q+1 (L = q*k + r) every
-block's saved bytes are a + q*b_layer (a per block kind), and the peak, a maximum of such terms with the same
-slope, is affine in q. Two fake steps at q = 1 and q = 2 (k + r and 2k + r layers) give it at any depth; the
-parameter counts are affine in the depth too. Models whose layers differ (`layer_types` not all the same) run
-at full depth.
+block's saved bytes are a + q*b_layer (a per block kind), and each phase's peak and the whole step's are affine in
+q. Two fake steps at q = 1 and q = 2 (k + r and 2k + r layers) give them at any depth; the parameter counts are
+affine in the depth too. Models whose layers differ (`layer_types` not all the same) run at full depth.
 
-States (per GPU), from the parameter counts of the same fake model (LoPT unties tied embeddings and adds aux
-heads, both counted):
+States (per GPU), from the parameter counts of the same fake model (a tied embedding and LM head counted once, as
+LoPT keeps it; LoPT's aux heads included):
 * bfloat16: bf16 weights and gradients, fp32 master weights + AdamW m and v: 2 + 2 + 12 bytes per parameter;
 * float32: fp32 weights, gradients, AdamW m and v: 4 + 4 + 8 bytes per parameter;
 * DDP over N GPUs: every GPU holds all of it (DDP's own gradient buckets not counted);
@@ -21,8 +23,50 @@ heads, both counted):
   prefetched) and one layer's full gradient before its reduce-scatter.
 Activations are per micro-batch and per GPU (data parallel does not split a sequence).
 
+The step's peak (`step_peak`): the floor, what must be alive at the step's worst moment:
+
+    peak = weights + optimizer states + max over the step's moments of (activations alive + gradients alive)
+
+Weights and optimizer states live through the whole step. A backward frees each layer's activations as it writes
+that layer's gradients, so (identical layers) the sum changes linearly from one layer to the next, and its maximum
+is at one of these moments of each backward (`step_moments`):
+* its start (for the task loss: the LM head's backward): the activations of what it backpropagates (that phase's
+  meter peak: the whole model for e2e, one block for a LoPT local backward, the last block and the LM head for the
+  task backward), the gradients kept from earlier backwards, and the first gradient it writes, the LM head's;
+* under activation checkpointing, its last layer's backward, the first recomputed: the same activations plus one
+  layer's recomputed ones (the meter does not see them: one layer's saved bytes without checkpointing,
+  `layer_act_bytes`; the LM head's saved tensors, freed by then, are still counted: a small excess);
+* its first layer's backward: that layer's activations, and every gradient written so far but the layer's own
+  and the embedding's (written after it);
+* its end: the gradients alive then (its activations are gone).
+Which gradients are alive:
+* the ordinary step: every gradient written in the step, until optimizer.step() after the last backward;
+* "+oib" (the optimizer step in the backward, lopt.engine.in_backward): LoPT steps early block i's parameters and
+  frees their gradients when its local backward ends (its layers, its aux head; block 0 also an untied embedding),
+  the late group's (last block, final norm, LM head, and a tied embedding) when the task backward ends; e2e steps
+  each parameter as soon as its gradient is complete: the LM head's at the start, then one layer's at a time, the
+  embedding's last;
+* a tied matrix gets two gradients, through the embedding and through the head. In e2e autograd sums them before
+  writing `.grad`: the head's part waits, a vocab x hidden tensor, from the start of the backward to the end. In
+  LoPT the embedding's part is written by block 0's local backward and stays until the task backward has added
+  the head's part and ended, "+oib" or not: the matrix is in the late group.
+Not included: the optimizer's temporary buffers (a foreach AdamW allocates some of a group's size; a fused or a
+per-parameter step almost none), autograd's transient gradients of activations, the allocator's fragmentation and
+the CUDA context. FSDP: the gradients alive are counted sharded (/ N).
+
+What this shows. Where activations dominate the worst moment (long sequences, no checkpointing), LoPT's step
+peak follows its activations: Qwen2.5-0.5B, micro-batch 8 x seq 2048, bf16: 0.64x e2e at k=2, 0.46x at k=4 (0.63x
+and 0.44x with +oib). Where gradients dominate it (checkpointing, short sequences, large models), an ordinary LoPT
+step saves nothing: at its worst moment it holds what e2e holds (every gradient at the end, or the early blocks'
+and a tied matrix's, kept through the task backward, against e2e's layer inputs) plus its aux heads' weights,
+gradients and AdamW states: with checkpointing, 1.00x e2e at that shape (+11 MB at k=2) and up to about 1% above
+on the larger presets. +oib frees the early blocks' gradients as soon as they are final (0.96x with
+checkpointing); but e2e+oib frees every gradient as soon as it is written, so where gradients dominate, e2e+oib is
+lower than LoPT+oib, which keeps a whole block's gradients until that block's backward ends.
+
 Importable API: activation_bytes(config, method, batch_size, seq_len, dtype) -> int,
-make_plan(config, seq_len, ...) -> dict, format_plan(plan) -> str.
+step_peak(count, method, precision, layer_act) -> dict, make_plan(config, seq_len, ...) -> dict,
+format_plan(plan) -> str.
 """
 
 from __future__ import annotations
@@ -31,7 +75,7 @@ import contextlib
 import gc
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
@@ -41,7 +85,21 @@ from lopt.experiments.bench import CONFIGS, MB, prepare_for_training, training_l
 from lopt.experiments.meter import SavedTensorMeter
 
 GB = 1024**3
-PLAN_METHODS = ("e2e", "e2e+gc", "lopt-k2", "lopt-k2+gc", "lopt-k4", "lopt-k4+gc")
+OIB = "oib"  # the "+oib" option of a method name: the optimizer step in the backward
+PLAN_METHODS = (
+    "e2e",
+    "e2e+oib",
+    "lopt-k2",
+    "lopt-k2+oib",
+    "lopt-k4",
+    "lopt-k4+oib",
+    "e2e+gc",
+    "e2e+oib+gc",
+    "lopt-k2+gc",
+    "lopt-k2+oib+gc",
+    "lopt-k4+gc",
+    "lopt-k4+oib+gc",
+)
 # bytes per parameter: weights (all), gradients and optimizer states (trainable only)
 PRECISIONS = {
     "bfloat16": {"weights": 2, "grads": 2, "optimizer": 12},  # + fp32 master copy, AdamW m and v
@@ -51,13 +109,56 @@ PRECISIONS = {
 
 @dataclass
 class StepCount:
-    """What one fake training step measured: the activation peak and the parameter counts behind the states."""
+    """What one fake training step measured: the activation peaks and the parameter counts behind the states."""
 
     act_bytes: int
-    params: int  # every parameter of the trained model (LoPT: untied head and aux heads included)
+    params: int  # every parameter of the trained model (a tied matrix once; LoPT's aux heads included)
     trainable: int
     layer_params: int  # one decoder layer
     root_params: int  # everything outside the decoder layers (embedding, final norm, LM head, aux heads)
+    # Per phase (one per LoPT block with the local backward, else one): the meter's activation peak, and the
+    # trainable parameters the optimizer step covers at its end (LoPT: early block i = its layers + aux head i, block
+    # 0 also what runs before layer 0 unless the task loss trains it; the last = the late group; else: all).
+    phase_act: tuple[int, ...] = ()
+    phase_params: tuple[int, ...] = ()
+    head: int = 0  # trainable elements of the LM head's weight (the shared matrix when tied)
+    # trainable elements of the embedding's weight (its gradient is its own tensor, also when tied), and of what
+    # runs before layer 0 other than the LM head (an untied embedding, position embeddings)
+    embedding: int = 0
+    pre_layers: int = 0
+    tied: bool = False  # embedding and LM head are one parameter
+
+
+@dataclass
+class Method:
+    """A plan method name: the bench configuration whose fake step gives the activations, and "+oib"."""
+
+    name: str
+    bench: str  # a lopt.experiments.bench CONFIGS name without "+oib"
+    oib: bool = False
+    label: str = field(default="")
+
+
+def parse_method(name: str) -> Method:
+    """ "lopt-k2+oib+gc" (or "lopt-k2+gc+oib") -> Method(bench="lopt-k2+gc", oib=True). The optimizer step in the
+    backward changes which gradients are alive, not what is saved for backward: the activations are the bench
+    configuration's without it."""
+    base, *options = name.split("+")
+    oib = OIB in options
+    bench = "+".join([base, *(o for o in options if o != OIB)])
+    if bench not in CONFIGS or options.count(OIB) > 1:
+        choices = sorted({*PLAN_METHODS, *CONFIGS})
+        raise ValueError(
+            f"unknown method {name!r}; choose from {choices} (any LoPT-local or e2e one with +oib)."
+        )
+    config = CONFIGS[bench]
+    if oib and config.backward == "joint":
+        raise ValueError(
+            f"{name!r}: the optimizer step in the backward needs LoPT's local backward (joint mode completes every "
+            "gradient at the end)."
+        )
+    label = config.label + (", opt. in bwd" if oib else "") + (" + GC" if config.gc else "")
+    return Method(name, bench, oib, label)
 
 
 @contextlib.contextmanager
@@ -87,19 +188,39 @@ def with_depth(config, num_layers: int):
     return config
 
 
+def _phase_parameters(model: nn.Module, local: bool) -> list[list[nn.Parameter]]:
+    """The trainable parameters stepped at the end of each phase (see StepCount.phase_params), each once."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}  # a tied matrix once
+    if not local:
+        return [list(params.values())]
+    late = {id(p) for module in model.late_modules() for p in module.parameters()}
+    phases = []
+    for index in range(model.num_boundaries):
+        modules = [*model.early_block_modules(index)]
+        if index < len(model.aux_heads):
+            modules.append(model.aux_heads[index])
+        phases.append({id(p) for module in modules for p in module.parameters()} - late)
+    in_blocks = set().union(*phases)
+    phases[0] |= {i for i in params if i not in late and i not in in_blocks}  # the embedding, ...
+    phases.append(late)
+    return [[params[i] for i in phase if i in params] for phase in phases]
+
+
 def fake_step(config, method: str, batch_size: int, seq_len: int, dtype: str = "float32") -> StepCount:
     """One training step of `method` at the config's own depth on fake tensors, metered (no real memory)."""
     from transformers import AutoModelForCausalLM
 
     from lopt.engine.architectures import find_decoder_parts
 
-    bench_config = CONFIGS[method]
+    bench_config = CONFIGS[parse_method(method).bench]
+    local = bench_config.backward == "local"
     with _fake_tensors():
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # Outside the fake mode: the aux heads are real (small) modules, because torch refuses to swap fake
     # parameters that an init function has registered (Module.to() of a fake xavier-initialised Linear fails).
     # Operations on the fake model's tensors stay fake wherever they run.
     model = prepare_for_training(model, bench_config)
+    parts = find_decoder_parts(model.model if bench_config.backward else model)
     with _fake_tensors() as mode:
         if bench_config.backward is not None:  # now make the aux heads fake too: their gradients stay shapes
             for module in model.aux_heads.modules():
@@ -107,23 +228,57 @@ def fake_step(config, method: str, batch_size: int, seq_len: int, dtype: str = "
                     fake = mode.from_tensor(param.detach())
                     module._parameters[name] = nn.Parameter(fake, requires_grad=param.requires_grad)
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+        phase_act: list[int] = []
         with SavedTensorMeter() as meter:
-            training_loss(model, ids, bench_config.head).backward()
-        parts = find_decoder_parts(model.model if bench_config.backward else model)
+
+            def end_phase(module, args):
+                # Registered after LoPT's block hook, so the block before has had its local backward: its
+                # activations are freed and its phase is over. Not in a checkpointed layer's replay, nor in the
+                # anchor's no-grad reference forward.
+                training = module.training and torch.is_grad_enabled()
+                if training and torch._C._current_graph_task_id() == -1:
+                    phase_act.append(meter.peak)
+                    meter.peak = meter.live
+
+            handles = (
+                [
+                    parts.layers[start].register_forward_pre_hook(end_phase)
+                    for start, _ in model.block_ranges[1:]
+                ]
+                if local
+                else []
+            )
+            try:
+                training_loss(model, ids, bench_config.head).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            phase_act.append(meter.peak)
         in_layers = {id(p) for layer in parts.layers for p in layer.parameters()}
         params = {id(p): p for p in model.parameters()}  # tied weights once
+        head, embedding = parts.lm_head.weight, parts.embedding.weight
+        after_layers = {id(p) for m in (parts.final_norm, parts.lm_head) for p in m.parameters()}
+        if bench_config.backward is not None:
+            after_layers |= {id(p) for p in model.aux_heads.parameters()}
+        pre_layers = [p for i, p in params.items() if p.requires_grad and i not in in_layers | after_layers]
         return StepCount(
-            act_bytes=meter.peak,
+            act_bytes=max(phase_act),
             params=sum(p.numel() for p in params.values()),
             trainable=sum(p.numel() for p in params.values() if p.requires_grad),
             layer_params=sum(p.numel() for p in parts.layers[0].parameters()),
             root_params=sum(p.numel() for i, p in params.items() if i not in in_layers),
+            phase_act=tuple(phase_act),
+            phase_params=tuple(sum(p.numel() for p in ps) for ps in _phase_parameters(model, local)),
+            head=head.numel() if head.requires_grad else 0,
+            embedding=embedding.numel() if embedding.requires_grad else 0,
+            pre_layers=sum(p.numel() for p in pre_layers),
+            tied=head is embedding,
         )
 
 
 def count_step(config, method: str, batch_size: int, seq_len: int, dtype: str = "float32") -> StepCount:
     """`fake_step` at the config's full depth, from two shallow fake steps when the layers are identical."""
-    k = CONFIGS[method].k
+    k = CONFIGS[parse_method(method).bench].k
     depth = config.num_hidden_layers
     q, r = divmod(depth, k)
     if not _uniform_layers(config) or q <= 2:
@@ -131,27 +286,48 @@ def count_step(config, method: str, batch_size: int, seq_len: int, dtype: str = 
     one = fake_step(with_depth(config, k + r), method, batch_size, seq_len, dtype)
     two = fake_step(with_depth(config, 2 * k + r), method, batch_size, seq_len, dtype)
 
-    def at_depth(field: str) -> int:
-        a, b = getattr(one, field), getattr(two, field)
+    def at_depth(a: int, b: int) -> int:
         return a + (q - 1) * (b - a)
 
+    def field_at_depth(name: str):
+        a, b = getattr(one, name), getattr(two, name)
+        if isinstance(a, tuple):
+            return tuple(at_depth(x, y) for x, y in zip(a, b))
+        return at_depth(a, b)
+
     return StepCount(
-        act_bytes=at_depth("act_bytes"),
-        params=at_depth("params"),
-        trainable=at_depth("trainable"),
+        act_bytes=field_at_depth("act_bytes"),
+        params=field_at_depth("params"),
+        trainable=field_at_depth("trainable"),
         layer_params=one.layer_params,
         root_params=one.root_params,
+        phase_act=field_at_depth("phase_act"),
+        phase_params=field_at_depth("phase_params"),
+        head=one.head,
+        embedding=one.embedding,
+        pre_layers=one.pre_layers,
+        tied=one.tied,
     )
 
 
 def activation_bytes(config, method: str, batch_size: int, seq_len: int, dtype: str = "float32") -> int:
-    """Peak bytes saved for backward in one training step of `method` (a bench config name), as the meter
-    would measure it on CPU."""
+    """Peak bytes saved for backward in one training step of `method` (a bench config name, "+oib" allowed), as
+    the meter would measure it on CPU."""
     return count_step(config, method, batch_size, seq_len, dtype).act_bytes
 
 
+def layer_act_bytes(config, batch_size: int, seq_len: int, dtype: str = "float32") -> int:
+    """One layer's activations, saved for its backward: alive while that layer's backward runs (recomputed there
+    under activation checkpointing). The first layer's, without checkpointing: e2e at depth 2 minus depth 1 (depth
+    1 alone for a one-layer model)."""
+    one = fake_step(with_depth(config, 1), "e2e", batch_size, seq_len, dtype).act_bytes
+    if config.num_hidden_layers < 2:
+        return one
+    return fake_step(with_depth(config, 2), "e2e", batch_size, seq_len, dtype).act_bytes - one
+
+
 def state_bytes(count: StepCount, precision: str, parallel: str = "single", num_gpus: int = 1) -> dict:
-    """Weights, gradients, optimizer states (and FSDP's gathered working set) per GPU, in bytes."""
+    """Weights, gradients (all of them), optimizer states (and FSDP's gathered working set) per GPU, in bytes."""
     per = PRECISIONS[precision]
     shard = num_gpus if parallel == "fsdp" else 1
     out = {
@@ -165,6 +341,81 @@ def state_bytes(count: StepCount, precision: str, parallel: str = "single", num_
         out["gathered"] = (
             count.root_params * w + 2 * count.layer_params * w + count.layer_params * per["grads"]
         )
+    return out
+
+
+def step_moments(count: StepCount, oib: bool, layer_act: int, gc: bool) -> list[tuple[str, int, int]]:
+    """(moment, activation bytes, gradient elements) at each moment of the step that can be its worst (see the
+    module docstring): in every backward, its start (the LM head's backward, for the task loss), under activation
+    checkpointing its last layer's backward (the first recomputed), its first layer's backward, and its end.
+    `layer_act`: one layer's activations without checkpointing (`layer_act_bytes`)."""
+    layer = count.layer_params
+    tied = (
+        count.embedding if count.tied else 0
+    )  # a tied matrix's first gradient, alive to the end of the step
+
+    def backward(name, act, held, first, first_kept, before_first_layer, end):
+        """One backward: `held` gradients alive before it, `first` the gradient its first node writes (the LM
+        head's), `first_kept` what of it is still alive when the layers' backward starts, `before_first_layer`
+        the gradients alive when its first layer's backward starts, `end` when it ends."""
+        moments = [(f"{name}backward start", act, held + first)]
+        if (
+            gc
+        ):  # the last layer's backward recomputes its activations (the LM head's saved ones still counted)
+            moments.append((f"{name}last layer's backward", act + layer_act, held + first_kept))
+        moments.append((f"{name}first layer's backward", layer_act, before_first_layer))
+        return [*moments, (f"{name}backward end", 0, end)]
+
+    if len(count.phase_act) == 1:  # one backward: e2e (or LoPT's joint mode)
+        act, written = count.phase_act[0], count.phase_params[0]
+        if oib:  # each gradient stepped when complete: one layer's in flight, the embedding's last
+            head_part = (
+                count.head if count.tied else 0
+            )  # a tied matrix's head part waits for its embedding part
+            return backward("", act, 0, count.head, head_part, head_part + layer, head_part + count.embedding)
+        return backward(
+            "", act, 0, count.head, count.head, written - layer - count.pre_layers, written + tied
+        )
+    moments, held = [], 0
+    for index in range(len(count.phase_act) - 1):  # the early blocks' local backwards
+        written = held + count.phase_params[index]
+        pre = count.pre_layers if index == 0 else 0  # written after the block's first layer
+        end = written + (tied if index == 0 else 0)
+        moments += backward(f"block {index} ", count.phase_act[index], held, 0, 0, written - layer - pre, end)
+        held = tied if oib else end
+    # The task backward: a tied matrix's gradient is in `held` already; the head's part is added to it in place.
+    late = count.phase_params[-1] - (count.head if count.tied else 0)
+    head_kept = 0 if count.tied else count.head
+    return moments + backward(
+        "task ", count.phase_act[-1], held, count.head, head_kept, held + late - layer, held + late
+    )
+
+
+def step_peak(
+    count: StepCount,
+    method: str,
+    precision: str,
+    layer_act: int = 0,
+    parallel: str = "single",
+    num_gpus: int = 1,
+) -> dict:
+    """The step's floor per GPU, in bytes: weights, optimizer states, gathered (FSDP), and at the worst moment the
+    gradients and activations alive, their sum `peak`, and which moment it is."""
+    parsed = parse_method(method)
+    states = state_bytes(count, precision, parallel, num_gpus)
+    shard = num_gpus if parallel == "fsdp" else 1
+    per_grad = PRECISIONS[precision]["grads"]
+    moments = step_moments(count, parsed.oib, layer_act, CONFIGS[parsed.bench].gc)
+    moment, act, grads = max(moments, key=lambda m: m[1] + m[2] * per_grad // shard)
+    out = {
+        "weights": states["weights"],
+        "optimizer": states["optimizer"],
+        "gathered": states["gathered"],
+        "grads": grads * per_grad // shard,
+        "act": act,
+        "moment": moment,
+    }
+    out["peak"] = out["weights"] + out["optimizer"] + out["gathered"] + out["grads"] + out["act"]
     return out
 
 
@@ -183,16 +434,25 @@ MICRO_BATCH_LIMIT = (
 
 
 def _largest_micro_batch(act: Callable[[int], int], budget: int, limit: int = MICRO_BATCH_LIMIT) -> int:
-    """The largest micro-batch (up to `limit`) whose activations fit `budget` (0 if none): affine guess from 1 and
-    2, then checked with a fake step at the guess."""
-    one = act(1)
-    if one > budget:
+    """The largest micro-batch (up to `limit`) whose bytes `act(b)`, nondecreasing in b, fit `budget` (0 if none):
+    a first probe where the affine guess from 1 and 2 puts it, then a bisection (a step's peak need not be affine
+    in the micro-batch: gradients can be its worst moment at small ones, activations at large ones)."""
+    if act(1) > budget:
         return 0
-    slope = max(1, act(2) - one)
-    guess = min(limit, 1 + (budget - one) // slope)
-    while guess > 1 and act(guess) > budget:  # the affine guess can only overshoot by the fixed terms
-        guess -= 1
-    return guess
+    slope = max(1, act(2) - act(1))
+    fits, too_big = 1, None  # act(fits) <= budget < act(too_big)
+    probe = min(limit, 1 + (budget - act(1)) // slope)
+    while too_big is None:
+        if probe > fits and act(probe) > budget:
+            too_big = probe
+        elif probe >= limit:
+            return limit
+        else:
+            fits, probe = max(fits, probe), min(limit, 2 * max(fits, probe))
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        fits, too_big = (middle, too_big) if act(middle) <= budget else (fits, middle)
+    return fits
 
 
 def make_plan(
@@ -205,54 +465,76 @@ def make_plan(
     gpu_memory: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Per method: activation bytes (this dtype) and per-GPU states for both precisions, single GPU, DDP and FSDP
-    over `num_gpus`; with `gpu_memory`, what fits and the largest micro-batch at this sequence length."""
+    """Per method: activation bytes (this dtype), per-GPU states for both precisions and the step's peak (this dtype)
+    on one GPU, or DDP and FSDP over `num_gpus`; with `gpu_memory`, what fits and the largest micro-batch at this
+    sequence length."""
     log = log or (lambda msg: None)
-    unknown = [m for m in methods if m not in CONFIGS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(PLAN_METHODS)}.")
+    parsed = [parse_method(m) for m in methods]  # unknown names: a ValueError before any work
     if seq_len < 2 or batch_size < 1 or num_gpus < 1:
         raise ValueError("--seq_len must be >= 2, --batch_size and --num_gpus >= 1.")
     if dtype not in PRECISIONS:
         raise ValueError(f"--dtype must be one of {list(PRECISIONS)}, got {dtype!r}.")
     parallels = ["single"] if num_gpus == 1 else ["ddp", "fsdp"]
+    counts: dict[tuple[str, int], StepCount] = {}  # (bench config, micro-batch): "+oib" shares its fake steps
+    layer_acts: dict[int, int] = {}
+
+    def count_of(bench: str, micro_batch: int) -> StepCount:
+        if (bench, micro_batch) not in counts:
+            counts[bench, micro_batch] = count_step(config, bench, micro_batch, seq_len, dtype)
+            gc.collect()
+        return counts[bench, micro_batch]
+
+    def layer_act_of(micro_batch: int) -> int:
+        if micro_batch not in layer_acts:
+            layer_acts[micro_batch] = layer_act_bytes(config, micro_batch, seq_len, dtype)
+        return layer_acts[micro_batch]
+
     rows = []
-    for method in methods:
-        counts: dict[int, StepCount] = {}
-
-        def act(micro_batch: int, method=method, counts=counts) -> int:
-            if micro_batch not in counts:
-                counts[micro_batch] = count_step(config, method, micro_batch, seq_len, dtype)
-                gc.collect()
-            return counts[micro_batch].act_bytes
-
-        act(batch_size)
-        count = counts[batch_size]
-        log(f"[plan] {method}: activations {count.act_bytes / MB:.1f} MB")
+    for method in parsed:
+        count = count_of(method.bench, batch_size)
+        layer_act = layer_act_of(batch_size)
         row = {
-            "method": method,
-            "label": _label(method),
+            "method": method.name,
+            "label": method.label,
+            "oib": method.oib,
+            "gc": CONFIGS[method.bench].gc,
             "act_bytes": count.act_bytes,
+            "phase_act_bytes": list(count.phase_act),
+            "layer_act_bytes": layer_act,
             "params": count.params,
+            "trainable": count.trainable,
+            "tied": count.tied,
         }
-        row["trainable"] = count.trainable
         for precision in PRECISIONS:
             for parallel in parallels:
-                states = state_bytes(count, precision, parallel, num_gpus)
-                row[f"{precision}/{parallel}"] = states
-        states = {p: row[f"{dtype}/{p}"] for p in parallels}
-        row["total"] = {p: sum(s.values()) + count.act_bytes for p, s in states.items()}
+                row[f"{precision}/{parallel}"] = state_bytes(count, precision, parallel, num_gpus)
+        row["step"] = {p: step_peak(count, method.name, dtype, layer_act, p, num_gpus) for p in parallels}
+        row["total"] = {p: s["peak"] for p, s in row["step"].items()}
+        log(
+            f"[plan] {method.name}: activations {count.act_bytes / MB:.1f} MB, step peak "
+            f"{row['total'][parallels[0]] / MB:.1f} MB ({row['step'][parallels[0]]['moment']})"
+        )
         if gpu_memory is not None:
             row["fits"] = {p: total <= gpu_memory for p, total in row["total"].items()}
             row["max_micro_batch"] = {}
-            for p, s in states.items():
-                budget = gpu_memory - sum(s.values())
-                row["max_micro_batch"][p] = 0 if budget <= 0 else _largest_micro_batch(act, budget)
+            for p, step in row["step"].items():
+                persistent = step["weights"] + step["optimizer"] + step["gathered"]
+
+                def alive(micro_batch: int, method=method, p=p) -> int:
+                    s = step_peak(
+                        count_of(method.bench, micro_batch),
+                        method.name,
+                        dtype,
+                        layer_act_of(micro_batch),
+                        p,
+                        num_gpus,
+                    )
+                    return s["grads"] + s["act"]
+
+                budget = gpu_memory - persistent
+                row["max_micro_batch"][p] = 0 if budget <= 0 else _largest_micro_batch(alive, budget)
         rows.append(row)
-    e2e = {CONFIGS[r["method"]].gc: r["act_bytes"] for r in rows if CONFIGS[r["method"]].backward is None}
-    for row in rows:
-        ref = e2e.get(CONFIGS[row["method"]].gc)
-        row["act_ratio"] = row["act_bytes"] / ref if ref else None
+    _add_ratios(rows, parallels)
     return {
         "model_type": config.model_type,
         "num_layers": config.num_hidden_layers,
@@ -266,9 +548,20 @@ def make_plan(
     }
 
 
-def _label(method: str) -> str:
-    c = CONFIGS[method]
-    return c.label + (" + GC" if c.gc else "")
+def _add_ratios(rows: list[dict], parallels: list[str]) -> None:
+    """Activations against e2e with the same checkpointing; the step's peak against e2e (same checkpointing, no
+    +oib) and, for +oib rows, against e2e+oib (same checkpointing)."""
+    e2e = {}
+    for row in rows:
+        bench = CONFIGS[parse_method(row["method"]).bench]
+        if bench.backward is None and bench.head == "fused":
+            e2e[row["gc"], row["oib"]] = row
+    for row in rows:
+        plain, oib = e2e.get((row["gc"], False)), e2e.get((row["gc"], True))
+        row["act_ratio"] = row["act_bytes"] / plain["act_bytes"] if plain else None
+        p = parallels[0]
+        row["total_ratio"] = row["total"][p] / plain["total"][p] if plain else None
+        row["total_ratio_oib"] = row["total"][p] / oib["total"][p] if oib and row["oib"] else None
 
 
 def _micro_batch_text(value: int) -> str:
@@ -279,29 +572,48 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / GB:.2f}"
 
 
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def format_plan(plan: dict, markdown: bool = False) -> str:
-    """One row per method: activations, states per GPU for the plan's dtype, total, and fit / largest micro-batch."""
-    dtype, parallels, n = plan["dtype"], plan["parallels"], plan["num_gpus"]
+    """One row per method: activations, the step's peak and what it is made of (one GPU), or states and step peak
+    per parallelism (N GPUs), and with --gpu_memory fit / largest micro-batch."""
+    parallels, n = plan["parallels"], plan["num_gpus"]
     names = {"single": "1 GPU", "ddp": f"DDP x{n}", "fsdp": f"FSDP x{n}"}
+    rows = plan["rows"]
+    with_oib = any(row["total_ratio_oib"] is not None for row in rows)
     header = ["method", "act. GB", "x E2E"]
-    for p in parallels:
-        header += [f"{names[p]}: weights+grads+AdamW GB", f"{names[p]}: total GB"]
+    if parallels == ["single"]:
+        header += ["weights GB", "AdamW GB", "grads GB", "act. at peak GB", "step peak GB", "x E2E"]
+        header += ["x E2E+OiB"] if with_oib else []
+        header += ["worst moment"]
+    else:
+        for p in parallels:
+            header += [f"{names[p]}: weights+AdamW GB", f"{names[p]}: step peak GB"]
     if plan["gpu_memory"] is not None:
         header += [f"{names[p]}: max micro-batch" for p in parallels]
     cells = []
-    for row in plan["rows"]:
-        line = [
-            row["label"],
-            _gb(row["act_bytes"]),
-            "—" if row["act_ratio"] is None else f"{row['act_ratio']:.2f}",
-        ]
-        for p in parallels:
-            states = row[f"{dtype}/{p}"]
-            fits = "" if plan["gpu_memory"] is None else (" fits" if row["fits"][p] else " no")
-            line += [_gb(sum(states.values())), _gb(row["total"][p]) + fits]
+    for row in rows:
+        line = [row["label"], _gb(row["act_bytes"]), _ratio(row["act_ratio"])]
+        fits = {
+            p: "" if plan["gpu_memory"] is None else (" fits" if row["fits"][p] else " no") for p in parallels
+        }
+        if parallels == ["single"]:
+            step = row["step"]["single"]
+            line += [_gb(step["weights"]), _gb(step["optimizer"]), _gb(step["grads"]), _gb(step["act"])]
+            line += [_gb(step["peak"]) + fits["single"], _ratio(row["total_ratio"])]
+            line += [_ratio(row["total_ratio_oib"])] if with_oib else []
+            line += [step["moment"]]
+        else:
+            for p in parallels:
+                step = row["step"][p]
+                persistent = step["weights"] + step["optimizer"] + step["gathered"]
+                line += [_gb(persistent), _gb(step["peak"]) + fits[p]]
         if plan["gpu_memory"] is not None:
             line += [_micro_batch_text(row["max_micro_batch"][p]) for p in parallels]
         cells.append(line)
+    dtype = plan["dtype"]
     precision = (
         "bf16 weights and gradients, fp32 master weights + AdamW m, v (16 B/param)"
         if dtype == "bfloat16"
@@ -309,15 +621,21 @@ def format_plan(plan: dict, markdown: bool = False) -> str:
     )
     notes = [
         f"act. = peak bytes saved for backward of one step at micro-batch {plan['batch_size']} x seq "
-        f"{plan['seq_len']} in {dtype} (TRL fused LM head; fake-tensor step through lopt bench's meter).",
-        f"states: {precision}; LoPT's untied head and aux heads included.",
+        f"{plan['seq_len']} in {dtype} (TRL fused LM head; fake-tensor step through lopt bench's meter); x E2E: "
+        "against E2E with the same checkpointing.",
+        f"states: {precision}; a tied embedding and LM head once (LoPT keeps the tie), LoPT's aux heads included.",
+        "step peak = weights + AdamW states + what is alive at the step's worst moment: the gradients (all the "
+        "step wrote so far; with opt. in bwd only the block, or parameter, being stepped and a tied matrix) and "
+        "the activations (that backward's, plus one recomputed layer under GC). x E2E: against E2E with the same "
+        "checkpointing"
+        + ("; x E2E+OiB: against E2E with the optimizer in the backward." if with_oib else "."),
         "FSDP: states / N plus the gathered working set (root unit, two layers' weights, one layer's gradient).",
-        "total = states + activations; allocator fragmentation, CUDA context and temporary buffers not included.",
+        "not included: optimizer temporaries, autograd's transient buffers, allocator fragmentation, CUDA context.",
     ]
     if plan["gpu_memory"] is not None:
         notes.append(
-            f"fits / no: total <= --gpu_memory {plan['gpu_memory'] / GB:.0f} GB; max micro-batch: the largest "
-            f"micro-batch at seq {plan['seq_len']} whose total fits (0: none; the search stops at "
+            f"fits / no: step peak <= --gpu_memory {plan['gpu_memory'] / GB:.0f} GB; max micro-batch: the largest "
+            f"micro-batch at seq {plan['seq_len']} whose step peak fits (0: none; the search stops at "
             f"{MICRO_BATCH_LIMIT})."
         )
     if markdown:

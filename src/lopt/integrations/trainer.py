@@ -20,6 +20,10 @@ The mixin
   shard, and after `train()` rank 0's `trainer.model` is an unsharded copy on CPU (for saving and evaluating).
   Accelerate's own FSDP2 plugin is accepted too (untested: no GPU here, and transformers ignores FSDP on CPU); its
   FSDP1 and DeepSpeed are refused for local mode with a one-line error.
+- with `optimizer_in_backward=True`, steps the optimizer inside the backward (lopt.engine.in_backward): LoPT's early
+  blocks right after their local backward, the rest when the task backward ends (in `training_step`); e2e per
+  parameter as its gradient is written. Same optimizer, state_dict, checkpoints and scheduler; clipping per block
+  (LoPT) or per parameter (e2e); one process, no gradient accumulation, no fp16 grad scaler.
 """
 
 from __future__ import annotations
@@ -52,13 +56,15 @@ from lopt.engine.distributed import (
     split_dtensor_groups,
     unsharded_copy_on_rank0,
 )
+from lopt.engine.in_backward import OptimizerInBackward
 from lopt.engine.model import AUX_HEADS_NAME, get_lopt_model
 from lopt.engine.optim import param_groups
 
 
 class LoPTTrainerMixin:
     """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines).
-    `fsdp=True` shards the model with FSDP2 over the processes of a torchrun launch (baselines too)."""
+    `fsdp=True` shards the model with FSDP2 over the processes of a torchrun launch (baselines too).
+    `optimizer_in_backward=True` steps the optimizer inside the backward (baselines too; lopt.engine.in_backward)."""
 
     # False for trainers whose model calls carry no labels (GRPO, DPO): the "task" local objective needs them.
     lopt_batches_have_labels = True
@@ -69,6 +75,7 @@ class LoPTTrainerMixin:
         lopt_config: LoPTConfig | None = None,
         early_learning_rate: float | None = None,
         fsdp: bool = False,
+        optimizer_in_backward: bool = False,
         **kwargs,
     ):
         if lopt_config is not None and lopt_config.uses_task and not self.lopt_batches_have_labels:
@@ -83,6 +90,11 @@ class LoPTTrainerMixin:
         self.lopt_fsdp = fsdp
         if fsdp:
             self._check_fsdp(lopt_config)
+        self.lopt_optimizer_in_backward = optimizer_in_backward
+        self._lopt_in_backward: OptimizerInBackward | None = None
+        self._lopt_grad_norm = None  # the last step's norm, measured part by part as they were stepped
+        if optimizer_in_backward:
+            self._check_optimizer_in_backward(lopt_config)
         if lopt_config is not None:
             self._check_distributed_backend(lopt_config)
             self.lopt_model = get_lopt_model(self.model, lopt_config)
@@ -144,8 +156,50 @@ class LoPTTrainerMixin:
                     "--fsdp (FSDP2, sharded by lopt), or accelerate's fsdp_version: 2."
                 )
 
+    def _check_optimizer_in_backward(self, lopt_config: LoPTConfig | None) -> None:
+        """What the optimizer step in the backward cannot do, refused before training (one line each)."""
+        args = self.args
+        if lopt_config is not None and lopt_config.backward != "local":
+            raise ValueError(
+                "optimizer_in_backward needs LoPT's local backward (--method lopt), not the joint one: an early "
+                "block's gradient is final only at the end of the joint backward."
+            )
+        if args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"optimizer_in_backward steps after every backward: gradient_accumulation_steps must be 1, not "
+                f"{args.gradient_accumulation_steps} (raise the batch size instead)."
+            )
+        if args.fp16:
+            raise ValueError(
+                "optimizer_in_backward cannot use fp16's grad scaler (it checks every gradient before the step): "
+                "use bf16 or fp32."
+            )
+        if self.lopt_fsdp or is_distributed() or args.world_size > 1:
+            raise ValueError(
+                "optimizer_in_backward runs in one process: gradients are averaged over processes after the backward, "
+                "and it steps before that (drop torchrun/--fsdp, or optimizer_in_backward)."
+            )
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            raise ValueError("optimizer_in_backward is not supported under DeepSpeed or FSDP.")
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optimizer_in_backward does not combine with optim={optim!r}, which already fuses its update into "
+                "the backward."
+            )
+
     # --- optimizer: the two LoPT groups --------------------------------------------------------
     def create_optimizer(self, model=None):
+        optimizer = self._create_optimizer(model)
+        if self.lopt_optimizer_in_backward and self._lopt_in_backward is None:
+            self._lopt_in_backward = OptimizerInBackward(
+                self.lopt_model if self.lopt_model is not None else self.model,
+                optimizer,
+                max_grad_norm=self.args.max_grad_norm,
+            )
+        return optimizer
+
+    def _create_optimizer(self, model=None):
         if self.lopt_model is None:
             if self.early_learning_rate is not None:
                 raise ValueError(
@@ -171,10 +225,18 @@ class LoPTTrainerMixin:
         # the gradients DDP does not sync. Earlier micro-batches accumulate locally, as DDP's no_sync does.
         if self._lopt_grad_sync is not None and self.accelerator.sync_gradients:
             self._lopt_grad_sync.sync_gradients()
+        if self._lopt_in_backward is not None:
+            # The backward has ended: step what it completed (LoPT: the task loss's parameters; e2e: nothing left).
+            # The trainer's own clip and optimizer.step() that follow find no gradient.
+            self._lopt_grad_norm = self._lopt_in_backward.step()
         return loss
 
     def _clip_grad_norm(self, model):
         """One global norm over the model and the aux heads (all that the optimizer steps), as in plain training."""
+        if (
+            self._lopt_in_backward is not None
+        ):  # clipped part by part as they were stepped: no gradient is left
+            return self._lopt_grad_norm
         aux = (
             [p for p in self.lopt_model.aux_heads.parameters() if p.grad is not None]
             if self.lopt_model
@@ -186,6 +248,11 @@ class LoPTTrainerMixin:
             # Sharded (DTensor) model gradients and replicated aux-head gradients: one norm, two scalings.
             return clip_grad_norm_(model.parameters(), aux, self.args.max_grad_norm)
         return self.accelerator.clip_grad_norm_([*model.parameters(), *aux], self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._lopt_in_backward is not None:
+            return self._lopt_grad_norm
+        return super()._get_grad_norm(model, grad_norm)
 
     # --- the loss ------------------------------------------------------------------------------
     def _loss_factor_applied_by_trainer(self, num_items_in_batch) -> float:

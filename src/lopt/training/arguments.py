@@ -114,12 +114,32 @@ class LoPTArguments:
     aux_head_ratio: int = field(
         default=4, metadata={"help": "Bottleneck of the aux heads: hidden -> hidden/ratio -> hidden."}
     )
+    untie_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "For a model with tied embedding and LM head (e.g. SmolLM2, Qwen2.5-0.5B): give the head its own "
+            "copy, as the authors' code does (the paper's setting; one more vocab x hidden matrix to train, and the "
+            "checkpoint is saved untied). Default: the shared matrix stays one parameter, trained with the late "
+            "group, and the checkpoint keeps the base's shape. --block_parallel always unties (the embedding is on "
+            "the first process, the head on the last)."
+        },
+    )
     block_parallel: bool = field(
         default=False,
         metadata={
             "help": "sft only: one LoPT block per process (torchrun --nproc_per_node K, K = --num_blocks): blocks "
             "train at once, only activations travel forward. Without it, torchrun/accelerate launch train "
             "data-parallel (DDP)."
+        },
+    )
+    optimizer_in_backward: bool = field(
+        default=False,
+        metadata={
+            "help": "Step the optimizer inside the backward and free each gradient at once: LoPT's early blocks right "
+            "after their local backward, the rest when the task backward ends; e2e and freeze per parameter as its "
+            "gradient is written. Same updates as the ordinary step with --max_grad_norm 0; with clipping, each "
+            "block (LoPT) or parameter (e2e) is clipped by its own norm. One process, no gradient accumulation, "
+            "no fp16 (docs/TRAINING.md)."
         },
     )
 
@@ -153,8 +173,28 @@ class LoPTArguments:
                 raise UserError(
                     f"--aux_warmup_steps only applies to LoPT methods, not --method {self.method}."
                 )
+            if self.untie_embeddings:
+                raise UserError(
+                    f"--untie_embeddings only applies to LoPT methods, not --method {self.method} (freeze always "
+                    "unties, e2e and lora never do)."
+                )
         if self.num_blocks < 2:
             raise UserError(f"--num_blocks {self.num_blocks} is invalid: LoPT needs at least 2 blocks.")
+        if self.optimizer_in_backward:
+            why = {
+                "lopt_joint": "its one joint backward completes every gradient at the end: use --method lopt",
+                "lora": "the adapters' gradients are small: there is little to free",
+            }
+            if self.method in why:
+                raise UserError(
+                    f"--optimizer_in_backward works with --method lopt, e2e and freeze, not {self.method} "
+                    f"({why[self.method]})."
+                )
+            if self.block_parallel:
+                raise UserError(
+                    "--optimizer_in_backward and --block_parallel are exclusive (each block-parallel rank steps its "
+                    "own block): choose one."
+                )
         bounds = self.boundary_list()
         if bounds is not None and "num_blocks" in set_fields and self.num_blocks != len(bounds) + 1:
             raise UserError(

@@ -152,9 +152,9 @@ class BlockStage:
                 f"{self.world} processes (use torchrun --nproc_per_node {len(self.block_ranges)})."
             )
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
-        untie_embeddings(
-            unwrap_peft(model), parts
-        )  # the embedding (rank 0) and LM head (last rank) part ways
+        # Always untied, whatever lopt_config.untie_embeddings says: the embedding (rank 0) and the LM head (last rank)
+        # live on two ranks, and a shared matrix would need its two gradients summed across them every step.
+        untie_embeddings(unwrap_peft(model), parts)
         self.hidden_size = parts.embedding.weight.shape[-1]
         self.wire_dtype = parts.embedding.weight.dtype  # boundary activations travel in the weights' dtype
         self.owner = self._owners()  # state-dict name -> rank; the dict's order is the fixed transfer order

@@ -47,6 +47,7 @@ def prepare_model(
     anchor_dtype: str | None = None,
     task_weight: float = 1.0,
     aux_warmup_steps: int = 0,
+    untie_embeddings: bool = False,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
@@ -71,6 +72,7 @@ def prepare_model(
             anchor_dtype=anchor_dtype,
             task_weight=task_weight,
             aux_warmup_steps=aux_warmup_steps,
+            untie_embeddings=untie_embeddings,
         )
         # Validate now (e.g. num_blocks > layers), before the trainer or the model is touched.
         config.block_ranges(find_decoder_parts(model).num_layers)

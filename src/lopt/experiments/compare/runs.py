@@ -213,6 +213,7 @@ def activation_peak_bytes(base_path: str, name: str, spec: CompareSpec, head: st
         num_blocks=int(flags.get("--num_blocks", 2)),
         aux_objective=flags.get("--aux_objective", "recon"),
         boundaries=boundary,
+        untie_embeddings=flags.get("--untie_embeddings") == "true",
     )
     trained = prepared.model
     if prepared.lopt_config is not None:

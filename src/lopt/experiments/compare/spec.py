@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from lopt.errors import UserError
 
 # compare name -> `lopt sft` flags. Names are fixed recipes: a LoPT name trains its early group at the full lr
-# (the paper's setting), "name@r" (e.g. "lopt@0.3", `lopt sft`'s default) at r x lr.
+# (the paper's setting), "name@r" (e.g. "lopt@0.3", `lopt sft`'s default rate) at r x lr.
 METHOD_FLAGS: dict[str, list[str]] = {
     "e2e": ["--method", "e2e"],
-    "lopt": ["--method", "lopt", "--num_blocks", "2"],
+    # The paper's arm reproduces the authors' code, which unties a tied embedding and LM head (so do its "@r" and
+    # "+bN" variants). "lopt_tied" is the same recipe with `lopt sft`'s default: a tied matrix stays one parameter,
+    # in the late group; so are the other LoPT names. Untied models (the built-in one) train alike under both.
+    "lopt": ["--method", "lopt", "--num_blocks", "2", "--untie_embeddings", "true"],
+    "lopt_tied": ["--method", "lopt", "--num_blocks", "2"],
     "lopt_k4": ["--method", "lopt", "--num_blocks", "4"],
     "lopt_joint": ["--method", "lopt_joint", "--num_blocks", "2"],
     "freeze": ["--method", "freeze"],
