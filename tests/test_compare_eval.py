@@ -206,6 +206,9 @@ def test_eval_scores_the_task_a_checkpoint_was_trained_on(builtin_tiny, tmp_path
     args = ["sft", "--model_name_or_path", str(standin), "--max_length", "192", "--eval_samples", "2", *fast]
     proc = lopt([*args, "--output_dir", str(out)], builtin_tiny["env"])
     assert "task=extract" in proc.stderr
+    assert "knowledge_kept" in json.loads(
+        (out / "summary.json").read_text()
+    )  # a real base's run says what it kept
 
     proc = lopt(
         ["eval", "--model_name_or_path", str(out), "--max_samples", "4", "--no_progress"], builtin_tiny["env"]

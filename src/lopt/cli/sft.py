@@ -199,9 +199,23 @@ def run(
         summary["heldout_exact_match"] = builtin_task_accuracy(
             trainer.model, tokenizer, data_args.eval_samples, task
         )
+        summary.update(real_base_knowledge(trainer.model, tokenizer, model_path))
     code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
+
+
+def real_base_knowledge(model, tokenizer, base_path) -> dict:
+    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the share of the country facts the base answers right
+    that the trained model still answers right}, what the README's verdict measures; {} for any other model."""
+    from lopt.builtin.real_task import is_real_base
+
+    if not is_real_base(str(base_path)):
+        return {}
+    from lopt.evaluation.world_knowledge import knowledge_kept_after_training
+
+    kept = knowledge_kept_after_training(model, tokenizer, base_path)
+    return {"knowledge_kept": kept if kept is not None else "none (the base answers no item right)"}
 
 
 def starting_model(command: str, model_args, task: str | None, progress: bool = True) -> str | None:

@@ -417,6 +417,27 @@ def base_world_knowledge(
     return correct
 
 
+def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike) -> float | None:
+    """Of the world-knowledge items the base at `base_path` answers right, the share `model` still answers right
+    (None when the base knows none). The base's answers come from lopt's cache (`base_world_knowledge`); when they
+    are missing, the base is loaded once, beside the model, to compute them."""
+    items = world_knowledge_items()
+    try:
+        base_correct = base_world_knowledge(None, tokenizer, base_path, items)
+    except ValueError:  # not cached yet
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=next(model.parameters()).dtype)
+        base.to(next(model.parameters()).device)
+        base_correct = base_world_knowledge(base, tokenizer, base_path, items)
+        del base
+    known = [item for item, ok in zip(items, base_correct) if ok]
+    if not known:
+        return None
+    still = world_knowledge_answers(model, tokenizer, known)
+    return sum(still) / len(still)
+
+
 # --- perplexity on prose and code ----------------------------------------------------------------------------
 # Windows of this many tokens (`lopt.evaluation.evaluate.perplexity`); the text budgets below give a few hundred windows with
 # SmolLM2's tokenizer (~4.1 characters per token of prose, ~3.8 of code): ~210 and ~185 windows.
