@@ -188,7 +188,7 @@ def test_no_word_of_the_task_is_a_country_fact():
     assert set(re.findall(r"[a-z]+", INSTRUCTION.lower())) & known <= common
 
 
-def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path):
+def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     from lopt.builtin.hub_bases import METADATA_FILE
     from lopt.cli import grpo, sft
     from lopt.training.arguments import SFT_BUILTIN_RECIPE, SFT_REAL_BASE_RECIPE
@@ -200,10 +200,12 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path):
     (converted / METADATA_FILE).write_text("{}")
     assert default_task(str(converted)) == EXTRACT_TASK and default_task(str(other)) is None
 
-    parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
-    training_args = parsed[-1]
-    for name, value in SFT_REAL_BASE_RECIPE.items():
-        assert getattr(training_args, name) == value, name
+    for fast in (True, False):  # bf16 autocast where it is fast (a GPU, a CPU with bf16 units), else fp32
+        monkeypatch.setattr(sft, "bf16_is_fast", lambda fast=fast: fast)
+        parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
+        training_args = parsed[-1]
+        for name, value in SFT_REAL_BASE_RECIPE.items():
+            assert getattr(training_args, name) == (value if name != "bf16" else fast), name
     parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m", "--fp16"], sft.recipe)
     assert parsed[-1].fp16 and not parsed[-1].bf16  # the user's --fp16 replaces the recipe's bf16
     parsed, _ = sft.make_parser().parse([], sft.recipe)

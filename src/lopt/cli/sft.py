@@ -29,6 +29,7 @@ from lopt.training.arguments import (
     SFT_REAL_BASE_RECIPE,
     DataArguments,
     LoPTArguments,
+    bf16_is_fast,
     sft_recipe,
 )
 
@@ -50,7 +51,8 @@ def make_parser() -> LoPTParser:
         prog="lopt sft",
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
         epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
-        f"(e.g. smollm2-135m) on its task extract: {describe_recipe(SFT_REAL_BASE_RECIPE)}. LoPT's --lr_k1 defaults "
+        f"(e.g. smollm2-135m) on its task extract: {describe_recipe(SFT_REAL_BASE_RECIPE)} (bf16 only on a GPU or a CPU "
+        f"with bf16 units: elsewhere fp32). LoPT's --lr_k1 defaults "
         f"to {SFT_LR_K1_RATIO} x learning_rate.",
     )
 
@@ -69,8 +71,10 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
     task_recipe = sft_recipe(values["model_name_or_path"] is None, common.recipe_task(values))
-    if "fp16" in set_fields:
-        task_recipe.pop("bf16", None)  # the user's --fp16 replaces the recipe's bf16
+    if "fp16" in set_fields or not bf16_is_fast():
+        task_recipe.pop(
+            "bf16", None
+        )  # the user's --fp16 replaces the recipe's bf16; a slow-bf16 CPU trains in fp32
     return {**common.base_recipe("sft", values, set_fields), **task_recipe}
 
 

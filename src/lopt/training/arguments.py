@@ -27,8 +27,9 @@ SFT_BUILTIN_RECIPE = {
 }
 # `lopt sft` on a real base's default task ("extract", lopt.builtin.real_task), e.g. --model_name_or_path smollm2-135m, sized
 # for 2 CPU cores. SmolLM2-135M, e2e, 40 steps: validation 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
-# bf16 autocast: ~1.7x faster steps than fp32 on CPU for this 135M model (the default on a GPU anyway; dropped when
-# the user asks for --fp16).
+# bf16 autocast: the default on a GPU, and on a CPU with bf16 matrix units (see `bf16_is_fast`); elsewhere it is
+# dropped (on an AMD EPYC without avx512_bf16, a bf16 matmul of this model's shape took 38x an fp32 one, 150 s a
+# step). Dropped too when the user asks for --fp16.
 SFT_REAL_BASE_RECIPE = {
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 8,
@@ -42,6 +43,17 @@ SFT_USER_RECIPE = {"num_train_epochs": 1.0}
 # Chosen from the 3-seed `lopt compare` study in docs/EVIDENCE.md, 'Choosing the defaults' (built-in model and task, 300 steps): 0.3 gave the
 # best held-out accuracy of the ratios 1 (the paper's), 0.3 and 0.1, and a smaller retention loss than 1.
 SFT_LR_K1_RATIO = 0.3
+
+
+def bf16_is_fast() -> bool:
+    """Whether bf16 autocast speeds training up here: on a GPU, or on a CPU with bf16 matrix instructions
+    (avx512_bf16 or AMX); without them the CPU emulates bf16 matmuls, tens of times slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def sft_recipe(builtin_model: bool, task: str | None = None) -> dict:
