@@ -376,11 +376,8 @@ def whole_step(steps: Steps, work: str, model: str, spec: dict, device: str, dry
             batch = 2
         bench_json = os.path.join(steps.logs, f"whole-step-bench-b{batch}.json")
         plan_json = os.path.join(steps.logs, f"whole-step-plan-b{batch}.json")
-        plan_cmd = [
-            sys.executable,
-            "-m",
-            "lopt",
-            "plan",
+        # the same shape for the planner and the measurement
+        shape = [
             "--model",
             model,
             "--seq_len",
@@ -389,6 +386,13 @@ def whole_step(steps: Steps, work: str, model: str, spec: dict, device: str, dry
             str(batch),
             "--dtype",
             spec["dtype"],
+        ]
+        plan_cmd = [
+            sys.executable,
+            "-m",
+            "lopt",
+            "plan",
+            *shape,
             "--methods",
             *WHOLE_STEP_CONFIGS,
             "--markdown",
@@ -400,14 +404,7 @@ def whole_step(steps: Steps, work: str, model: str, spec: dict, device: str, dry
             "-m",
             "lopt",
             "bench",
-            "--model",
-            model,
-            "--seq_len",
-            str(spec["seq_len"]),
-            "--batch_size",
-            str(batch),
-            "--dtype",
-            spec["dtype"],
+            *shape,
             "--device",
             device,
             "--steps",

@@ -283,14 +283,7 @@ def test_readme_python_runs_as_pasted(index, builtin_tiny, tmp_path):
     real Llama with a tokenizer); every folder it saves to is written."""
     block = PYTHON_BLOCKS[index]
     code = on_tiny_model(block, builtin_tiny["path"])
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=builtin_tiny["env"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_python(["-c", code], tmp_path, builtin_tiny["env"])
     assert result.returncode == 0, (
         f"README Python block {index + 1} fails when pasted (hub model -> built-in tiny model):\n"
         f"{result.stderr[-3000:]}"
@@ -299,6 +292,13 @@ def test_readme_python_runs_as_pasted(index, builtin_tiny, tmp_path):
         assert any((tmp_path / folder).rglob("model.safetensors")), (
             f"README Python block {index + 1} ran but wrote no checkpoint under {folder!r}"
         )
+
+
+def run_python(args: list[str], cwd, env: dict) -> subprocess.CompletedProcess:
+    """This interpreter with `args`, in `cwd`, as a user would run it there."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_readme_own_model_command_trains(builtin_tiny, tmp_path):
@@ -317,14 +317,7 @@ def test_readme_own_model_command_trains(builtin_tiny, tmp_path):
         train_file.write_text(
             "".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) + "\n" for i in range(16))
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "lopt", "sft", *args, "--max_steps", "1"],
-            cwd=tmp_path,
-            env=builtin_tiny["env"],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        result = run_python(["-m", "lopt", "sft", *args, "--max_steps", "1"], tmp_path, builtin_tiny["env"])
         assert result.returncode == 0, (
             f"`{shlex.join(words)}` fails on the tiny model:\n{result.stderr[-3000:]}"
         )
