@@ -20,7 +20,7 @@ Splits: records are generated in a fixed order from string seeds and split once 
 record (customer, item, quantity, date) into about 3,970 train, 320 validation and 310 test rows, so the same record
 never appears in two splits.
 
-Public API: ``EXTRACT_TASK``, ``INSTRUCTION``, ``extract_items()``, ``chat_prompt(sentence)``, ``json_match``,
+Public API: ``EXTRACT_TASK``, ``INSTRUCTION``, ``extract_items()``, ``chat_prompt(sentence, instruction)``, ``json_match``,
 ``parse_json_object``, ``WORD_LISTS`` (every word the sentences are made of, for checks), ``is_real_base(name)``.
 """
 
@@ -194,9 +194,10 @@ def extract_items() -> tuple[tuple[str, str, str], ...]:
     return tuple(items)
 
 
-def chat_prompt(sentence: str) -> list[dict[str, str]]:
-    """The prompt of one item as chat messages: the instruction as the system message, the sentence as the user's."""
-    return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": sentence}]
+def chat_prompt(sentence: str, instruction: str = INSTRUCTION) -> list[dict[str, str]]:
+    """The prompt of one item as chat messages: the instruction as the system message, the sentence as the user's
+    (every real-base task's format: lopt.builtin.totals_task passes its own instruction)."""
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": sentence}]
 
 
 def parse_json_object(text: str) -> dict | None:

@@ -53,7 +53,12 @@ MODULES_TASK = "modules"
 # a system message: the task for real pretrained bases (lopt.builtin.hub_bases), and the one they train on by default.  Unlike
 # the two above it is not made for the built-in model: any model with a chat template can train on it.
 EXTRACT_TASK = "extract"
+# "totals": a short order note of 2 or 3 lines (quantity, item, unit price) -> {"customer", "total"} (lopt.builtin.totals_task):
+# extract's format and scorer, with arithmetic instead of normalisation.
+TOTALS_TASK = "totals"
 BUILTIN_MODEL_TASKS = (TASK_NAME, MODULES_TASK)
+# The chat tasks for real bases (any chat model may train on them): JSON answers, json_match, their own recipes.
+REAL_BASE_TASKS = (EXTRACT_TASK, TOTALS_TASK)
 
 # name -> one line for --help and reports.  Every task is scored by greedy generation + its scorer (task_scorer).
 BUILTIN_TASKS: dict[str, str] = {
@@ -62,13 +67,15 @@ BUILTIN_TASKS: dict[str, str] = {
     "first sentence? (learning associations over the pretraining corpus)",
     EXTRACT_TASK: "An order sentence -> a JSON object of customer, item, quantity and date, scored as exact JSON "
     "(chat format; the default task of real bases such as smollm2-135m)",
+    TOTALS_TASK: "An order note of 2-3 lines (quantity, item, unit price) -> a JSON object of customer and total, "
+    "scored as exact JSON (chat format, for real bases)",
 }
 
 
 def task_scorer(task: str):
     """The function ``(prediction, answer) -> bool`` that scores a task's greedy generations: exact_match, or for
-    "extract" a strict JSON comparison (lopt.builtin.real_task.json_match)."""
-    if task == EXTRACT_TASK:
+    the real-base tasks a strict JSON comparison (lopt.builtin.real_task.json_match)."""
+    if task in REAL_BASE_TASKS:
         from lopt.builtin.real_task import json_match
 
         return json_match
@@ -79,6 +86,10 @@ def task_max_new_tokens(task: str) -> int:
     """Tokens generated when a task's answers are scored (a JSON answer is longer than a word)."""
     if task == EXTRACT_TASK:
         from lopt.builtin.real_task import MAX_NEW_TOKENS
+
+        return MAX_NEW_TOKENS
+    if task == TOTALS_TASK:
+        from lopt.builtin.totals_task import MAX_NEW_TOKENS
 
         return MAX_NEW_TOKENS
     return 32
@@ -150,6 +161,10 @@ def _task_items(task: str) -> tuple[tuple[str, str, str], ...]:
         from lopt.builtin.real_task import extract_items
 
         return extract_items()  # (sentence, JSON answer, split): builtin_task_rows makes the chat prompt
+    if task == TOTALS_TASK:
+        from lopt.builtin.totals_task import totals_items
+
+        return totals_items()  # (note, JSON answer, split), likewise
     raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(BUILTIN_TASKS)}.")
 
 
@@ -170,13 +185,17 @@ def builtin_task_rows(
     followed by ``{completion}<|im_end|><|endoftext|>``, with the loss on the completion part
     only.  Score greedy generations of the prompts with :func:`exact_match`.
 
-    "extract" (lopt.builtin.real_task) differs: its prompt is a list of chat messages (the instruction as a system message,
-    then the user's sentence), its completion a JSON object, scored with :func:`task_scorer`.
+    "extract" (lopt.builtin.real_task) and "totals" (lopt.builtin.totals_task) differ: a prompt is a list of chat
+    messages (the task's instruction as a system message, then the user's text), a completion a JSON object, scored
+    with :func:`task_scorer`.
     """
     if split not in TASK_SPLITS:
         raise ValueError(f"split must be one of {', '.join(TASK_SPLITS)}, not {split!r}")
-    if task == EXTRACT_TASK:
-        from lopt.builtin.real_task import chat_prompt
+    if task in REAL_BASE_TASKS:
+        if task == EXTRACT_TASK:
+            from lopt.builtin.real_task import chat_prompt
+        else:
+            from lopt.builtin.totals_task import chat_prompt
 
         rows = [{"prompt": chat_prompt(p), "completion": c} for p, c, s in _task_items(task) if s == split]
     else:

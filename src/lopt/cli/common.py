@@ -54,7 +54,7 @@ def recipe_task(values: dict[str, Any]) -> str | None:
 def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, ...]) -> str | None:
     """The built-in task to train on (None for the user's data): --task, else the model's default task (see
     lopt.builtin.tasks.default_task). One-line errors for flags that do not combine."""
-    from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, EXTRACT_TASK, default_task
+    from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, REAL_BASE_TASKS, default_task
 
     if data.task is not None:
         if data.task not in tasks:
@@ -73,8 +73,9 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
         return None
     task = default_task(model_args.model_name_or_path)
     if task is None:
+        chat_tasks = " or ".join(t for t in REAL_BASE_TASKS if t in tasks)
         also = (", a hub --task" if command == "grpo" else "") + (
-            ", or --task extract (any chat model)" if EXTRACT_TASK in tasks else ""
+            f", or --task {chat_tasks} (any chat model)" if chat_tasks else ""
         )
         raise UserError(
             f"the built-in task is made for the built-in model: give --train_file or --dataset_name{also}."

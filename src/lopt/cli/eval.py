@@ -29,7 +29,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--max_new_tokens",
         type=int,
         default=None,
-        help="Default: 32, or the built-in task's own (extract: 64).",
+        help="Default: 32, or the built-in task's own (extract: 64, totals: 48).",
     )
     g = parser.add_argument_group("retention")
     g.add_argument(

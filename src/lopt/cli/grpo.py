@@ -46,9 +46,10 @@ BUILTIN_TASK_RECIPE = {
     "max_steps": 150,
     "logging_steps": 10,
 }
-# The real bases' task ("extract", lopt.builtin.real_task): JSON answers of ~40 tokens, from a checkpoint that `lopt sft` trained
-# on the task (the reward is 0 for a model that never answers in JSON). Sized for a short run on 2 CPU cores.
-EXTRACT_TASK_RECIPE = {
+# The real bases' tasks (REAL_BASE_TASKS: "extract", lopt.builtin.real_task, and "totals"): JSON answers of ~15-40
+# tokens, from a checkpoint that `lopt sft` trained on the task (the reward is 0 for a model that never answers in
+# JSON). Sized for a short run on 2 CPU cores.
+REAL_BASE_TASK_RECIPE = {
     "learning_rate": 1e-5,
     "per_device_train_batch_size": 16,
     "num_generations": 8,
@@ -91,8 +92,8 @@ class GRPOTaskArguments:
         metadata={
             "help": "math: final answer (\\boxed{} > '####' > last number) compared by value; exact_match: the "
             "whole completion equals the answer after normalisation; json_match: the completion is exactly the "
-            "answer's JSON object. auto: the built-in task's scorer (json_match for extract, else exact_match), "
-            "else math.",
+            "answer's JSON object. auto: the built-in task's scorer (json_match for extract and totals, else "
+            "exact_match), else math.",
             "choices": REWARDS,
         },
     )
@@ -116,21 +117,21 @@ def make_parser() -> LoPTParser:
         epilog="Batches count completions: one generation batch (--per_device_train_batch_size x "
         "--steps_per_generation) holds prompts x --num_generations completions, so it must be a multiple of "
         "--num_generations. Built-in task recipe (fields not set): learning_rate 2e-4 (--lr_k1 = learning_rate/20), "
-        "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; task extract "
-        "(a real base's, from a checkpoint `lopt sft` trained on it): learning_rate 1e-5, per_device_train_batch_size "
-        "16, num_generations 8, max_completion_length 64, max_steps 50; all tasks: temperature 0.7, top_p 0.95, "
+        "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; tasks extract "
+        "and totals (a real base's, from a checkpoint `lopt sft` trained on it): learning_rate 1e-5, "
+        "per_device_train_batch_size 16, num_generations 8, max_completion_length 64, max_steps 50; all tasks: temperature 0.7, top_p 0.95, "
         "loss_type grpo.",
     )
 
 
 def task_recipe(values: dict[str, Any]) -> dict[str, Any]:
-    """The recipe of the run's task: extract's, a toy built-in task's, or the user's (check_data rejects bad
-    combinations afterwards)."""
-    from lopt.builtin.tasks import BUILTIN_TASKS, EXTRACT_TASK
+    """The recipe of the run's task: a real base's (extract, totals), a toy built-in task's, or the user's (check_data
+    rejects bad combinations afterwards)."""
+    from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
 
     task = common.recipe_task(values)
-    if task == EXTRACT_TASK:
-        return EXTRACT_TASK_RECIPE
+    if task in REAL_BASE_TASKS:
+        return REAL_BASE_TASK_RECIPE
     return BUILTIN_TASK_RECIPE if task in BUILTIN_TASKS else USER_TASK_RECIPE
 
 
@@ -302,9 +303,9 @@ def reward_function(name: str, task: str | None):
     from lopt.training.rewards import REWARD_FUNCTIONS
 
     if name == "auto":
-        from lopt.builtin.tasks import EXTRACT_TASK
+        from lopt.builtin.tasks import REAL_BASE_TASKS
 
-        name = "json_match" if task == EXTRACT_TASK else "exact_match" if task in BUILTIN_TASKS else "math"
+        name = "json_match" if task in REAL_BASE_TASKS else "exact_match" if task in BUILTIN_TASKS else "math"
     return REWARD_FUNCTIONS[name]
 
 

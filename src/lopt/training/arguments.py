@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from lopt.builtin.tasks import EXTRACT_TASK
+from lopt.builtin.tasks import REAL_BASE_TASKS
 from lopt.engine.config import ANCHOR_DTYPES, AUX_OBJECTIVES, LoPTConfig
 from lopt.errors import UserError
 from lopt.training.methods import METHODS
@@ -25,8 +25,9 @@ SFT_BUILTIN_RECIPE = {
     "max_steps": 300,
     "logging_steps": 25,
 }
-# `lopt sft` on a real base's default task ("extract", lopt.builtin.real_task), e.g. --model_name_or_path smollm2-135m, sized
-# for 2 CPU cores. SmolLM2-135M, e2e, 40 steps: validation 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
+# `lopt sft` on a real base's chat tasks (REAL_BASE_TASKS: "extract", its default, lopt.builtin.real_task, and "totals"),
+# e.g. --model_name_or_path smollm2-135m, sized for 2 CPU cores. SmolLM2-135M on extract, e2e, 40 steps: validation
+# 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
 # bf16 autocast: the default on a GPU, and on a CPU with bf16 matrix units (see `bf16_is_fast`); elsewhere it is
 # dropped (on an AMD EPYC without avx512_bf16, a bf16 matmul of this model's shape took 38x an fp32 one, 150 s a
 # step). Dropped too when the user asks for --fp16.
@@ -57,10 +58,11 @@ def bf16_is_fast() -> bool:
 
 
 def sft_recipe(builtin_model: bool, task: str | None = None) -> dict:
-    """`lopt sft`'s defaults: the built-in model's, a real base's on its task (`task` "extract"), or the user's."""
+    """`lopt sft`'s defaults: the built-in model's, a real base's on its tasks (`task` in REAL_BASE_TASKS), or the
+    user's."""
     if builtin_model:
         return dict(SFT_BUILTIN_RECIPE)
-    return dict(SFT_REAL_BASE_RECIPE if task == EXTRACT_TASK else SFT_USER_RECIPE)
+    return dict(SFT_REAL_BASE_RECIPE if task in REAL_BASE_TASKS else SFT_USER_RECIPE)
 
 
 def sft_learning_rate(builtin_model: bool, task: str | None = None) -> float:
@@ -238,8 +240,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A built-in task (default: 'successor' for the built-in model, 'extract' for a real base such as "
-            "smollm2-135m); successor and modules only with the built-in model, extract with any chat model. grpo "
-            "also takes gsm8k and numinamath (the authors' hub datasets)."
+            "smollm2-135m); successor and modules only with the built-in model, extract and totals with any chat "
+            "model. grpo also takes gsm8k and numinamath (the authors' hub datasets)."
         },
     )
     train_file: str | None = field(

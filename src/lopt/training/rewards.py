@@ -251,7 +251,8 @@ def json_match_reward(
     **kwargs,
 ) -> list[float]:
     """1.0 if the whole completion is exactly the reference JSON object (same keys, values and JSON types; outer
-    whitespace allowed; a parse failure scores 0), the scorer of the built-in "extract" task (lopt.builtin.real_task)."""
+    whitespace allowed; a parse failure scores 0), the scorer of the built-in "extract" and "totals" tasks
+    (lopt.builtin.real_task, lopt.builtin.totals_task)."""
     from lopt.builtin.real_task import json_match
 
     refs = _references(len(completions), answer, kwargs)

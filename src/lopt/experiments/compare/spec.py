@@ -145,8 +145,8 @@ class CompareSpec:
                 raise UserError(f"--task {self.task!r} is a built-in task: drop it, or --train_file.")
         if self.model_name_or_path is not None and _task(self) is None and self.train_file is None:
             raise UserError(
-                "a user model needs --train_file, or --task extract (a real base such as smollm2-135m trains on "
-                "extract by default)."
+                "a user model needs --train_file, or --task extract or totals (a real base such as smollm2-135m "
+                "trains on extract by default)."
             )
         sweeping = any(len(self.points_of(name)) > 1 for name in self.methods)
         if sweeping and self.eval_file and not self.validation_file:
