@@ -182,7 +182,7 @@ def test_budget_race_cli_rejects_a_bad_budget(capsys):
 
 def test_optimizer_in_backward_configs_measure_the_whole_step():
     """+oib changes no activation and no AdamW state, only how many gradients are alive at once: every one for the
-    ordinary step, one LoPT block (or the task loss's parameters) or one E2E parameter at a time with it."""
+    ordinary step, one parameter's at a time with it (LoPT and E2E alike: the tiny model is untied)."""
     from lopt.experiments.bench import canonical_config
 
     assert {"e2e+oib", "lopt-k2+oib", "lopt-k4+oib", "e2e+oib+gc", "lopt-k2+oib+gc"} <= set(DEFAULT_CONFIGS)
@@ -198,9 +198,9 @@ def test_optimizer_in_backward_configs_measure_the_whole_step():
             assert parts[oib][key] == parts[name][key], (oib, key)
         assert parts[name]["gradients"] == parts[name]["weights"]  # the ordinary step holds every gradient
         assert parts[oib]["gradients"] < parts[name]["gradients"]
-    # E2E: the largest single gradient (embedding or LM head, vocab x hidden fp32)
-    assert parts["e2e+oib"]["gradients"] == TINY["vocab_size"] * TINY["hidden_size"] * 4
-    assert parts["lopt-k4+oib"]["gradients"] < parts["lopt-k2+oib"]["gradients"]
+    # the largest single gradient (embedding or LM head, vocab x hidden fp32)
+    for name in ("e2e+oib", "lopt-k2+oib", "lopt-k4+oib"):
+        assert parts[name]["gradients"] == TINY["vocab_size"] * TINY["hidden_size"] * 4, name
     assert rows["e2e+oib"]["act_ratio"] == 1.0  # ratios are to the ordinary E2E
     table = format_whole_step(list(rows.values()), markdown=True)
     assert "LoPT k=2, opt. in bwd" in table and "grads MB" in table

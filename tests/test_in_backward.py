@@ -1,6 +1,6 @@
 """The optimizer step in the backward (lopt.engine.in_backward, `--optimizer_in_backward`): with clipping off the
 parameters equal the ordinary step's exactly (library API and Trainer, e2e and LoPT k=2 / k=4, tied embedding as one
-shared late parameter), early gradients are freed inside the forward, clipping is per block / per parameter,
+shared late parameter), early gradients are freed inside the forward, clipping is per parameter,
 checkpoints resume exactly, the CLI trains and saves, and what cannot hold is refused in one line."""
 
 from __future__ import annotations
@@ -96,7 +96,13 @@ def test_early_blocks_are_stepped_and_freed_inside_the_forward(k, shared_embeddi
         else:
             assert p.grad is None and not torch.equal(p, before[id(p)])
     out.loss.backward()
-    assert any(p.grad is not None for p in net.parameters() if id(p) in late)
+    # the task backward stepped and freed the late parameters too, all but a shared matrix (block 0 and the task
+    # loss both write to it): step() does that one
+    shared = net.embedding.weight
+    for p in net.parameters():
+        if id(p) in late:
+            assert (p.grad is not None) == (shared_embedding and p is shared)
+            assert torch.equal(p, before[id(p)]) == (shared_embedding and p is shared)
     assert stepper.step() > 0  # the step's gradient norm
     assert all(p.grad is None for p in net.parameters())
     assert all(not torch.equal(p, before[id(p)]) for p in net.parameters())
@@ -116,34 +122,23 @@ def test_e2e_gradients_are_freed_in_the_backward():
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_clipping_is_per_block_or_per_parameter(method):
-    """SGD at lr 1: a part's update is its clipped gradient, so no part moves further than max_grad_norm. The global
-    clip of the ordinary step would scale every part by one factor instead."""
+def test_clipping_is_per_parameter(method):
+    """SGD at lr 1: a parameter's update is its clipped gradient, so none moves further than max_grad_norm, and those
+    whose gradient is above it move exactly that far. The global clip of the ordinary step would scale every
+    parameter by one factor instead."""
     k, max_norm = METHODS[method], 1e-3
     net, opt, _ = _setup(k, optimizer=torch.optim.SGD, lr=1.0)
     for group in opt.param_groups:
         group["lr"] = 1.0
-    if k is None:
-        parts = [[p] for p in net.parameters()]
-    else:
-        late = [p for m in net.late_modules() for p in m.parameters()]
-        parts = [late]
-        ids = {id(p) for p in late}
-        for block in range(k - 1):
-            modules = [
-                *net.early_block_modules(block),
-                net.aux_heads[block],
-                *([net.embedding] if block == 0 else []),
-            ]
-            parts.append([p for m in modules for p in m.parameters() if id(p) not in ids])
     before = {id(p): p.detach().clone() for p in net.parameters()}
     stepper = optimizer_in_backward(net, opt, max_grad_norm=max_norm)
     net(**make_batch()).loss.backward()
     norm = stepper.step()
     assert norm > 100 * max_norm  # the gradients were far above the limit
-    for part in parts:
-        moved = torch.cat([(p.detach() - before[id(p)]).flatten() for p in part]).norm()
-        assert 0 < moved <= max_norm * (1 + 1e-4)
+    moved = [(p.detach() - before[id(p)]).norm() for p in net.parameters()]
+    assert all(0 < m <= max_norm * (1 + 1e-4) for m in moved)
+    # several moved the whole limit: under one global factor, all of them together would move at most that far
+    assert sum(m > max_norm * (1 - 1e-4) for m in moved) >= 2
 
 
 def test_refusals():

@@ -7,18 +7,18 @@ lopt.engine.in_backward), all on the same random tokens and the same initial wei
 * peak bytes saved for backward (`measure_saved_tensor_peak`): every tensor autograd saves goes through a
   `saved_tensors_hooks` pack hook that counts its storage while it is alive. LoPT's local backward runs
   inside the forward, so the peak is taken over forward + backward together.
-* peak process memory: on CPU the peak RSS of a fresh process per configuration (the allocator state of
-  other configurations cannot leak into it), minus its RSS just before the first step; on CUDA the
-  allocator's peak (`max_memory_allocated`) minus what was allocated before the step.
+* peak process memory of a step above its start: on CPU the peak RSS of a fresh process per configuration (the
+  allocator state of other configurations cannot leak into it) during its second step, minus its RSS just before
+  it (the first allocates AdamW's state and does the one-time set-up); on CUDA the allocator's peak
+  (`max_memory_allocated`) minus what was allocated before the step.
 * median step time (forward + backward + AdamW step + zero_grad) over interleaved repeats: round r runs
   every configuration once, so machine noise hits all of them alike and the time ratios come from one run.
 
 And the whole step, part by part (`whole_step` in each row): weights (parameter bytes, aux heads included),
 gradients (the peak bytes of gradients alive at once during a step, from post-accumulate-grad hooks: all of them
 for the ordinary step, one block or one parameter at a time with +oib), optimizer states (AdamW's tensors after a
-step), activations (the saved-for-backward peak above), and the step's peak: the weights (and, on CUDA, the AdamW
-state, resident before a timed step) plus the peak process memory above (on CPU the fresh process's two steps, which
-allocate the AdamW state; on CUDA the allocator's peak over what was allocated before the step).
+step), activations (the saved-for-backward peak above), and the step's peak: the weights and the AdamW state,
+resident before the step, plus the peak process memory above.
 
 Importable API: BenchSpec, run_benchmark(spec, configs) -> list[dict], check_targets(rows) -> list[dict].
 The meter is lopt.experiments.meter (shared with `lopt plan` and `lopt compare`), the tables
@@ -394,32 +394,32 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_one_process(name: str, spec: BenchSpec, steps: int = 2) -> dict:
-    """Run one configuration here (meant for a fresh process): peak RSS during `steps` steps minus RSS before.
-
-    Two steps: the first allocates AdamW's state after its backward, the second has it resident while the
-    gradients are being written, which is the larger of the two peaks.
+def measure_one_process(name: str, spec: BenchSpec) -> dict:
+    """Run one configuration here (meant for a fresh process): the peak RSS of one step above the RSS before it,
+    after a first step that allocates AdamW's state and does the process's one-time set-up (code paths, thread
+    pools, allocator arenas), as the CUDA measurement counts a step above its start. The step's whole peak is that
+    delta plus what is resident before it: the weights (and an anchor's reference) and the AdamW state.
     """
     if spec.threads:
         torch.set_num_threads(spec.threads)
     runner = Runner(name, spec, build_base_model(spec), copy_model=False)
     batch = make_batch(spec)
+    runner.step(batch)  # AdamW's state allocated; its gradients freed (set to None)
     gc.collect()
     reset = _reset_peak_rss()
     before = _current_rss()
     peak_before = _peak_rss()
-    for _ in range(steps):
-        runner.step(batch)
+    runner.step(batch)
     peak = _peak_rss()
+    resident = runner.weight_bytes + runner.reference_bytes + runner.optimizer_state_bytes()
     return {
         "name": name,
         "rss_before": before,
         "rss_peak": peak,
         "peak_mem_bytes": max(0, peak - before),
-        # the whole step: the weights (resident before it) plus what the steps added (gradients, AdamW state,
-        # activations, temporaries)
-        "step_peak_bytes": runner.weight_bytes + runner.reference_bytes + max(0, peak - before),
-        # without a reset, a build transient above the step's peak would make the delta an underestimate
+        # the whole step: what is resident before it plus what the step added (gradients, activations, temporaries)
+        "step_peak_bytes": resident + max(0, peak - before),
+        # without a reset, an earlier transient above the step's peak would make the delta an underestimate
         "peak_reset": reset,
         "peak_hidden_by_build": (not reset) and peak <= peak_before,
     }

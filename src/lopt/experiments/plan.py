@@ -41,15 +41,14 @@ is at one of these moments of each backward (`step_moments`):
 * its end: the gradients alive then (its activations are gone).
 Which gradients are alive:
 * the ordinary step: every gradient written in the step, until optimizer.step() after the last backward;
-* "+oib" (the optimizer step in the backward, lopt.engine.in_backward): LoPT steps early block i's parameters and
-  frees their gradients when its local backward ends (its layers, its aux head; block 0 also an untied embedding),
-  the late group's (last block, final norm, LM head, and a tied embedding) when the task backward ends; e2e steps
-  each parameter as soon as its gradient is complete: the LM head's at the start, then one layer's at a time, the
-  embedding's last;
+* "+oib" (the optimizer step in the backward, lopt.engine.in_backward): every parameter is stepped, and its
+  gradient freed, as soon as that gradient is final: the LM head's at the start of a backward, then one layer's at
+  a time (counted as a whole layer in flight), the embedding's last; LoPT's early blocks inside their local
+  backwards, its late group in the task backward; a tied matrix once both its parts are in (below);
 * a tied matrix gets two gradients, through the embedding and through the head. In e2e autograd sums them before
   writing `.grad`: the head's part waits, a vocab x hidden tensor, from the start of the backward to the end. In
   LoPT the embedding's part is written by block 0's local backward and stays until the task backward has added
-  the head's part and ended, "+oib" or not: the matrix is in the late group.
+  the head's part and ended, "+oib" or not.
 Not included: the optimizer's temporary buffers (a foreach AdamW allocates some of a group's size; a fused or a
 per-parameter step almost none), autograd's transient gradients of activations, the allocator's fragmentation and
 the CUDA context. FSDP: the gradients alive are counted sharded (/ N).
@@ -60,9 +59,9 @@ and 0.44x with +oib). Where gradients dominate it (checkpointing, short sequence
 step saves nothing: at its worst moment it holds what e2e holds (every gradient at the end, or the early blocks'
 and a tied matrix's, kept through the task backward, against e2e's layer inputs) plus its aux heads' weights,
 gradients and AdamW states: with checkpointing, 1.00x e2e at that shape (+11 MB at k=2) and up to about 1% above
-on the larger presets. +oib frees the early blocks' gradients as soon as they are final (0.96x with
-checkpointing); but e2e+oib frees every gradient as soon as it is written, so where gradients dominate, e2e+oib is
-lower than LoPT+oib, which keeps a whole block's gradients until that block's backward ends.
+on the larger presets. +oib frees each gradient as soon as it is final, in both methods, so LoPT+oib is at or below
+e2e+oib wherever the saved activations differ; what can keep it above is a tied matrix's gradient, which LoPT
+holds from block 0's backward to the end of the step and e2e only through its one backward.
 
 Importable API: activation_bytes(config, method, batch_size, seq_len, dtype) -> int,
 step_peak(count, method, precision, layer_act) -> dict, make_plan(config, seq_len, ...) -> dict,
@@ -381,11 +380,18 @@ def step_moments(count: StepCount, oib: bool, layer_act: int, gc: bool) -> list[
         written = held + count.phase_params[index]
         pre = count.pre_layers if index == 0 else 0  # written after the block's first layer
         end = written + (tied if index == 0 else 0)
+        if oib:  # one layer's gradients in flight, the embedding's last in block 0 (a tied one stays)
+            last = count.embedding if index == 0 else layer
+            moments += backward(f"block {index} ", count.phase_act[index], held, 0, 0, held + layer, held + last)
+            held = tied
+            continue
         moments += backward(f"block {index} ", count.phase_act[index], held, 0, 0, written - layer - pre, end)
-        held = tied if oib else end
+        held = end
     # The task backward: a tied matrix's gradient is in `held` already; the head's part is added to it in place.
     late = count.phase_params[-1] - (count.head if count.tied else 0)
     head_kept = 0 if count.tied else count.head
+    if oib:  # the head's gradient stepped at once (a tied one: added to the matrix's), then a layer's at a time
+        return moments + backward("task ", count.phase_act[-1], held, count.head, 0, held + layer, held + layer)
     return moments + backward(
         "task ", count.phase_act[-1], held, count.head, head_kept, held + late - layer, held + late
     )

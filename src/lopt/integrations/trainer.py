@@ -20,10 +20,10 @@ The mixin
   shard, and after `train()` rank 0's `trainer.model` is an unsharded copy on CPU (for saving and evaluating).
   Accelerate's own FSDP2 plugin is accepted too (untested: no GPU here, and transformers ignores FSDP on CPU); its
   FSDP1 and DeepSpeed are refused for local mode with a one-line error.
-- with `optimizer_in_backward=True`, steps the optimizer inside the backward (lopt.engine.in_backward): LoPT's early
-  blocks right after their local backward, the rest when the task backward ends (in `training_step`); e2e per
-  parameter as its gradient is written. Same optimizer, state_dict, checkpoints and scheduler; clipping per block
-  (LoPT) or per parameter (e2e); one process, no gradient accumulation, no fp16 grad scaler.
+- with `optimizer_in_backward=True`, steps the optimizer inside the backward (lopt.engine.in_backward): each
+  parameter as its gradient is final (LoPT's early blocks inside their local backward, a tied matrix when the task
+  backward ends, in `training_step`). Same optimizer, state_dict, checkpoints and scheduler; clipping per
+  parameter; one process, no gradient accumulation, no fp16 grad scaler.
 """
 
 from __future__ import annotations

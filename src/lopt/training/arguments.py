@@ -149,11 +149,11 @@ class LoPTArguments:
     optimizer_in_backward: bool = field(
         default=False,
         metadata={
-            "help": "Step the optimizer inside the backward and free each gradient at once: LoPT's early blocks right "
-            "after their local backward, the rest when the task backward ends; e2e and freeze per parameter as its "
-            "gradient is written. Same updates as the ordinary step with --max_grad_norm 0; with clipping, each "
-            "block (LoPT) or parameter (e2e) is clipped by its own norm. One process, no gradient accumulation, "
-            "no fp16 (docs/TRAINING.md)."
+            "help": "Step the optimizer inside the backward and free each gradient at once: every parameter as its "
+            "gradient is final (LoPT's early blocks inside their local backward, a tied embedding when the task "
+            "backward ends). Same updates as the ordinary step with --max_grad_norm 0; with clipping, each "
+            "parameter is clipped by its own norm. One process, no gradient accumulation, no fp16 "
+            "(docs/TRAINING.md)."
         },
     )
 
