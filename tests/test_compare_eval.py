@@ -220,6 +220,12 @@ def test_eval_scores_the_task_a_checkpoint_was_trained_on(builtin_tiny, tmp_path
     )
     assert result["task"] == "extract" and result["task_n"] == 4
     assert all(example["answer"].startswith("{") for example in result["examples"])  # extract's JSON records
+    # --task names another built-in task: its test split, said so
+    proc = lopt(["eval", "--model_name_or_path", str(out), "--task", "totals", "--max_samples", "2", "--no_progress"],
+                builtin_tiny["env"])  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert "lopt eval: scoring task totals: --task" in proc.stderr
+    assert result["task"] == "totals" and all('"total"' in e["answer"] for e in result["examples"])
 
     proc = lopt(["eval", "--model_name_or_path", str(plain), "--no_progress"], builtin_tiny["env"])
     result = json.loads(proc.stdout)

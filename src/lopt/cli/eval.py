@@ -7,8 +7,12 @@ import argparse
 import json
 import sys
 
+from lopt.errors import UserError
+
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    from lopt.builtin.tasks import BUILTIN_TASKS
+
     parser.add_argument(
         "--model_name_or_path", default=None, help="Checkpoint to score. Default: the built-in model."
     )
@@ -17,6 +21,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "task data (default: the test split of the model's own task: the one a checkpoint of lopt sft/grpo/dpo was "
         "trained on, from its lopt_args.json; extract for a real base such as smollm2-135m; the built-in task for "
         "the built-in model)"
+    )
+    g.add_argument(
+        "--task",
+        default=None,
+        choices=list(BUILTIN_TASKS),
+        help="A built-in task's test split instead of the model's own (e.g. --task totals on a real base).",
     )
     g.add_argument(
         "--train_file", default=None, help="Rows with prompt + answer, in any format `lopt sft` reads."
@@ -100,14 +110,18 @@ def run(args: argparse.Namespace) -> int:
         lm_eval_kwargs = lm_eval_options(args)
         lm_eval_tasks = resolve_tasks(args.lm_eval_tasks)  # a bad flag fails now, not after the evaluation
     builtin_data = args.train_file is None and args.dataset_name is None
+    if args.task is not None and not builtin_data:
+        raise UserError(
+            f"--task {args.task} and --train_file/--dataset_name are exclusive: give one source of rows."
+        )
     task, base = None, "other"
     if builtin_data:  # the model's own task and base, from its records; said, since the user named none
         defaults = scoring_defaults(args.model_name_or_path)
-        task, base = defaults.task, defaults.base
+        task, base = args.task or defaults.task, defaults.base
         scored = (
             f"scoring task {task}" if task else "no task accuracy (give --train_file to score held-out rows)"
         )
-        print(f"lopt eval: {scored}: {defaults.reason}", file=sys.stderr)
+        print(f"lopt eval: {scored}: {'--task' if args.task else defaults.reason}", file=sys.stderr)
     rows, match = None, None
     if not builtin_data or task is not None:
         rows, match = load_task_rows(
