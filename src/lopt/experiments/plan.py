@@ -382,7 +382,9 @@ def step_moments(count: StepCount, oib: bool, layer_act: int, gc: bool) -> list[
         end = written + (tied if index == 0 else 0)
         if oib:  # one layer's gradients in flight, the embedding's last in block 0 (a tied one stays)
             last = count.embedding if index == 0 else layer
-            moments += backward(f"block {index} ", count.phase_act[index], held, 0, 0, held + layer, held + last)
+            moments += backward(
+                f"block {index} ", count.phase_act[index], held, 0, 0, held + layer, held + last
+            )
             held = tied
             continue
         moments += backward(f"block {index} ", count.phase_act[index], held, 0, 0, written - layer - pre, end)
@@ -390,8 +392,11 @@ def step_moments(count: StepCount, oib: bool, layer_act: int, gc: bool) -> list[
     # The task backward: a tied matrix's gradient is in `held` already; the head's part is added to it in place.
     late = count.phase_params[-1] - (count.head if count.tied else 0)
     head_kept = 0 if count.tied else count.head
-    if oib:  # the head's gradient stepped at once (a tied one: added to the matrix's), then a layer's at a time
-        return moments + backward("task ", count.phase_act[-1], held, count.head, 0, held + layer, held + layer)
+    # With +oib the head's gradient is stepped at once (a tied one: added to the matrix's), then one layer's at a time.
+    if oib:
+        return moments + backward(
+            "task ", count.phase_act[-1], held, count.head, 0, held + layer, held + layer
+        )
     return moments + backward(
         "task ", count.phase_act[-1], held, count.head, head_kept, held + late - layer, held + late
     )
