@@ -264,17 +264,21 @@ def take_fsdp(training_args) -> bool:
 
 
 def lopt_trainer_kwargs(
-    prepared, early_lr: float | None, output_dir: str, fsdp: bool = False, optimizer_in_backward: bool = False
+    prepared, early_lr: float | None, output_dir: str, lopt_args, fsdp: bool = False
 ) -> dict:
-    """The LoPT mixin's arguments and the metrics log, identical for every training command."""
-    from lopt.integrations import MetricsLogCallback
+    """The LoPT mixin's arguments and the callbacks (the metrics log; --round_to_bfloat16), identical for every
+    training command."""
+    from lopt.integrations import MetricsLogCallback, RoundToBfloat16Callback
 
+    callbacks = [MetricsLogCallback(os.path.join(output_dir, "metrics.jsonl"))]
+    if lopt_args.round_to_bfloat16:
+        callbacks.append(RoundToBfloat16Callback())
     return dict(
         lopt_config=prepared.lopt_config,
         early_learning_rate=early_lr,
         fsdp=fsdp,
-        optimizer_in_backward=optimizer_in_backward,
-        callbacks=[MetricsLogCallback(os.path.join(output_dir, "metrics.jsonl"))],
+        optimizer_in_backward=lopt_args.optimizer_in_backward,
+        callbacks=callbacks,
     )
 
 

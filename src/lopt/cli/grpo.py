@@ -357,12 +357,7 @@ def run(
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(
-            prepared,
-            early_lr,
-            training_args.output_dir,
-            optimizer_in_backward=lopt_args.optimizer_in_backward,
-        ),
+        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir, lopt_args),
     )
     a = training_args
     print(

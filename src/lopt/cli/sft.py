@@ -172,9 +172,7 @@ def run(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        **common.lopt_trainer_kwargs(
-            prepared, early_lr, training_args.output_dir, fsdp, lopt_args.optimizer_in_backward
-        ),
+        **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir, lopt_args, fsdp),
     )
     main_process = trainer.args.should_save  # rank 0 under DDP; the only process that writes or evaluates
     if main_process:

@@ -3,7 +3,7 @@
 from transformers import Trainer
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from lopt.integrations.callbacks import MetricsLogCallback, peak_memory_bytes
+from lopt.integrations.callbacks import MetricsLogCallback, RoundToBfloat16Callback, peak_memory_bytes
 from lopt.integrations.trainer import LoPTTrainerMixin
 
 
@@ -37,5 +37,6 @@ __all__ = [
     "LoPTTrainer",
     "LoPTTrainerMixin",
     "MetricsLogCallback",
+    "RoundToBfloat16Callback",
     "peak_memory_bytes",
 ]

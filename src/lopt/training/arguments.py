@@ -146,6 +146,14 @@ class LoPTArguments:
             "data-parallel (DDP)."
         },
     )
+    round_to_bfloat16: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep weights and AdamW states at bf16 values (rounded at the start and after every step) while "
+            "computing in fp32: the update rounding of pure-bf16 training (--dtype bfloat16, the authors' setting), "
+            "on CPUs where bf16 matmuls are slow. A research switch: updates below half a bf16 step are lost."
+        },
+    )
     optimizer_in_backward: bool = field(
         default=False,
         metadata={
@@ -204,11 +212,21 @@ class LoPTArguments:
                     f"--optimizer_in_backward works with --method lopt, e2e and freeze, not {self.method} "
                     f"({why[self.method]})."
                 )
+            if self.round_to_bfloat16:
+                raise UserError(
+                    "--round_to_bfloat16 rounds after the ordinary optimizer step: it does not combine with "
+                    "--optimizer_in_backward."
+                )
             if self.block_parallel:
                 raise UserError(
                     "--optimizer_in_backward and --block_parallel are exclusive (each block-parallel rank steps its "
                     "own block): choose one."
                 )
+        if self.round_to_bfloat16 and self.block_parallel:
+            raise UserError(
+                "--round_to_bfloat16 and --block_parallel are exclusive (each block-parallel rank runs its own "
+                "trainer): choose one."
+            )
         bounds = self.boundary_list()
         if bounds is not None and "num_blocks" in set_fields and self.num_blocks != len(bounds) + 1:
             raise UserError(
