@@ -82,9 +82,13 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     marker["command"] = [*marker["command"], "--weight_decay", "0.1"]
     (other / "compare_command.json").write_text(json.dumps(marker))
     kept = {d: os.stat(runs / d / "model.safetensors").st_mtime_ns for d in os.listdir(runs)}
+    base_record = json.loads((out / "compare_base.json").read_text())
+    base_record["before"]["test_retention_marker"] = 1.0  # the base's scores, same rows: reused, not re-taken
+    (out / "compare_base.json").write_text(json.dumps(base_record))
     lopt(args, builtin_tiny["env"])
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["setup"]["runs_reused"] == 2
+    assert json.loads((out / "compare_base.json").read_text())["before"]["test_retention_marker"] == 1.0
     for d, mtime in kept.items():
         redone = d in (killed.name, other.name)
         assert (os.stat(runs / d / "model.safetensors").st_mtime_ns != mtime) == redone, d
@@ -99,6 +103,7 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     lopt([*args, "--eval_samples", "5"], builtin_tiny["env"])  # the last --eval_samples wins
     rescored = json.loads((out / "results.json").read_text())
     assert rescored["setup"]["runs_reused"] == 0 and rescored["setup"]["test_rows"] == 5
+    assert "test_retention_marker" not in json.loads((out / "compare_base.json").read_text())["before"]
     assert all(os.stat(runs / d / "model.safetensors").st_mtime_ns == m for d, m in kept.items())
 
     # A time limit already passed: finished runs are still reused, no new run starts, and the report says so.

@@ -169,7 +169,9 @@ def _lm_eval(spec: CompareSpec):
 
 def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     """Scores the base model and measures each method's activation peak; written to compare_base.json, so the
-    report can be rebuilt from the run records alone (--report_only), e.g. after a sweep was killed."""
+    report can be rebuilt from the run records alone (--report_only), e.g. after a sweep was killed. A rerun in the
+    same folder reuses the base's scores when they were taken on the same model and rows (its evaluation key):
+    greedy scoring gives the same numbers, and on a CPU it costs about as much as a training run."""
     import transformers
     from transformers import AutoConfig
 
@@ -177,10 +179,23 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
 
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
     scorer = _Scorer.make(spec, base_path, tokenizer)
-    before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
-    before.update(scorer.world.measure_base(model, tokenizer))
+    path = os.path.join(spec.output_dir, BASE_RECORD)
+    previous = _read_json(path) or {}
+    same_scoring = (
+        previous.get("base_model") == str(base_path)
+        and previous.get("evaluation_key") == scorer.evaluation_key
+    )
+    if same_scoring and "before" in previous:
+        before = dict(previous["before"])
+        if scorer.world.enabled:  # the base's answers, which each run's knowledge kept reads (cached, or taken now)
+            scorer.world.base_correct(model, tokenizer)
+    else:
+        before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
+        before.update(scorer.world.measure_base(model, tokenizer))
+    measured = previous.get("activation", {}) if same_scoring else {}
     activation = {
-        name: activation_peak_bytes(base_path, name, spec) for name in map(_memory_name, spec.methods)
+        name: measured[name] if name in measured else activation_peak_bytes(base_path, name, spec)
+        for name in map(_memory_name, spec.methods)
     }
     del model
     before.update(scorer.lm_eval(base_path))
@@ -201,14 +216,8 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
             "cpu_threads": torch.get_num_threads(),
         },
     }
-    path = os.path.join(spec.output_dir, BASE_RECORD)
-    previous = _read_json(path) or {}
     # Keep what earlier compares measured for other methods (a later --report_only may ask for the union).
-    if (
-        previous.get("base_model") == base["base_model"]
-        and previous.get("evaluation_key") == base["evaluation_key"]
-    ):
-        base["activation"] = {**previous.get("activation", {}), **activation}
+    base["activation"] = {**measured, **activation}
     atomic_write_json(path, base)
     return base, scorer
 
