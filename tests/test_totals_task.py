@@ -1,9 +1,10 @@
-"""The real bases' second task "totals" (lopt.builtin.totals_task): gold totals recomputed from the notes, splits, the
+"""The real bases' second task "totals" (lopt.builtin.totals_task): gold counts recomputed from the notes, splits, the
 strict JSON scorer, chat prompts with its own instruction, no world facts in its words, its registration and recipes,
 and `lopt sft --task totals` end to end with the built-in tiny model."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 
@@ -61,20 +62,21 @@ def record_key(note: str) -> str:
     return json.dumps([customer, sorted(lines)])
 
 
-def test_gold_totals_are_right():
+def test_gold_counts_are_right():
     items = totals_items()
     for note, completion, _ in items:
         gold = json.loads(completion)
-        assert list(gold) == ["customer", "total"] and type(gold["total"]) is int, completion
+        assert list(gold) == ["customer", "items"] and type(gold["items"]) is int, completion
         customer, lines = parse_note(note)
         assert len(lines) == len(re.findall(r"\b(?:each|apiece)\b", note)), note  # every line was read
         assert 2 <= len(lines) <= 3 and len({item for item, _, _ in lines}) == len(lines), note
         assert all(1 <= q <= 6 and 2 <= price <= 20 for _, q, price in lines), note
-        assert gold == {"customer": customer, "total": sum(q * price for _, q, price in lines)}, note
-    totals = sorted(json.loads(c)["total"] for _, c, _ in items)
-    assert (
-        totals[0] >= 4 and totals[len(totals) // 2] < 120 and sum(t < 200 for t in totals) > 0.9 * len(totals)
-    )
+        assert gold == {"customer": customer, "items": sum(q for _, q, _ in lines)}, note
+    counts = collections.Counter(json.loads(c)["items"] for _, c, _ in items)
+    assert min(counts) == 2 and max(counts) == 18
+    assert max(counts.values()) < 0.15 * len(
+        items
+    )  # no one count is right often: a constant guess scores little
 
 
 def test_notes_vary_in_form():
@@ -108,7 +110,7 @@ def test_rows_are_chat_prompts_with_the_totals_instruction():
         system, user = row["prompt"]
         assert system == {"role": "system", "content": INSTRUCTION} and user["role"] == "user"
         assert json.loads(row["completion"])["customer"] in user["content"]
-    for word in ("JSON", "customer", "total", "integer", "quantity times price"):
+    for word in ("JSON", "customer", "items", "integer", "sum of the quantities", "prices do not count"):
         assert word in INSTRUCTION
     rows = builtin_grpo_rows("train", n=3, task=TOTALS_TASK)
     assert [r["answer"] for r in rows] == [
@@ -117,21 +119,21 @@ def test_rows_are_chat_prompts_with_the_totals_instruction():
 
 
 def test_scorer_is_strict_json():
-    gold = '{"customer": "Maya Okafor", "total": 50}'
+    gold = '{"customer": "Maya Okafor", "items": 5}'
     score = task_scorer(TOTALS_TASK)
-    assert score(gold, gold) and score(' {"total":50,"customer":"Maya Okafor"}\n', gold)
+    assert score(gold, gold) and score(' {"items":5,"customer":"Maya Okafor"}\n', gold)
     for wrong in (
-        '{"customer": "Maya Okafor", "total": 51}',  # a wrong sum
-        '{"customer": "Maya Okafor", "total": "50"}',  # a string, not an integer
-        '{"customer": "Maya Okafor", "total": 50.0}',  # a float
+        '{"customer": "Maya Okafor", "items": 6}',  # a wrong count
+        '{"customer": "Maya Okafor", "items": "5"}',  # a string, not an integer
+        '{"customer": "Maya Okafor", "items": 5.0}',  # a float
         '{"customer": "Maya Okafor"}',  # a key missing
-        '{"customer": "Maya Okafor", "total": 50, "currency": ""}',  # an extra key
-        "The total is 50.",
+        '{"customer": "Maya Okafor", "items": 5, "currency": ""}',  # an extra key
+        "There are 5 items.",
         "",
     ):
         assert not score(wrong, gold), wrong
     assert json_match_reward(
-        None, [gold, '{"customer": "Maya Okafor", "total": 49}'], answer=[gold, gold]
+        None, [gold, '{"customer": "Maya Okafor", "items": 4}'], answer=[gold, gold]
     ) == [1.0, 0.0]
 
 

@@ -53,8 +53,8 @@ MODULES_TASK = "modules"
 # a system message: the task for real pretrained bases (lopt.builtin.hub_bases), and the one they train on by default.  Unlike
 # the two above it is not made for the built-in model: any model with a chat template can train on it.
 EXTRACT_TASK = "extract"
-# "totals": a short order note of 2 or 3 lines (quantity, item, unit price) -> {"customer", "total"} (lopt.builtin.totals_task):
-# extract's format and scorer, with arithmetic instead of normalisation.
+# "totals": a short order note of 2 or 3 lines (quantity, item, unit price) -> {"customer", "items"} (lopt.builtin.totals_task):
+# extract's format and scorer, with a sum instead of normalisation.
 TOTALS_TASK = "totals"
 BUILTIN_MODEL_TASKS = (TASK_NAME, MODULES_TASK)
 # The chat tasks for real bases (any chat model may train on them): JSON answers, json_match, their own recipes.
@@ -67,7 +67,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "first sentence? (learning associations over the pretraining corpus)",
     EXTRACT_TASK: "An order sentence -> a JSON object of customer, item, quantity and date, scored as exact JSON "
     "(chat format; the default task of real bases such as smollm2-135m)",
-    TOTALS_TASK: "An order note of 2-3 lines (quantity, item, unit price) -> a JSON object of customer and total, "
+    TOTALS_TASK: "An order note of 2-3 lines (quantity, item, unit price) -> a JSON object of customer and item count, "
     "scored as exact JSON (chat format, for real bases)",
 }
 

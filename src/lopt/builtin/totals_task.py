@@ -1,9 +1,11 @@
-"""A second post-training task for real pretrained bases (``lopt.builtin.hub_bases``): an order total, as JSON.
+"""A second post-training task for real pretrained bases (``lopt.builtin.hub_bases``): an order's item count, as JSON.
 
 "totals": a short order note of 2 or 3 lines, each a quantity, an item and a unit price ("Order for Maya Okafor: 3 mugs
-at 12 each, 2 candles at 7 each.") -> the JSON object ``{"customer": "Maya Okafor", "total": 50}``.  The model must
-copy the name and add up quantity x price over the lines (quantities are digits, words or "a"/"an"), and answer with
-nothing but the object.  Where "extract" (lopt.builtin.real_task) asks to copy and normalise, this asks for arithmetic.
+at 12 each, two candles at 7 each.") -> the JSON object ``{"customer": "Maya Okafor", "items": 5}``.  The model must
+copy the name, read each quantity (digits, a word, or "a"/"an"), add them up and leave the prices out, and answer
+with nothing but the object.  Where "extract" (lopt.builtin.real_task) asks to copy and normalise, this asks for a
+sum.  Why the count and not the cost: SmolLM2-135M trained with e2e for 40 steps learned the format of the cost
+(quantity x price summed) but answered one constant total for every note (1.4% right): no room to separate methods.
 
 Notes are made from extract's names and items, number words and the templates below: prices are bare numbers ("at
 12 each"), with no currency word or symbol, and no country, capital, nationality or other fact about the world (the
@@ -33,13 +35,13 @@ __all__ = ["INSTRUCTION", "MAX_NEW_TOKENS", "TOTALS_TASK", "chat_prompt", "total
 
 TOTALS_TASK = "totals"
 INSTRUCTION = (
-    "Reply with only a JSON object for the order: customer (the name) and total (the total cost, an integer: the "
-    "sum of quantity times price for each item)."
+    "Reply with only a JSON object for the order: customer (the name) and items (the number of items ordered, an "
+    "integer: the sum of the quantities; prices do not count)."
 )
 # Tokens generated when scoring: a gold answer is ~15 tokens of SmolLM2's tokenizer (a digit each).
 MAX_NEW_TOKENS = 48
 
-# Difficulty knobs (inclusive ranges).  The defaults keep totals modest: 4 to 299, median 92, 97% under 200.
+# Difficulty knobs (inclusive ranges): counts from 2 to 18.
 QUANTITY = (1, 6)
 PRICE = (2, 20)
 LINES = (2, 3)  # distinct items per note
@@ -90,7 +92,7 @@ def _record(index: int) -> tuple[str, dict, str]:
         note = rng.choice(LIST_TEMPLATES).format(name=name, lines="\n".join(f"- {p}" for p in phrases))
     else:
         note = rng.choice(TEMPLATES).format(name=name, lines=_join(phrases, rng.randrange(3)))
-    gold = {"customer": name, "total": sum(quantity * price for _, quantity, price in lines)}
+    gold = {"customer": name, "items": sum(quantity for _, quantity, _ in lines)}
     key = json.dumps([name, sorted([singular, quantity, price] for (singular, _), quantity, price in lines)])
     return note, gold, key
 

@@ -187,7 +187,9 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     )
     if same_scoring and "before" in previous:
         before = dict(previous["before"])
-        if scorer.world.enabled:  # the base's answers, which each run's knowledge kept reads (cached, or taken now)
+        if (
+            scorer.world.enabled
+        ):  # the base's answers, which each run's knowledge kept reads (cached, or taken now)
             scorer.world.base_correct(model, tokenizer)
     else:
         before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
