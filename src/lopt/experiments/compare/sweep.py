@@ -187,9 +187,8 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     )
     if same_scoring and "before" in previous:
         before = dict(previous["before"])
-        if (
-            scorer.world.enabled
-        ):  # the base's answers, which each run's knowledge kept reads (cached, or taken now)
+        # the base's answers, which each run's knowledge kept reads (cached, or taken now)
+        if scorer.world.enabled:
             scorer.world.base_correct(model, tokenizer)
     else:
         before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
