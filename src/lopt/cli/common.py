@@ -278,6 +278,7 @@ def lopt_trainer_kwargs(
         early_learning_rate=early_lr,
         fsdp=fsdp,
         optimizer_in_backward=lopt_args.optimizer_in_backward,
+        clip_per_block=lopt_args.clip_per_block,
         callbacks=callbacks,
     )
 

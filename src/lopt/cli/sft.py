@@ -166,6 +166,8 @@ def run(
     eval_dataset = tokenize_rows(evaluation, tokenizer, training_args.max_length) if evaluation else None
     prepared = common.prepare_model(model, lopt_args, model_args)
     fsdp = common.take_fsdp(training_args)
+    if fsdp and lopt_args.clip_per_block:
+        raise UserError("--clip_per_block does not combine with --fsdp yet: clip with one global norm (drop it).")
     trainer = LoPTSFTTrainer(
         model=prepared.model,
         args=training_args,

@@ -269,6 +269,22 @@ class LoPTModel(nn.Module):
         start, end = self.block_ranges[index]
         return list(self._parts.layers[start:end])
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Per block, the trainable parameters its own loss trains: early block i's layers and aux head (block 0 also
+        the embedding, unless it is tied to the LM head), then the last block's late modules (a tied matrix there)."""
+        late = [p for module in self.late_modules() for p in module.parameters() if p.requires_grad]
+        late_ids = {id(p) for p in late}
+        blocks = []
+        for index in range(self.num_boundaries):
+            modules = self.early_block_modules(index)
+            modules += [self.aux_heads[index]] if index < len(self.aux_heads) else []
+            modules += [self.embedding] if index == 0 else []
+            params = {
+                id(p): p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in late_ids
+            }
+            blocks.append(list(params.values()))
+        return [*blocks, list({id(p): p for p in late}.values())]
+
     @property
     def embedding(self) -> nn.Module:
         return self._parts.embedding

@@ -64,7 +64,9 @@ from lopt.engine.optim import param_groups
 class LoPTTrainerMixin:
     """Mix in before a transformers/TRL trainer class. `lopt_config=None` leaves the trainer unchanged (baselines).
     `fsdp=True` shards the model with FSDP2 over the processes of a torchrun launch (baselines too).
-    `optimizer_in_backward=True` steps the optimizer inside the backward (baselines too; lopt.engine.in_backward)."""
+    `optimizer_in_backward=True` steps the optimizer inside the backward (baselines too; lopt.engine.in_backward).
+    `clip_per_block=True` (LoPT): each block's gradients are clipped by their own norm, so a large local gradient
+    cannot shrink the last block's task step, as one global norm over every block does."""
 
     # False for trainers whose model calls carry no labels (GRPO, DPO): the "task" local objective needs them.
     lopt_batches_have_labels = True
@@ -76,6 +78,7 @@ class LoPTTrainerMixin:
         early_learning_rate: float | None = None,
         fsdp: bool = False,
         optimizer_in_backward: bool = False,
+        clip_per_block: bool = False,
         **kwargs,
     ):
         if lopt_config is not None and lopt_config.uses_task and not self.lopt_batches_have_labels:
@@ -91,6 +94,12 @@ class LoPTTrainerMixin:
         if fsdp:
             self._check_fsdp(lopt_config)
         self.lopt_optimizer_in_backward = optimizer_in_backward
+        self.lopt_clip_per_block = clip_per_block
+        if clip_per_block and (lopt_config is None or fsdp or optimizer_in_backward):
+            raise ValueError(
+                "clip_per_block applies to LoPT without FSDP and without the optimizer step in the backward (which "
+                "clips per parameter)."
+            )
         self._lopt_in_backward: OptimizerInBackward | None = None
         self._lopt_grad_norm = None  # the last step's norm, measured part by part as they were stepped
         if optimizer_in_backward:
@@ -244,6 +253,8 @@ class LoPTTrainerMixin:
         )
         if self.lopt_model is None and not self.lopt_fsdp:
             return super()._clip_grad_norm(model)
+        if self.lopt_clip_per_block:
+            return _clip_each_block(self.lopt_model.block_parameters(), self.args.max_grad_norm)
         if self.lopt_fsdp or getattr(self, "is_fsdp_enabled", False):
             # Sharded (DTensor) model gradients and replicated aux-head gradients: one norm, two scalings.
             return clip_grad_norm_(model.parameters(), aux, self.args.max_grad_norm)
@@ -416,6 +427,19 @@ class LoPTTrainerMixin:
                     "aux heads cannot be restored. Resume from a LoPT checkpoint, or start a new run."
                 )
             self.lopt_model.load_aux_heads(resume_from_checkpoint)
+
+
+def _clip_each_block(blocks: list[list[torch.nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip each block's gradients by that block's own norm; returns the norm of them all (before clipping), for
+    the log."""
+    norms = []
+    for params in blocks:
+        params = [p for p in params if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            norms.append(norm.float())
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def _read_weights(directory: str) -> dict[str, torch.Tensor]:

@@ -146,6 +146,14 @@ class LoPTArguments:
             "data-parallel (DDP)."
         },
     )
+    clip_per_block: bool = field(
+        default=False,
+        metadata={
+            "help": "LoPT: clip each block's gradients by their own norm (--max_grad_norm each), so that a large "
+            "local gradient cannot shrink the last block's task step. Default: one global norm over every block, as "
+            "the authors' code does. (--block_parallel clips per block anyway: each process steps its own block.)"
+        },
+    )
     round_to_bfloat16: bool = field(
         default=False,
         metadata={
@@ -195,6 +203,8 @@ class LoPTArguments:
                 raise UserError(
                     f"--aux_warmup_steps only applies to LoPT methods, not --method {self.method}."
                 )
+            if self.clip_per_block:
+                raise UserError(f"--clip_per_block only applies to LoPT methods, not --method {self.method}.")
             if self.untie_embeddings:
                 raise UserError(
                     f"--untie_embeddings only applies to LoPT methods, not --method {self.method} (freeze always "
@@ -211,6 +221,11 @@ class LoPTArguments:
                 raise UserError(
                     f"--optimizer_in_backward works with --method lopt, e2e and freeze, not {self.method} "
                     f"({why[self.method]})."
+                )
+            if self.clip_per_block:
+                raise UserError(
+                    "--clip_per_block does not combine with --optimizer_in_backward, which clips each parameter by its "
+                    "own norm."
                 )
             if self.round_to_bfloat16:
                 raise UserError(
