@@ -27,7 +27,9 @@ def test_each_block_is_clipped_by_its_own_norm(k):
     norms = [torch.nn.utils.get_total_norm([p.grad for p in params]) for params in blocks]
     assert all(norm > max_norm for norm in norms)
     total = _clip_each_block(blocks, max_norm)
-    assert total == pytest.approx(float(torch.stack(norms).norm()), rel=1e-5)  # the log's: all, before clipping
+    assert total == pytest.approx(
+        float(torch.stack(norms).norm()), rel=1e-5
+    )  # the log's: all, before clipping
     for params in blocks:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         assert norm == pytest.approx(max_norm, rel=1e-4)

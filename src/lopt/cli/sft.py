@@ -167,7 +167,9 @@ def run(
     prepared = common.prepare_model(model, lopt_args, model_args)
     fsdp = common.take_fsdp(training_args)
     if fsdp and lopt_args.clip_per_block:
-        raise UserError("--clip_per_block does not combine with --fsdp yet: clip with one global norm (drop it).")
+        raise UserError(
+            "--clip_per_block does not combine with --fsdp yet: clip with one global norm (drop it)."
+        )
     trainer = LoPTSFTTrainer(
         model=prepared.model,
         args=training_args,
