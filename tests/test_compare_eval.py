@@ -225,7 +225,7 @@ def test_eval_scores_the_task_a_checkpoint_was_trained_on(builtin_tiny, tmp_path
                 builtin_tiny["env"])  # fmt: skip
     result = json.loads(proc.stdout)
     assert "lopt eval: scoring task totals: --task" in proc.stderr
-    assert result["task"] == "totals" and all('"total"' in e["answer"] for e in result["examples"])
+    assert result["task"] == "totals" and all('"items"' in e["answer"] for e in result["examples"])
 
     proc = lopt(["eval", "--model_name_or_path", str(plain), "--no_progress"], builtin_tiny["env"])
     result = json.loads(proc.stdout)
