@@ -70,6 +70,8 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
         (runs / "lopt_recon_anchor-lr0.001-steps3-seed0" / "lopt_config.json").read_text()
     )
     assert anchor_config["aux_objective"] == "recon+anchor"
+    anchor_args = json.loads((runs / "lopt_recon_anchor-lr0.001-steps3-seed0" / "lopt_args.json").read_text())
+    assert anchor_args["clip_per_block"] is True and paper_args["clip_per_block"] is False
     assert json.loads((runs / "lopt+b1-lr0.001-steps3-seed0" / "lopt_config.json").read_text())[
         "boundaries"
     ] == [1]
