@@ -159,8 +159,11 @@ def test_sft_and_grpo_parse_totals_with_the_real_base_recipes():
     argv = ["--model_name_or_path", "smollm2-135m", "--task", TOTALS_TASK]
     parsed, _ = sft.make_parser().parse(argv, sft.recipe)
     assert parsed[2].task == TOTALS_TASK
-    for name in ("learning_rate", "per_device_train_batch_size", "max_length", "max_steps"):
+    for name in ("learning_rate", "per_device_train_batch_size", "max_length"):
         assert getattr(parsed[-1], name) == SFT_REAL_BASE_RECIPE[name], name
+    assert parsed[-1].max_steps == 150  # totals needs more steps than extract's 40 (SFT_REAL_BASE_TASK_STEPS)
+    parsed, _ = sft.make_parser().parse([*argv, "--max_steps", "7"], sft.recipe)
+    assert parsed[-1].max_steps == 7  # the user's flag wins
     parsed, _ = grpo.make_parser().parse(argv, grpo.recipe)
     assert parsed[-1].max_completion_length >= task_max_new_tokens(TOTALS_TASK)
     assert grpo.reward_function("auto", TOTALS_TASK) is json_match_reward

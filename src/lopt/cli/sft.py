@@ -27,6 +27,7 @@ from lopt.training.arguments import (
     SFT_BUILTIN_RECIPE,
     SFT_LR_K1_RATIO,
     SFT_REAL_BASE_RECIPE,
+    SFT_REAL_BASE_TASK_STEPS,
     DataArguments,
     LoPTArguments,
     bf16_is_fast,
@@ -52,7 +53,7 @@ def make_parser() -> LoPTParser:
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
         epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
         f"(e.g. smollm2-135m) on its tasks extract and totals: {describe_recipe(SFT_REAL_BASE_RECIPE)} (bf16 only on "
-        f"a GPU or a CPU with bf16 units: elsewhere fp32). LoPT's --lr_k1 defaults "
+        f"a GPU or a CPU with bf16 units: elsewhere fp32; totals trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps). LoPT's --lr_k1 defaults "
         f"to {SFT_LR_K1_RATIO} x learning_rate.",
     )
 
