@@ -191,7 +191,11 @@ def test_no_word_of_the_task_is_a_country_fact():
 def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     from lopt.builtin.hub_bases import METADATA_FILE
     from lopt.cli import grpo, sft
-    from lopt.training.arguments import SFT_BUILTIN_RECIPE, SFT_REAL_BASE_RECIPE
+    from lopt.training.arguments import (
+        SFT_BUILTIN_RECIPE,
+        SFT_REAL_BASE_LOPT_OBJECTIVE,
+        SFT_REAL_BASE_RECIPE,
+    )
 
     assert default_task(None) == "successor"
     assert default_task("smollm2-135m") == EXTRACT_TASK and is_real_base("smollm2-135m")
@@ -206,6 +210,18 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
         training_args = parsed[-1]
         for name, value in SFT_REAL_BASE_RECIPE.items():
             assert getattr(training_args, name) == (value if name != "bf16" else fast), name
+    lopt_args = parsed[
+        0
+    ]  # LoPT on a real base's task: the local task objective plus the anchor, clipped per block
+    for name, value in SFT_REAL_BASE_LOPT_OBJECTIVE.items():
+        assert getattr(lopt_args, name) == value, name
+    for flags, objective, clip in (
+        (["--aux_objective", "recon"], "recon", False),  # the user's objective: nothing of the bundle
+        (["--method", "e2e"], "recon", False),  # not LoPT: untouched
+        (["--optimizer_in_backward"], "task+anchor", False),  # oib clips per parameter already
+    ):
+        parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m", *flags], sft.recipe)
+        assert (parsed[0].aux_objective, parsed[0].clip_per_block) == (objective, clip), flags
     parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m", "--fp16"], sft.recipe)
     assert parsed[-1].fp16 and not parsed[-1].bf16  # the user's --fp16 replaces the recipe's bf16
     parsed, _ = sft.make_parser().parse([], sft.recipe)

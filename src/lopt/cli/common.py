@@ -332,7 +332,7 @@ def describe_method(prepared, learning_rate: float, early_lr: float | None) -> s
         c = prepared.lopt_config
         text += (
             f", k={c.num_blocks}, lambda={c.aux_weight}, backward={c.backward}, aux_objective={c.aux_objective}"
-            f"{f' (anchor_weight={c.anchor_weight})' if c.aux_objective == 'recon+anchor' else ''}"
+            f"{f' (anchor_weight={c.anchor_weight})' if 'anchor' in c.aux_objective else ''}"
             f", lr_k1={early_lr or learning_rate}"
         )
     return text

@@ -24,8 +24,10 @@ from lopt.cli.parser import LoPTParser
 from lopt.errors import UserError
 from lopt.io import is_complete_checkpoint
 from lopt.training.arguments import (
+    LOPT_METHODS,
     SFT_BUILTIN_RECIPE,
     SFT_LR_K1_RATIO,
+    SFT_REAL_BASE_LOPT_OBJECTIVE,
     SFT_REAL_BASE_RECIPE,
     SFT_REAL_BASE_TASK_STEPS,
     DataArguments,
@@ -53,7 +55,9 @@ def make_parser() -> LoPTParser:
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
         epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
         f"(e.g. smollm2-135m) on its tasks extract and totals: {describe_recipe(SFT_REAL_BASE_RECIPE)} (bf16 only on "
-        f"a GPU or a CPU with bf16 units: elsewhere fp32; totals trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps). LoPT's --lr_k1 defaults "
+        f"a GPU or a CPU with bf16 units: elsewhere fp32; totals trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps), "
+        f"and LoPT there with {describe_recipe(SFT_REAL_BASE_LOPT_OBJECTIVE)} (unless --aux_objective or --lambda_aux "
+        f"is given, or --fsdp). LoPT's --lr_k1 defaults "
         f"to {SFT_LR_K1_RATIO} x learning_rate.",
     )
 
@@ -76,7 +80,27 @@ def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]
         task_recipe.pop(
             "bf16", None
         )  # the user's --fp16 replaces the recipe's bf16; a slow-bf16 CPU trains in fp32
-    return {**common.base_recipe("sft", values, set_fields), **task_recipe}
+    return {
+        **common.base_recipe("sft", values, set_fields),
+        **task_recipe,
+        **real_base_objective(values, set_fields),
+    }
+
+
+def real_base_objective(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    """SFT_REAL_BASE_LOPT_OBJECTIVE for LoPT on a real base's task, unless the user chose an objective or --fsdp."""
+    from lopt.builtin.tasks import REAL_BASE_TASKS
+
+    on_real_base_task = (
+        values["model_name_or_path"] is not None and common.recipe_task(values) in REAL_BASE_TASKS
+    )
+    chose = set_fields & {"aux_objective", "lambda_aux"}
+    if not on_real_base_task or values["method"] not in LOPT_METHODS or chose or values.get("fsdp"):
+        return {}
+    objective = dict(SFT_REAL_BASE_LOPT_OBJECTIVE)
+    if values["optimizer_in_backward"] or values["block_parallel"]:
+        objective.pop("clip_per_block")  # both clip finer anyway: per parameter, per block's process
+    return objective
 
 
 def main(argv: Sequence[str]) -> int:

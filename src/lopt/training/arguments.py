@@ -42,6 +42,17 @@ SFT_REAL_BASE_RECIPE = {
 # totals needs more steps than extract: e2e at lr 1e-4 reached 22.2% of its test rows after 40 steps and 74.7% after
 # 150 (SmolLM2-135M, one seed, docs/EVIDENCE.md), so its recipe trains 150.
 SFT_REAL_BASE_TASK_STEPS = {"totals": 150}
+# LoPT's local objective on a real base's tasks: the boundary's next-token loss read through the model's own head plus
+# a pull toward the pretrained boundary state, each block clipped by its own norm (one global clip lets the anchor's
+# large early gradient shrink the task step). SmolLM2-135M on extract, lr 1e-4, early 3e-5, 40 steps, 2 seeds:
+# docs/EVIDENCE.md, "The real model on CPU". Applied as a whole when the user sets neither --aux_objective nor
+# --lambda_aux, and not with --fsdp (no per-block clipping there yet).
+SFT_REAL_BASE_LOPT_OBJECTIVE = {
+    "aux_objective": "task+anchor",
+    "lambda_aux": 1.0,
+    "anchor_weight": 0.1,
+    "clip_per_block": True,
+}
 SFT_USER_RECIPE = {"num_train_epochs": 1.0}
 # `lopt sft` with a LoPT method and no --lr_k1: the early group learns at this fraction of --learning_rate.
 # Chosen from the 3-seed `lopt compare` study in docs/EVIDENCE.md, 'Choosing the defaults' (built-in model and task, 300 steps): 0.3 gave the

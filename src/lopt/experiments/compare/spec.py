@@ -16,10 +16,21 @@ METHOD_FLAGS: dict[str, list[str]] = {
     # The paper's arm reproduces the authors' code, which unties a tied embedding and LM head (so do its "@r" and
     # "+bN" variants). "lopt_tied" is the same recipe with `lopt sft`'s default: a tied matrix stays one parameter,
     # in the late group; so are the other LoPT names. Untied models (the built-in one) train alike under both.
-    "lopt": ["--method", "lopt", "--num_blocks", "2", "--untie_embeddings", "true"],
-    "lopt_tied": ["--method", "lopt", "--num_blocks", "2"],
-    "lopt_k4": ["--method", "lopt", "--num_blocks", "4"],
-    "lopt_joint": ["--method", "lopt_joint", "--num_blocks", "2"],
+    # The objective is named even where it is the library default: on a real base's tasks `lopt sft` defaults to
+    # another one (SFT_REAL_BASE_LOPT_OBJECTIVE).
+    "lopt": [
+        "--method",
+        "lopt",
+        "--num_blocks",
+        "2",
+        "--untie_embeddings",
+        "true",
+        "--aux_objective",
+        "recon",
+    ],
+    "lopt_tied": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "recon"],
+    "lopt_k4": ["--method", "lopt", "--num_blocks", "4", "--aux_objective", "recon"],
+    "lopt_joint": ["--method", "lopt_joint", "--num_blocks", "2", "--aux_objective", "recon"],
     "freeze": ["--method", "freeze"],
     "lora": ["--method", "lora"],
     # The anchored objectives clip each block by its own norm: on SmolLM2-135M the anchor's gradient reached a norm
