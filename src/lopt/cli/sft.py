@@ -75,7 +75,8 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    task_recipe = sft_recipe(values["model_name_or_path"] is None, common.recipe_task(values))
+    task = common.recipe_task(values)
+    task_recipe = sft_recipe(values["model_name_or_path"] is None, task)
     if "fp16" in set_fields or not bf16_is_fast():
         task_recipe.pop(
             "bf16", None
@@ -83,17 +84,17 @@ def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]
     return {
         **common.base_recipe("sft", values, set_fields),
         **task_recipe,
-        **real_base_objective(values, set_fields),
+        **real_base_objective(values, set_fields, task),
     }
 
 
-def real_base_objective(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+def real_base_objective(
+    values: dict[str, Any], set_fields: frozenset[str], task: str | None
+) -> dict[str, Any]:
     """SFT_REAL_BASE_LOPT_OBJECTIVE for LoPT on a real base's task, unless the user chose an objective or --fsdp."""
     from lopt.builtin.tasks import REAL_BASE_TASKS
 
-    on_real_base_task = (
-        values["model_name_or_path"] is not None and common.recipe_task(values) in REAL_BASE_TASKS
-    )
+    on_real_base_task = values["model_name_or_path"] is not None and task in REAL_BASE_TASKS
     chose = set_fields & {"aux_objective", "lambda_aux"}
     if not on_real_base_task or values["method"] not in LOPT_METHODS or chose or values.get("fsdp"):
         return {}
