@@ -49,8 +49,9 @@ def format_report(results: dict) -> str:
         )
         if finished < setup["runs"]:
             lines.append(
-                "**The time limit stopped this sweep before every run**: points show how many seeds they have; "
-                "rerun the same command without --time_limit to finish it (finished runs are reused)."
+                "**Not every planned run has finished** (a --time_limit stopped the sweep, or --report_only read it "
+                "in progress): points show how many seeds they have; rerun the same command without either to "
+                "finish it (finished runs are reused)."
             )
         if setup.get("methods_without_runs"):
             lines.append(f"No run finished for: {', '.join(setup['methods_without_runs'])}.")
