@@ -210,9 +210,8 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
         training_args = parsed[-1]
         for name, value in SFT_REAL_BASE_RECIPE.items():
             assert getattr(training_args, name) == (value if name != "bf16" else fast), name
-    lopt_args = parsed[
-        0
-    ]  # LoPT on a real base's task: the local task objective plus the anchor, clipped per block
+    # LoPT on a real base's task: the local task objective plus the anchor, clipped per block
+    lopt_args = parsed[0]
     for name, value in SFT_REAL_BASE_LOPT_OBJECTIVE.items():
         assert getattr(lopt_args, name) == value, name
     for flags, objective, clip in (
