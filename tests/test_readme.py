@@ -387,7 +387,7 @@ def test_readme_says_what_the_real_base_is():
 
 # --- the verdict table shows what the evidence it cites measured -------------------------------------------------
 
-REAL_EVIDENCE = ROOT / "docs" / "evidence-real" / "results.json"
+REAL_EVIDENCE = ROOT / "docs" / "evidence-real"
 
 
 def table_cells(line: str) -> list[str]:
@@ -395,9 +395,48 @@ def table_cells(line: str) -> list[str]:
 
 
 def test_verdict_table_matches_the_evidence():
-    """Each row of the verdict's table is the method, learning rate, activation and whole-process peak memory (and
-    accuracy / knowledge kept, where shown) that docs/evidence-real/results.json holds for its chosen run."""
+    """Each row of the verdict's table is what docs/evidence-real/cpu-<task>/results.json holds for its method's
+    chosen run: the learning rate, activations against e2e's, test accuracy and knowledge kept (mean ± std over
+    seeds where there are several) and the number of seeds."""
     section = README.read_text(encoding="utf-8").split("\n## Verdict", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.lower() for cell in table_cells(lines[0])]
+    column = {
+        key: next(i for i, name in enumerate(header) if key in name)
+        for key in ("task", "method", "activations", "test", "knowledge", "seeds")
+    }
+
+    def mean_std(run: dict, key: str) -> str:
+        mean = f"{100 * run[key]:.1f}%"
+        return f"{mean} ± {100 * run[key + '_std']:.1f}" if run["seeds"] > 1 else mean
+
+    for cells in map(table_cells, lines[2:]):
+        task, label = cells[column["task"]].strip("`"), cells[column["method"]]
+        methods = json.loads((REAL_EVIDENCE / f"cpu-{task}" / "results.json").read_text())["methods"]
+        method = re.findall(r"`([^`]+)`", label)[0]
+        assert method in methods, f"verdict row {label!r}: no method {method!r} in cpu-{task}/results.json"
+        run = methods[method]
+        lr = re.findall(r"\blr ([0-9.]+e-[0-9]+)", label)
+        assert lr and float(lr[-1]) == run["learning_rate"], f"{label!r}: chosen lr {run['learning_rate']}"
+        activations = run["activation_peak_bytes"] / methods["e2e"]["activation_peak_bytes"]
+        assert float(cells[column["activations"]]) == round(activations, 2), (
+            f"{label!r}: activations {activations}"
+        )
+        assert cells[column["test"]].strip("*") == mean_std(run, "task_accuracy"), (
+            f"{task} {label!r}: test accuracy"
+        )
+        assert cells[column["knowledge"]].strip("*") == mean_std(run, "knowledge_kept"), (
+            f"{task} {label!r}: kept"
+        )
+        assert cells[column["seeds"]] == str(run["seeds"]), f"{task} {label!r}: {run['seeds']} seeds"
+
+
+def test_gpu_evidence_table_matches_its_results():
+    """Each row of EVIDENCE.md's table of the real model on one H200 is the method, learning rate, activation and
+    whole-process peak memory (and accuracy / knowledge kept, where shown) that docs/evidence-real/results.json holds
+    for its chosen run."""
+    page = (ROOT / "docs" / "EVIDENCE.md").read_text(encoding="utf-8")
+    section = page.split("\n## The real model: SmolLM2-135M-Instruct", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.lower() for cell in table_cells(lines[0])]
     column = {
@@ -405,15 +444,15 @@ def test_verdict_table_matches_the_evidence():
         for key in ("activations", "peak", "task", "knowledge")
     }
     assert column["activations"] is not None and column["peak"] is not None, (
-        f"the verdict table should show activations and the whole-process peak side by side: {header}"
+        f"the H200 table should show activations and the whole-process peak side by side: {header}"
     )
-    methods = json.loads(REAL_EVIDENCE.read_text())["methods"]
+    methods = json.loads((REAL_EVIDENCE / "results.json").read_text())["methods"]
     e2e = methods["e2e"]
     for cells in map(table_cells, lines[2:]):
         label = cells[0]
         named = re.findall(r"`([^`]+)`", label)
         method = named[0] if named else label.split()[0].lower()
-        assert method in methods, f"verdict row {label!r}: no method {method!r} in {REAL_EVIDENCE.name}"
+        assert method in methods, f"verdict row {label!r}: no method {method!r} in evidence-real/results.json"
         run = methods[method]
         lr = re.findall(r"\blr ([0-9.]+e-[0-9]+)", label)
         assert lr and float(lr[-1]) == run["learning_rate"], f"{label!r}: chosen lr {run['learning_rate']}"
