@@ -144,6 +144,14 @@ def test_compare_extends_a_grid_chosen_at_its_edge(builtin_tiny, tmp_path):
     rebuilt = json.loads((out / "results.json").read_text())["methods"]["e2e"]
     assert rebuilt["grid"] == chosen["grid"] and rebuilt["learning_rate"] == chosen["learning_rate"]
 
+    # A planned rate with no finished run is not part of the grid the choice is judged on: the report names it.
+    planned = ",".join(f"{lr:g}" for lr in [*chosen["grid"], 0.1])
+    partial = [a if a != "e2e=1e-3,3e-3" else f"e2e={planned}" for a in args]
+    lopt([*partial, "--extend_grid", "0", "--report_only"], builtin_tiny["env"])
+    rebuilt = json.loads((out / "results.json").read_text())["methods"]["e2e"]
+    assert rebuilt["grid"] == chosen["grid"] and rebuilt["grid_not_run"] == [0.1]
+    assert "(planned, not run: 0.1)" in (out / "report.md").read_text()
+
 
 def test_report_states_missed_targets_plainly():
     def entry(act, time, acc, ppl):

@@ -112,8 +112,9 @@ def format_report(results: dict) -> str:
 
 
 def _grid_lines(methods: dict) -> list[str]:
-    """Each method's learning-rate grid, the rates compare added past an edge, and a plain mark on every method whose
-    choice is still at an edge of its grid (its best rate may lie outside it) or that ran at one rate."""
+    """Each method's learning-rate grid (the rates that ran), the planned rates that did not, the rates compare added
+    past an edge, and a plain mark on every method whose choice is still at an edge of its grid (its best rate may
+    lie outside it) or that ran at one rate."""
     if not any("grid" in m for m in methods.values()):
         return []  # results written before compare extended grids
     lines = ["", "Learning-rate grids (choice on validation in bold):"]
@@ -122,6 +123,8 @@ def _grid_lines(methods: dict) -> list[str]:
         text = f"- {name}: {rates}"
         if m["grid_added"]:
             text += f" (added past an edge: {', '.join(f'{lr:g}' for lr in m['grid_added'])})"
+        if m.get("grid_not_run"):  # absent in results written before compare recorded it
+            text += f" (planned, not run: {', '.join(f'{lr:g}' for lr in m['grid_not_run'])})"
         edge = m["grid_edge"]
         if edge == "one rate":
             text += ": **one rate, not tuned**"

@@ -143,7 +143,7 @@ def run_compare(spec: CompareSpec) -> dict:
         {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
-    _mark_grid_edges(spec, results, grid_added)
+    _mark_grid_edges(spec, results, grid_added, runs)
     from lopt.experiments.compare.world_knowledge import add_world_knowledge
 
     add_world_knowledge(results, runs)  # knowledge kept and code perplexity per point, when the probe ran
@@ -396,14 +396,18 @@ def _extend_grids(
     return extend_grids(spec, first_seed_points) if spec.extend_grid else {}
 
 
-def _mark_grid_edges(spec: CompareSpec, results: dict, added: dict[str, list[float]]) -> None:
-    """Per chosen method: the rates compare added to its grid, and "grid_edge" ("low"/"high") when its choice is still
-    at an edge of its grid (or "one rate" when it ran at a single rate: nothing was tuned)."""
+def _mark_grid_edges(spec: CompareSpec, results: dict, added: dict[str, list[float]], runs: dict) -> None:
+    """Per chosen method: the rates it ran at (its grid), the planned rates with no finished run (a --time_limit or a
+    --report_only over part of a sweep), the rates compare added, and "grid_edge" ("low"/"high") when its choice is
+    still at an edge of the rates that ran (or "one rate" when only one ran: nothing was tuned)."""
     from lopt.experiments.compare.grid import grid_edge
 
     for name, point in results["methods"].items():
-        grid = spec.learning_rates_of(name)
+        planned = spec.learning_rates_of(name)
+        ran = {lr for (method, lr, steps) in runs if method == name and steps == point["max_steps"]}
+        grid = [lr for lr in planned if lr in ran]
         point["grid"] = grid
+        point["grid_not_run"] = [lr for lr in planned if lr not in ran]
         point["grid_added"] = added.get(name, [])
         point["grid_edge"] = "one rate" if len(grid) < 2 else grid_edge(grid, point["learning_rate"])
     results["setup"]["extend_grid"] = spec.extend_grid
