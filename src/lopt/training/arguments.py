@@ -41,7 +41,8 @@ SFT_REAL_BASE_RECIPE = {
 }
 # totals needs more steps than extract: e2e at lr 1e-4 reached 22.2% of its test rows after 40 steps and 74.7% after
 # 150 (SmolLM2-135M, one seed, docs/EVIDENCE.md), so its recipe trains 150. Its rate stays 1e-4 for LoPT too: there
-# the default objective reached 51.2% and kept 76.9% of the facts; at 3e-4, validation's choice, 56.7% and 46.2%.
+# the default objective reached 51.2% and kept 76.9% of the facts (seed 0); at 3e-4, validation's choice, 51.9% and
+# 48.9% (3 seeds).
 SFT_REAL_BASE_TASK_STEPS = {"totals": 150}
 # LoPT's local objective on a real base's tasks: the boundary's next-token loss read through the model's own head plus
 # a pull toward the pretrained boundary state, each block clipped by its own norm (one global clip lets the anchor's
