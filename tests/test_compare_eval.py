@@ -106,7 +106,7 @@ def test_compare_quick_writes_results_report_and_plots(builtin_tiny, tmp_path):
 def test_compare_extends_a_grid_chosen_at_its_edge(builtin_tiny, tmp_path):
     """A two-rate grid's choice is always at one of its edges: compare runs one more rate past that edge (3x), chooses
     again on validation, and says whether the choice is still at an edge; --report_only derives the same grid from
-    the records."""
+    the records, whatever grid it is given."""
     from lopt.experiments.compare.grid import GRID_FACTOR, grid_edge
 
     out = tmp_path / "compare"
@@ -151,6 +151,13 @@ def test_compare_extends_a_grid_chosen_at_its_edge(builtin_tiny, tmp_path):
     rebuilt = json.loads((out / "results.json").read_text())["methods"]["e2e"]
     assert rebuilt["grid"] == chosen["grid"] and rebuilt["grid_not_run"] == [0.1]
     assert "(planned, not run: 0.1)" in (out / "report.md").read_text()
+
+    # Rates that ran but were not planned (an extension run by hand, or by an earlier compare) join the grid.
+    narrow = [a if a != "e2e=1e-3,3e-3" else "e2e=1e-3" for a in args]
+    lopt([*narrow, "--extend_grid", "0", "--report_only"], builtin_tiny["env"])
+    rebuilt = json.loads((out / "results.json").read_text())["methods"]["e2e"]
+    assert rebuilt["grid"] == chosen["grid"] and rebuilt["learning_rate"] == chosen["learning_rate"]
+    assert rebuilt["grid_not_run"] == [] and rebuilt["grid_added"] == []
 
 
 def test_report_states_missed_targets_plainly():

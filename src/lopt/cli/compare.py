@@ -149,7 +149,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--report_only",
         action="store_true",
         help="Train and score nothing: rebuild the report from the finished runs in --output_dir (e.g. of a sweep "
-        "that was stopped); needs the compare_base.json an earlier compare wrote there.",
+        "that was stopped); every rate with a finished run of a method's command joins its grid. Needs the "
+        "compare_base.json an earlier compare wrote there.",
     )
     parser.add_argument("--no_progress", action="store_true")
 

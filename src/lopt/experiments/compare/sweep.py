@@ -82,19 +82,14 @@ def run_compare(spec: CompareSpec) -> dict:
             """Reads the finished records of these (seed, name, lr, steps) jobs; whether every one was there."""
             found = True
             for seed, name, lr, steps in jobs:
-                record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
-                expected = {
-                    "command": _sft_command(spec, name, lr, steps, seed),
-                    "base_model": base["base_model"],
-                    "evaluation_key": base["evaluation_key"],
-                }
-                if record is not None and all(record.get(k) == v for k, v in expected.items()):
-                    if not any(r["seed"] == seed for r in runs[(name, lr, steps)]):
-                        runs[(name, lr, steps)].append(record)
-                else:
+                record = _finished_record(spec, base, seed, name, lr, steps)
+                if record is None:
                     found = False
+                elif not any(r["seed"] == seed for r in runs[(name, lr, steps)]):
+                    runs[(name, lr, steps)].append(record)
             return found
 
+        _add_rates_that_ran(spec, base)
         run_points([(0, *point) for point in all_points()])
         grid_added = _extend_grids(spec, runs, base["before"], all_points, run_points)
         points = all_points()
@@ -371,6 +366,42 @@ class _Pool:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield pending.pop(future), future.result()
+
+
+def _finished_record(
+    spec: CompareSpec, base: dict, seed: int, name: str, lr: float, steps: int
+) -> dict | None:
+    """The record of a finished run of this point under this compare's command, base model and scoring; else None."""
+    record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
+    expected = {
+        "command": _sft_command(spec, name, lr, steps, seed),
+        "base_model": base["base_model"],
+        "evaluation_key": base["evaluation_key"],
+    }
+    return record if record is not None and all(record.get(k) == v for k, v in expected.items()) else None
+
+
+def _add_rates_that_ran(spec: CompareSpec, base: dict) -> None:
+    """--report_only: every rate with a finished seed-0 run of a method's command at one of its budgets joins its
+    grid (an extension run by hand or by an earlier compare, a rate added later), so the report reads every rate
+    that ran, not only the planned ones."""
+    runs_dir = os.path.join(spec.output_dir, "runs")
+    folders = os.listdir(runs_dir) if os.path.isdir(runs_dir) else []
+    for name in spec.methods:
+        found = set()
+        for steps in spec.max_steps:
+            prefix, suffix = f"{name}-lr", f"-steps{steps}-seed0"
+            for folder in folders:
+                if not (folder.startswith(prefix) and folder.endswith(suffix)):
+                    continue
+                try:
+                    lr = float(folder[len(prefix) : -len(suffix)])
+                except ValueError:
+                    continue
+                if _finished_record(spec, base, 0, name, lr, steps) is not None:
+                    found.add(lr)
+        if found - set(spec.learning_rates_of(name)):
+            spec.method_learning_rates[name] = sorted({*spec.learning_rates_of(name), *found})
 
 
 def _extend_grids(
