@@ -35,6 +35,17 @@ def run_name(name: str, lr: float, steps: int, seed: int) -> str:
     return f"{name}-lr{lr:g}-steps{steps}-seed{seed}"
 
 
+def run_lr(folder: str, name: str, steps: int, seed: int) -> float | None:
+    """The lr of a folder `run_name` named for this method, budget and seed; None for any other folder."""
+    prefix, suffix = f"{name}-lr", f"-steps{steps}-seed{seed}"
+    if not (folder.startswith(prefix) and folder.endswith(suffix)):
+        return None
+    try:
+        return float(folder[len(prefix) : -len(suffix)])
+    except ValueError:
+        return None
+
+
 # --- resume: a run folder is reused only when it is complete and made by the same command ----------------------
 def finished_run(run_dir: str, command: list[str], base_path: str, evaluation_key: str) -> dict | None:
     """The run's record if it finished under exactly this command, base model and evaluation; else None."""

@@ -33,6 +33,7 @@ from lopt.experiments.compare.runs import (
     evaluate_model,
     evaluation_sets,
     finished_run,
+    run_lr,
     run_name,
 )
 from lopt.experiments.compare.select import (
@@ -390,15 +391,9 @@ def _add_rates_that_ran(spec: CompareSpec, base: dict) -> None:
     for name in spec.methods:
         found = set()
         for steps in spec.max_steps:
-            prefix, suffix = f"{name}-lr", f"-steps{steps}-seed0"
             for folder in folders:
-                if not (folder.startswith(prefix) and folder.endswith(suffix)):
-                    continue
-                try:
-                    lr = float(folder[len(prefix) : -len(suffix)])
-                except ValueError:
-                    continue
-                if _finished_record(spec, base, 0, name, lr, steps) is not None:
+                lr = run_lr(folder, name, steps, 0)
+                if lr is not None and _finished_record(spec, base, 0, name, lr, steps) is not None:
                     found.add(lr)
         if found - set(spec.learning_rates_of(name)):
             spec.method_learning_rates[name] = sorted({*spec.learning_rates_of(name), *found})
