@@ -384,11 +384,13 @@ def _results(seeds: int = 2) -> tuple[dict, dict]:
     runs = {
         ("e2e", 1e-4, 10): [
             {
+                "seed": 0,
                 "knowledge_kept": 0.5,
                 "knowledge_kept_by_type": {"capital": 2 / 3, "demonym": 0.0},
                 "code_ppl": 5.0,
             },
             {
+                "seed": 1,
                 "knowledge_kept": 0.75,
                 "knowledge_kept_by_type": {"capital": 1.0, "demonym": 0.0},
                 "code_ppl": 6.0,
@@ -409,6 +411,7 @@ def _results(seeds: int = 2) -> tuple[dict, dict]:
             "max_steps": 10,
             "task_accuracy": 0.9,
             "retention_ppl": 12.0,
+            "per_seed": [{"seed": seed} for seed in range(seeds)],
         },
         {
             "method": "freeze",
@@ -436,6 +439,7 @@ def test_report_and_plot_show_accuracy_against_knowledge_kept(tmp_path):
     assert e2e["knowledge_kept"] == pytest.approx(0.625) and e2e["code_ppl"] == pytest.approx(5.5)
     assert e2e["knowledge_kept_by_type"] == pytest.approx({"capital": 5 / 6, "demonym": 0.0})
     assert e2e["code_ppl_before"] == 4.0 and "knowledge_kept_std" in e2e
+    assert [(s["knowledge_kept"], s["code_ppl"]) for s in e2e["per_seed"]] == [(0.5, 5.0), (0.75, 6.0)]
     lines = world_knowledge.format_world_knowledge_report(results)
     text = "\n".join(lines)
     assert (

@@ -108,8 +108,8 @@ _POINT_METRICS = ("knowledge_kept", "code_ppl", "validation_code_ppl")
 
 def add_world_knowledge(results: dict, runs: dict[tuple, list[dict]]) -> None:
     """Adds to every point of compare's results (the chosen ones are among them) the mean and std over seeds of
-    ``knowledge_kept`` and the code perplexities, the per-type kept shares (mean), and the base's code perplexity as
-    ``code_ppl_before``; nothing when the base was not probed."""
+    ``knowledge_kept`` and the code perplexities (and each seed's, in its ``per_seed``), the per-type kept shares
+    (mean), and the base's code perplexity as ``code_ppl_before``; nothing when the base was not probed."""
     if "world_knowledge" not in results["before"]:
         return
     before = results["before"]
@@ -121,6 +121,11 @@ def add_world_knowledge(results: dict, runs: dict[tuple, list[dict]]) -> None:
                 point[key] = statistics.fmean(values)
                 if len(values) > 1:
                     point[f"{key}_std"] = statistics.stdev(values)
+        # Each seed's own values too, so results.json alone gives every spread (the run folders may be gone).
+        by_seed = {r.get("seed"): r for r in point_runs}
+        for entry in point.get("per_seed", []):
+            run = by_seed.get(entry.get("seed"), {})
+            entry.update({key: run.get(key) for key in _POINT_METRICS})
         by_type: dict[str, list[float]] = {}
         for r in point_runs:
             for name, value in r.get("knowledge_kept_by_type", {}).items():
