@@ -472,6 +472,47 @@ def test_gpu_evidence_table_matches_its_results():
             assert cells[column["knowledge"]].strip("*") == kept, f"{label!r}: knowledge kept {kept}"
 
 
+# Evidence folders that keep their runs' records (compare_run.json, without checkpoints) beside results.json.
+EVIDENCE_WITH_RECORDS = sorted(
+    path.parent
+    for path in (ROOT / "docs").glob("evidence*/**/results.json")
+    if (path.parent / "runs").is_dir()
+)
+
+
+def _with_output_dir(argv: list[str], output_dir: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output_dir":
+            skip = True
+        elif not arg.startswith("--output_dir="):
+            out.append(arg)
+    return [*out, "--output_dir", output_dir]
+
+
+@pytest.mark.parametrize("folder", EVIDENCE_WITH_RECORDS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_evidence_rebuilds_from_its_run_records(folder, tmp_path):
+    """An evidence folder with its runs' records is exactly what `lopt compare --report_only` makes of them under
+    the command its results.json names: every number it states comes from the code, and a later session can add
+    runs to it."""
+    import shutil
+
+    from lopt.cli.main import main
+
+    results = json.loads((folder / "results.json").read_text())
+    command = results["setup"]["command"]
+    assert command and command[0] == "compare" and "--report_only" in command, command
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.png", "results.json", "report.md"))
+    assert main(_with_output_dir(command, str(copy))) == 0
+    rebuilt = json.loads((copy / "results.json").read_text())
+    for key in ("before", "points", "methods"):
+        assert rebuilt[key] == results[key], f"{folder.name}: {key} differs from the records' report"
+    assert (copy / "report.md").read_text() == (folder / "report.md").read_text()
+
+
 # --- the versions the docs name are the lock's -------------------------------------------------------------------
 
 VERSION_MENTION = re.compile(

@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         extend_grid=args.extend_grid if args.extend_grid is not None else (0 if args.quick else 2),
         report_only=args.report_only,
+        command=getattr(args, "argv", None),
     )
     run_compare(spec)
     with open(f"{spec.output_dir}/report.md") as f:

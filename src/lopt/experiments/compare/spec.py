@@ -98,6 +98,9 @@ class CompareSpec:
     # past that edge, each GRID_FACTOR from the last, until the choice is interior (lopt.experiments.compare.grid).
     extend_grid: int = 2
     report_only: bool = False  # no training or scoring: the report from the finished runs in output_dir
+    # The `lopt compare ...` arguments that made this (results.json's setup.command): with the run records and
+    # compare_base.json, `--report_only` under them rebuilds the report anywhere (tests replay docs/evidence-real).
+    command: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.max_steps, int):

@@ -488,6 +488,7 @@ def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int
         "runs_finished": finished,  # fewer than runs when --time_limit stopped the sweep
         "runs_reused": reused,
         "jobs": spec.jobs,
+        "command": spec.command,
     }
 
 
