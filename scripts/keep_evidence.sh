@@ -9,9 +9,11 @@ SRC="${1:?usage: keep_evidence.sh COMPARE_OUTPUT_DIR EVIDENCE_DIR}"
 DST="${2:?usage: keep_evidence.sh COMPARE_OUTPUT_DIR EVIDENCE_DIR}"
 [ -f "$SRC/results.json" ] || { echo "keep_evidence: no results.json in $SRC: run lopt compare (or --report_only) there first" >&2; exit 2; }
 grep -q '"--report_only"' "$SRC/results.json" || { echo "keep_evidence: $SRC/results.json was not made by --report_only: rerun its compare with --report_only so the records alone rebuild it" >&2; exit 2; }
+records=("$SRC"/runs/*/compare_run.json)
+[ -f "${records[0]}" ] || { echo "keep_evidence: no finished run (runs/*/compare_run.json) in $SRC" >&2; exit 2; }
 mkdir -p "$DST"
 cp "$SRC"/compare_base.json "$SRC"/results.json "$SRC"/report.md "$SRC"/*.png "$DST"/
-for record in "$SRC"/runs/*/compare_run.json; do
+for record in "${records[@]}"; do
   run="$(basename "$(dirname "$record")")"
   mkdir -p "$DST/runs/$run"
   cp "$record" "$DST/runs/$run/"

@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     # The other commands have no --config: YAML recipes belong to the training commands (TRL's parser).
     parser, _ = make_parser()
     args = parser.parse_args(argv)
-    args.argv = list(
-        argv
-    )  # what the user typed, for a command that records how its output was made (compare)
+    # What the user typed, for a command that records how its output was made (compare's results.json).
+    args.argv = list(argv)
     module = importlib.import_module(f"lopt.cli.{args.command}")
     return _run_user_facing(args.command, lambda: module.run(args))
 
