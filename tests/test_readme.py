@@ -480,18 +480,6 @@ EVIDENCE_WITH_RECORDS = sorted(
 )
 
 
-def _with_output_dir(argv: list[str], output_dir: str) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--output_dir":
-            skip = True
-        elif not arg.startswith("--output_dir="):
-            out.append(arg)
-    return [*out, "--output_dir", output_dir]
-
-
 @pytest.mark.parametrize("folder", EVIDENCE_WITH_RECORDS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_evidence_rebuilds_from_its_run_records(folder, tmp_path):
     """An evidence folder with its runs' records is exactly what `lopt compare --report_only` makes of them under
@@ -506,7 +494,7 @@ def test_evidence_rebuilds_from_its_run_records(folder, tmp_path):
     assert command and command[0] == "compare" and "--report_only" in command, command
     copy = tmp_path / folder.name
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.png", "results.json", "report.md"))
-    assert main(_with_output_dir(command, str(copy))) == 0
+    assert main([*command, "--output_dir", str(copy)]) == 0  # the last --output_dir wins (argparse)
     rebuilt = json.loads((copy / "results.json").read_text())
     for key in ("before", "points", "methods"):
         assert rebuilt[key] == results[key], f"{folder.name}: {key} differs from the records' report"
