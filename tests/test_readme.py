@@ -395,9 +395,10 @@ def table_cells(line: str) -> list[str]:
 
 
 def test_verdict_table_matches_the_evidence():
-    """Each row of the verdict's table is what docs/evidence-real/cpu-<task>/results.json holds for its method's
-    chosen run: the learning rate, activations against e2e's, test accuracy and knowledge kept (mean ± std over
-    seeds where there are several) and the number of seeds."""
+    """Each row of the verdict's table is what docs/evidence-real/cpu-<task>/results.json (or the evidence folder
+    the row links to) holds for its method's chosen run: the learning rate, activations against e2e's (as that
+    folder's compare_base.json measured them), test accuracy and knowledge kept (mean ± std over seeds where there
+    are several) and the number of seeds."""
     section = README.read_text(encoding="utf-8").split("\n## Verdict", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.lower() for cell in table_cells(lines[0])]
@@ -412,13 +413,16 @@ def test_verdict_table_matches_the_evidence():
 
     for cells in map(table_cells, lines[2:]):
         task, label = cells[column["task"]].strip("`"), cells[column["method"]]
-        methods = json.loads((REAL_EVIDENCE / f"cpu-{task}" / "results.json").read_text())["methods"]
+        linked = re.findall(r"\]\(docs/evidence-real/([^/)]+)/report\.md\)", label)
+        folder = REAL_EVIDENCE / (linked[0] if linked else f"cpu-{task}")
+        methods = json.loads((folder / "results.json").read_text())["methods"]
         method = re.findall(r"`([^`]+)`", label)[0]
-        assert method in methods, f"verdict row {label!r}: no method {method!r} in cpu-{task}/results.json"
+        assert method in methods, f"verdict row {label!r}: no method {method!r} in {folder.name}/results.json"
         run = methods[method]
         lr = re.findall(r"\blr ([0-9.]+e-[0-9]+)", label)
         assert lr and float(lr[-1]) == run["learning_rate"], f"{label!r}: chosen lr {run['learning_rate']}"
-        activations = run["activation_peak_bytes"] / methods["e2e"]["activation_peak_bytes"]
+        e2e_bytes = json.loads((folder / "compare_base.json").read_text())["activation"]["e2e"]
+        activations = run["activation_peak_bytes"] / e2e_bytes
         assert float(cells[column["activations"]]) == round(activations, 2), (
             f"{label!r}: activations {activations}"
         )
