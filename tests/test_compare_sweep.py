@@ -122,6 +122,16 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     rebuilt = json.loads((out / "results.json").read_text())
     assert rebuilt["points"] == rescored["points"] and rebuilt["before"] == rescored["before"]
 
+    # A report of lopt alone still states its activations against e2e's, as compare_base.json measured them.
+    only_lopt = [*args, "--eval_samples", "5", "--report_only"]
+    only_lopt[only_lopt.index("e2e,lopt")] = "lopt"
+    lopt(only_lopt, builtin_tiny["env"])
+    alone = json.loads((out / "results.json").read_text())
+    e2e_bytes = json.loads((out / "compare_base.json").read_text())["activation"]["e2e"]
+    assert "e2e" not in alone["methods"] and alone["e2e_activation_peak_bytes"] == e2e_bytes
+    ratio = alone["methods"]["lopt"]["activation_peak_bytes"] / e2e_bytes
+    assert f"({ratio:.2f}x)" in (out / "report.md").read_text()
+
 
 def test_report_only_needs_an_earlier_compare(tmp_path):
     spec = CompareSpec(methods=["e2e"], seeds=1, output_dir=str(tmp_path), report_only=True)

@@ -31,6 +31,7 @@ def _method_table(names, columns, pick, describe, missing="—") -> list[str]:
 def format_report(results: dict) -> str:
     methods = results["methods"]
     e2e = methods.get("e2e") or {}
+    e2e_activation = e2e.get("activation_peak_bytes") or results.get("e2e_activation_peak_bytes")
     setup = results["setup"]
     spread = setup["seeds"] > 1
     steps = setup["steps"] if isinstance(setup["steps"], list) else [setup["steps"]]
@@ -65,11 +66,7 @@ def format_report(results: dict) -> str:
     ]
     for name, m in methods.items():
         act = m.get("activation_peak_bytes")  # None: not measured (--report_only)
-        act_text = (
-            "—"
-            if act is None
-            else f"{act / 2**20:.1f} ({_fmt_ratio(_ratio(act, e2e.get('activation_peak_bytes')))})"
-        )
+        act_text = "—" if act is None else f"{act / 2**20:.1f} ({_fmt_ratio(_ratio(act, e2e_activation))})"
         time_ratio = _ratio(m.get("step_time_s"), e2e.get("step_time_s"))
         acc_text = _pct(m.get("task_accuracy"), m.get("task_accuracy_std") if spread else None)
         ppl = m.get("retention_ppl")

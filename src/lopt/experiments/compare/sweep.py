@@ -139,6 +139,9 @@ def run_compare(spec: CompareSpec) -> dict:
         {name: base["activation"].get(_memory_name(name)) for name in spec.methods},
         _setup(spec, base, reused, total, finished),
     )
+    # The reference for activation ratios even where e2e is not among --methods (a screen with its base record
+    # copied from a compare that measured e2e): the meter does not depend on the rate.
+    results["e2e_activation_peak_bytes"] = base["activation"].get("e2e")
     _mark_grid_edges(spec, results, grid_added, runs)
     from lopt.experiments.compare.world_knowledge import add_world_knowledge
 
