@@ -132,6 +132,20 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
     ratio = alone["methods"]["lopt"]["activation_peak_bytes"] / e2e_bytes
     assert f"({ratio:.2f}x)" in (out / "report.md").read_text()
 
+    # A run kept as its record alone (scripts/keep_evidence.sh) is reused by a compare that goes on, not retrained;
+    # one whose record names another command is trained again.
+    for d in os.listdir(runs):
+        for f in os.listdir(runs / d):
+            if f != "compare_run.json":
+                (runs / d / f).unlink()
+    other_record = json.loads((runs / other.name / "compare_run.json").read_text())
+    other_record["command"] = [*other_record["command"], "--weight_decay", "0.1"]
+    (runs / other.name / "compare_run.json").write_text(json.dumps(other_record))
+    lopt([*args, "--eval_samples", "5"], builtin_tiny["env"])
+    went_on = json.loads((out / "results.json").read_text())
+    assert went_on["setup"]["runs_reused"] == 3
+    assert sorted(d for d in os.listdir(runs) if (runs / d / "model.safetensors").exists()) == [other.name]
+
 
 def test_report_only_needs_an_earlier_compare(tmp_path):
     spec = CompareSpec(methods=["e2e"], seeds=1, output_dir=str(tmp_path), report_only=True)

@@ -50,9 +50,18 @@ def run_lr(folder: str, name: str, steps: int, seed: int) -> float | None:
 def finished_run(run_dir: str, command: list[str], base_path: str, evaluation_key: str) -> dict | None:
     """The run's record if it finished under exactly this command, base model and evaluation; else None."""
     record = _read_record(run_dir)
-    if record is None or not _checkpoint_complete(run_dir, command, base_path):
+    if record is None or record.get("evaluation_key") != evaluation_key:
         return None
-    return record if record.get("evaluation_key") == evaluation_key else None
+    if _checkpoint_complete(run_dir, command, base_path):
+        return record
+    # A folder holding only the record (scripts/keep_evidence.sh keeps no checkpoint) is reused when the record names
+    # this command and base model: its scores are this run's on these rows; only re-scoring other rows needs weights.
+    kept_alone = os.listdir(run_dir) == [RUN_RECORD]
+    return (
+        record
+        if kept_alone and (record.get("command"), record.get("base_model")) == (command, base_path)
+        else None
+    )
 
 
 def _read_record(run_dir: str) -> dict | None:
