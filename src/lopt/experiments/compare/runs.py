@@ -57,11 +57,13 @@ def finished_run(run_dir: str, command: list[str], base_path: str, evaluation_ke
     # A folder holding only the record (scripts/keep_evidence.sh keeps no checkpoint) is reused when the record names
     # this command and base model: its scores are this run's on these rows; only re-scoring other rows needs weights.
     kept_alone = os.listdir(run_dir) == [RUN_RECORD]
-    return (
-        record
-        if kept_alone and (record.get("command"), record.get("base_model")) == (command, base_path)
-        else None
-    )
+    return record if kept_alone and record_names(record, command, base_path, evaluation_key) else None
+
+
+def record_names(record: dict, command: list[str], base_path: str, evaluation_key: str) -> bool:
+    """Whether a run record is of this `lopt sft` command and base model, scored under this evaluation."""
+    found = (record.get("command"), record.get("base_model"), record.get("evaluation_key"))
+    return found == (command, base_path, evaluation_key)
 
 
 def _read_record(run_dir: str) -> dict | None:

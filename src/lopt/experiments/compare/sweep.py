@@ -33,6 +33,7 @@ from lopt.experiments.compare.runs import (
     evaluate_model,
     evaluation_sets,
     finished_run,
+    record_names,
     run_lr,
     run_name,
 )
@@ -377,12 +378,9 @@ def _finished_record(
 ) -> dict | None:
     """The record of a finished run of this point under this compare's command, base model and scoring; else None."""
     record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
-    expected = {
-        "command": _sft_command(spec, name, lr, steps, seed),
-        "base_model": base["base_model"],
-        "evaluation_key": base["evaluation_key"],
-    }
-    return record if record is not None and all(record.get(k) == v for k, v in expected.items()) else None
+    command = _sft_command(spec, name, lr, steps, seed)
+    named = record is not None and record_names(record, command, base["base_model"], base["evaluation_key"])
+    return record if named else None
 
 
 def _add_rates_that_ran(spec: CompareSpec, base: dict) -> None:
