@@ -11,8 +11,18 @@ from lopt.io import atomic_write_json
 
 CONFIG_NAME = "lopt_config.json"
 BACKWARD_MODES = ("local", "joint")
-# Each objective is a sum of terms: "recon" (the paper's), "anchor" (lopt.engine.anchor), "task" (lopt.engine.lens).
-AUX_OBJECTIVES = ("recon", "anchor", "recon+anchor", "task", "recon+task", "task+anchor")
+# Each objective is a sum of terms: "recon" (the paper's), "anchor" (lopt.engine.anchor), "task" (lopt.engine.lens),
+# "synth" (a predicted task gradient, lopt.engine.synthetic).
+AUX_OBJECTIVES = (
+    "recon",
+    "anchor",
+    "recon+anchor",
+    "task",
+    "recon+task",
+    "task+anchor",
+    "synth",
+    "synth+anchor",
+)
 ANCHOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,8 +58,17 @@ class LoPTConfig:
             "block's input from its output). 'anchor': MSE between the block's output and the pretrained model's "
             "hidden state at the same boundary for the same input. 'task': next-token cross-entropy on the batch's "
             "labels of the block's output read through the model's own final norm and LM head, held fixed (a "
-            "'logit lens'; needs labels, so SFT only). Sums: 'recon+anchor', 'recon+task', 'task+anchor', each "
+            "'logit lens'; needs labels, so SFT only). 'synth': the task loss's gradient at the block's output, "
+            "predicted by a small head that learns it from the later block's backward (synthetic gradients; any "
+            "trainer). Sums: 'recon+anchor', 'recon+task', 'task+anchor', 'synth+anchor', each "
             "non-recon term times its weight."
+        },
+    )
+    synth_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale of the predicted gradient ('synth', 'synth+anchor'). Not multiplied by lambda: at 1.0 a "
+            "perfect predictor gives the early blocks exactly end-to-end's gradient."
         },
     )
     anchor_weight: float = field(
@@ -118,6 +137,7 @@ class LoPTConfig:
             raise ValueError(f"aux_objective={self.aux_objective!r} is not one of {AUX_OBJECTIVES}.")
         self.anchor_weight = _non_negative_float("anchor_weight", self.anchor_weight)
         self.task_weight = _non_negative_float("task_weight", self.task_weight)
+        self.synth_weight = _non_negative_float("synth_weight", self.synth_weight)
         if (
             isinstance(self.aux_warmup_steps, bool)
             or not isinstance(self.aux_warmup_steps, int)
@@ -138,6 +158,10 @@ class LoPTConfig:
     @property
     def uses_anchor(self) -> bool:
         return "anchor" in self.aux_objective.split("+")
+
+    @property
+    def uses_synthetic_gradient(self) -> bool:
+        return "synth" in self.aux_objective.split("+")
 
     @property
     def uses_task(self) -> bool:

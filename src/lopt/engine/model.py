@@ -7,6 +7,8 @@ A training forward (module in train mode, grad enabled) goes like this, for k bl
     boundary:  aux_0 = MSE(head_0(h_1), h_0.detach())     (pre-hook on block 1's first layer; "recon")
                      [+ anchor_weight * MSE(h_1, h_1 of the pretrained model)]   ("anchor", see lopt.engine.anchor)
                      [+ task_weight * CE(lm_head(final_norm(h_1)), labels)]       ("task", see lopt.engine.lens)
+               ("synth": + synth_weight * <h_1, P_0(h_1)> / n, a predicted task gradient, outside lambda;
+                the boundary is tapped so the later backward trains P_0: see lopt.engine.synthetic)
                aux-head warm-up (aux_heads_only): h_1 is detached before aux_0, so only the head learns
                local mode: backward(scale * lambda/(k-1) * aux_0) right now -> block 0's activations are freed
                joint mode: keep aux_0's graph; it joins the task loss in one backward later
@@ -39,6 +41,13 @@ from lopt.engine.config import LoPTConfig
 from lopt.engine.distributed import fsdp2_local_backward
 from lopt.engine.heads import AuxHead, reconstruction_loss
 from lopt.engine.lens import lens_cross_entropy
+from lopt.engine.synthetic import (
+    GradientPredictor,
+    SyntheticGradientStats,
+    synthetic_gradient_term,
+    tap_boundary,
+    target_embeddings,
+)
 from lopt.io import atomic_directory_write, save_checkpoint_files
 
 AUX_HEADS_NAME = "lopt_aux_heads.safetensors"
@@ -62,8 +71,11 @@ class LoPTModel(nn.Module):
         model: the wrapped model (transformers or PEFT), structure and parameter names unchanged.
         lopt_config: the LoPTConfig. (`config` and other unknown attributes pass through to the wrapped model.)
         block_ranges: (start, end) decoder-layer indices of each block.
-        aux_heads: one reconstruction head per early block (training only, never in saved checkpoints); empty
-            when the objective is "anchor" alone.
+        aux_heads: one head per early block (training only, never in saved checkpoints): the reconstruction head
+            ("recon") or the gradient predictor ("synth", lopt.engine.synthetic); empty when the objective has
+            neither.
+        synthetic_gradient_stats: the gradient predictors' quality (cosine with the true boundary gradient, and
+            their loss) since the last `take()`, per boundary; trainer integrations log it.
         anchor: the frozen pretrained reference (`PretrainedAnchor`) for the anchor objectives, else None.
         loss_scale: the factor the caller will multiply the returned loss by before `backward()` (e.g.
             1/gradient_accumulation_steps, times a fp16 grad-scaler's scale). The local backward uses it so that
@@ -85,10 +97,13 @@ class LoPTModel(nn.Module):
         self.num_boundaries = len(block_ranges) - 1
         hidden_size = parts.embedding.weight.shape[-1]
         device = parts.embedding.weight.device
-        num_heads = self.num_boundaries if config.uses_reconstruction else 0
+        head = GradientPredictor if config.uses_synthetic_gradient else AuxHead
+        num_heads = self.num_boundaries if config.uses_reconstruction or config.uses_synthetic_gradient else 0
         self.aux_heads = nn.ModuleList(
-            AuxHead(hidden_size, config.aux_head_ratio).to(device) for _ in range(num_heads)
+            head(hidden_size, config.aux_head_ratio).to(device) for _ in range(num_heads)
         )
+        self.synthetic_gradient_stats = SyntheticGradientStats()
+        self._boundary_predictions: dict[int, torch.Tensor] = {}
         self.anchor: PretrainedAnchor | None = None
         if config.uses_anchor:
             # The reference copies what runs before the last boundary: a tied embedding too, although it is late.
@@ -98,6 +113,7 @@ class LoPTModel(nn.Module):
             self.anchor = PretrainedAnchor(model, parts, block_ranges, late, dtype)
         self._anchor_states: list[torch.Tensor] | None = None
         self._labels: torch.Tensor | None = None
+        self._target_embeddings: torch.Tensor | None = None
         self.aux_heads_only = False
         self.loss_scale = 1.0
         self.last_aux_losses: list[torch.Tensor] = []
@@ -115,8 +131,9 @@ class LoPTModel(nn.Module):
                 model.register_forward_pre_hook(self._compute_anchor_states, with_kwargs=True),
                 model.register_forward_hook(self._drop_anchor_states, always_call=True),
             ]
-        if config.uses_task:
-            # The task term needs this batch's labels at every boundary: taken from the call to the whole model.
+        if config.uses_task or config.uses_synthetic_gradient:
+            # The task term needs this batch's labels at every boundary, the gradient predictor its target tokens:
+            # taken from the call to the whole model.
             self._hook_handles += [
                 model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
                 model.register_forward_hook(self._drop_labels, always_call=True),
@@ -150,6 +167,12 @@ class LoPTModel(nn.Module):
             if not _in_backward_pass():  # a checkpoint replay must not redo the aux work
                 self._end_early_block(block_index - 1, block_output=hidden)
             boundary = hidden.detach()  # the gradient boundary: no later loss reaches earlier blocks
+            prediction = self._boundary_predictions.pop(block_index - 1, None)
+            if prediction is not None and prediction.requires_grad:  # the later backward trains the predictor
+                name = str(block_index - 1)
+                boundary = tap_boundary(
+                    boundary, prediction, self.loss_scale, self.synthetic_gradient_stats, name
+                )
             self._block_inputs[block_index] = boundary
             return _replace_hidden_states(args, kwargs, boundary)
 
@@ -166,11 +189,15 @@ class LoPTModel(nn.Module):
         self._labels = kwargs.get("labels")
 
     def _drop_labels(self, *_):
-        self._labels = None
+        self._labels = self._target_embeddings = None
 
     def _begin_forward(self, embedding_output: torch.Tensor) -> None:
         self._check_checkpointing()
         self._block_inputs = {0: embedding_output}
+        self._boundary_predictions = {}
+        self._target_embeddings = None
+        if self.lopt_config.uses_synthetic_gradient and self._labels is not None:
+            self._target_embeddings = target_embeddings(self._labels, self._parts.embedding.weight)
         self.last_aux_losses = []
         if self.anchor is not None and self._anchor_states is None:
             raise RuntimeError(
@@ -203,6 +230,10 @@ class LoPTModel(nn.Module):
             aux = aux + config.task_weight * task
         self.last_aux_losses.append(aux.detach())
         weighted = aux * (config.aux_weight / self.num_boundaries)
+        if config.uses_synthetic_gradient:
+            prediction = self.aux_heads[index](block_output.detach(), self._target_embeddings)
+            self._boundary_predictions[index] = prediction
+            weighted = weighted + config.synth_weight * synthetic_gradient_term(block_output, prediction)
         if self.lopt_config.backward == "local" and weighted.requires_grad:
             # Backpropagate this block's objective now, so its activations are freed before the next block runs.
             # Autocast is for forward ops only; the backward uses the dtypes the forward chose. Under FSDP2 the guard
@@ -270,20 +301,24 @@ class LoPTModel(nn.Module):
         return list(self._parts.layers[start:end])
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
-        """Per block, the trainable parameters its own loss trains: early block i's layers and aux head (block 0 also
-        the embedding, unless it is tied to the LM head), then the last block's late modules (a tied matrix there)."""
+        """Per block, the trainable parameters its own loss trains: early block i's layers and reconstruction head
+        (block 0 also the embedding, unless it is tied to the LM head), then the last block's late modules (a tied
+        matrix there). A gradient predictor belongs to the block after its boundary, whose backward trains it."""
         late = [p for module in self.late_modules() for p in module.parameters() if p.requires_grad]
         late_ids = {id(p) for p in late}
+        predictors_shift = 1 if self.lopt_config.uses_synthetic_gradient else 0
+        modules_of = [self.early_block_modules(index) for index in range(self.num_boundaries)] + [[]]
+        modules_of[0].append(self.embedding)
+        for index, head in enumerate(self.aux_heads):
+            modules_of[index + predictors_shift].append(head)
         blocks = []
-        for index in range(self.num_boundaries):
-            modules = self.early_block_modules(index)
-            modules += [self.aux_heads[index]] if index < len(self.aux_heads) else []
-            modules += [self.embedding] if index == 0 else []
+        for modules in modules_of:
             params = {
                 id(p): p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in late_ids
             }
             blocks.append(list(params.values()))
-        return [*blocks, list({id(p): p for p in late}.values())]
+        blocks[-1] = list({id(p): p for p in late}.values()) + blocks[-1]
+        return blocks
 
     @property
     def embedding(self) -> nn.Module:

@@ -9,8 +9,8 @@ def param_groups(
     model: LoPTModel, lr: float, early_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
     """Two AdamW groups, as in the authors' code: "late" (last block, final norm, LM head: trained by the task
-    loss) at `lr`, and "early" (embedding, early blocks, aux heads: trained by the local objective) at `early_lr`
-    (default `lr`). Frozen parameters and empty groups are left out.
+    loss, and the "synth" objective's gradient predictors) at `lr`, and "early" (embedding, early blocks,
+    reconstruction heads: trained by the local objective) at `early_lr` (default `lr`). Frozen parameters and empty groups are left out.
 
     A tied embedding and LM head (one parameter, `LoPTConfig.untie_embeddings=False`) is in the late group, once:
     it is also the LM head, which the task loss trains at the main rate, and its last gradient (the task backward's)
@@ -21,6 +21,10 @@ def param_groups(
             f"param_groups expects a LoPTModel (from get_lopt_model), got {type(model).__name__}."
         )
     late_ids = {id(p) for module in model.late_modules() for p in module.parameters()}
+    if model.lopt_config.uses_synthetic_gradient:
+        # The gradient predictors learn from the later backward and must keep up with the last block as it changes:
+        # the main rate, not the early blocks' (which a user lowers to keep them still).
+        late_ids |= {id(p) for p in model.aux_heads.parameters()}
     early, late, seen = [], [], set()
     for param in model.parameters():  # the wrapped model's parameters, then the aux heads'
         if not param.requires_grad or id(param) in seen:

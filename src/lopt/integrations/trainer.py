@@ -329,6 +329,11 @@ class LoPTTrainerMixin:
             self._lopt_sums, self._lopt_micro_steps = {}, 0
         if "loss" in logs and self.lopt_model is not None:
             logs.update(self._lopt_group_lrs)
+            # The "synth" objective's predictors, against the true boundary gradients of the backwards since the last
+            # log (this process's).
+            logs.update(
+                {k: float(f"{v:.4g}") for k, v in self.lopt_model.synthetic_gradient_stats.take().items()}
+            )
         return super().log(logs, *args, **kwargs)
 
     # --- FSDP2 (fsdp=True) ---------------------------------------------------------------------------

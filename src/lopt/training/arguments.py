@@ -125,13 +125,22 @@ class LoPTArguments:
         metadata={
             "help": "Local objective of the early blocks: recon (the paper's), anchor (stay near the pretrained "
             "model's hidden state at the boundary), task (the batch's next-token loss read through the model's own "
-            "final norm and LM head; sft only), or a sum such as recon+task or task+anchor.",
+            "final norm and LM head; sft only), synth (the task gradient at the boundary, predicted by a small head "
+            "that learns it from the last block's backward), or a sum such as recon+task, task+anchor or "
+            "synth+anchor.",
             "choices": AUX_OBJECTIVES,
         },
     )
     anchor_weight: float = field(default=1.0, metadata={"help": "Weight of the anchor term in recon+anchor."})
     task_weight: float = field(
         default=1.0, metadata={"help": "Weight of the task term in a sum such as recon+task or task+anchor."}
+    )
+    synth_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale of the predicted gradient (synth, synth+anchor); not multiplied by --lambda_aux. At 1.0 a "
+            "perfect predictor would give the early blocks end-to-end's gradient."
+        },
     )
     aux_warmup_steps: int = field(
         default=0,

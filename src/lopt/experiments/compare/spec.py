@@ -51,6 +51,13 @@ METHOD_FLAGS: dict[str, list[str]] = {
         *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "task+anchor"),
         *("--lambda_aux", "1", "--anchor_weight", "0.1", "--clip_per_block"),
     ],
+    # Predicted boundary gradients (lopt.engine.synthetic): a perfect predictor would give e2e's update, so the early
+    # group trains at the full rate, as e2e's does; with the anchor as lopt_task_anchor has it.
+    "lopt_synth": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "synth"],
+    "lopt_synth_anchor": [
+        *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "synth+anchor"),
+        *("--lambda_aux", "1", "--anchor_weight", "0.1", "--clip_per_block"),
+    ],
 }
 DEFAULT_METHODS = ("e2e", "lopt", "lopt@0.3", "lopt_k4", "lopt_joint", "freeze", "lora")
 
