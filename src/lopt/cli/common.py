@@ -11,7 +11,7 @@ from typing import Any
 
 from lopt.errors import UserError
 from lopt.io import atomic_directory_write, atomic_write_json, save_checkpoint_files
-from lopt.training.arguments import DataArguments, LoPTArguments
+from lopt.training.arguments import DataArguments, LoPTArguments, bf16_by_default
 
 
 def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
@@ -34,8 +34,8 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
     }
     if not torch.cuda.is_available():
         recipe["use_cpu"] = True
-        if "fp16" not in set_fields:
-            recipe["bf16"] = False  # TRL's default bf16=True is slow on CPU and changes the numbers
+    if "fp16" not in set_fields:  # the user's --fp16 replaces the default bf16
+        recipe["bf16"] = bf16_by_default()
     return recipe
 
 
