@@ -233,6 +233,33 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     assert grpo.reward_function("auto", EXTRACT_TASK) is json_match_reward
 
 
+def test_the_end_of_run_line_states_shares_with_their_counts():
+    from lopt.evaluation.evaluate import Score, summary_line, summary_record
+
+    summary = {
+        "method": "lopt",
+        "train_loss": 0.41234,
+        "steps": 40,
+        "heldout_exact_match": Score(188, 200),
+        "knowledge_kept": Score(181, 208),
+    }
+    assert summary_line(summary) == (
+        "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) · train loss 0.4123 · 40 steps"
+    )
+    record = summary_record(summary)  # summary.json keeps the shares, as lopt compare reads them
+    assert record["heldout_exact_match"] == 0.94 and record["knowledge_kept"] == 181 / 208
+    assert record["method"] == "lopt" and record["steps"] == 40
+    json.dumps(record)
+    none = "none (the base answers no item right)"
+    grpo = {
+        "reward_first_log": 0.03,
+        "reward_last_log": 0.128,
+        "heldout_exact_match": 0.5,
+        "knowledge_kept": none,
+    }
+    assert summary_line(grpo) == f"test accuracy 50.0% · knowledge kept {none} · reward 0.03 -> 0.128"
+
+
 @pytest.mark.parametrize("command", ["sft", "grpo", "dpo"])
 def test_default_precision_is_fp32_on_a_cpu_whatever_its_bf16_units(monkeypatch, command):
     """On a CPU bf16 autocast is the user's choice: a CPU with bf16 units (avx512_bf16, AMX) trains the real base's
@@ -307,6 +334,13 @@ def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and 0.0 <= summary["heldout_exact_match"] <= 1.0
+    # the run ends with one readable line: the share with its count, as summary.json has it
+    correct = round(summary["heldout_exact_match"] * 8)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"lopt sft: test accuracy {100 * summary['heldout_exact_match']:.1f}% ({correct}/8) · train loss "
+    ), last
+    assert last.endswith(" · 3 steps"), last
 
     grpo_out = tmp_path / "grpo"
     argv = ["grpo", "--model_name_or_path", str(out), "--task", EXTRACT_TASK, "--method", "e2e", *fast]

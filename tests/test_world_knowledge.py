@@ -131,6 +131,27 @@ def test_knowledge_kept_counts_only_what_the_base_knew():
     assert wk.accuracy_by_type(items, [True, False, True, False]) == {"a": 0.5, "b": 1.0, "c": 0.0}
 
 
+def test_knowledge_kept_after_training_counts_the_facts_kept(monkeypatch):
+    """`lopt sft`'s end-of-run score: how many of the facts the base knew the trained model still answers, with the
+    count of facts the base knew (the end-of-run line shows both)."""
+    from lopt.evaluation.evaluate import Score
+
+    items = [{"id": i} for i in range(5)]
+    monkeypatch.setattr(wk, "world_knowledge_items", lambda: items)
+    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a, **k: [True, True, False, True, False])
+    asked = []
+
+    def answers(model, tokenizer, known, **kwargs):
+        asked.append([item["id"] for item in known])
+        return [True, False, True]
+
+    monkeypatch.setattr(wk, "world_knowledge_answers", answers)
+    kept = wk.knowledge_kept_after_training(object(), None, "base")
+    assert kept == Score(2, 3) and kept.share == pytest.approx(2 / 3) and asked == [[0, 1, 3]]
+    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a, **k: [False] * 5)
+    assert wk.knowledge_kept_after_training(object(), None, "base") is None
+
+
 # --- the direct scorer -----------------------------------------------------------------------------------------------
 def test_prompt_is_the_chat_template_with_the_answer_begun(tiny):
     _, tokenizer = tiny

@@ -317,11 +317,16 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: di
 
 
 def finish(command: str, output_dir: str, summary: dict) -> int:
-    """Write summary.json and print it: the last thing every training command does."""
-    atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
-    print(f"lopt {command}: saved a Hugging Face checkpoint to {output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
+    """Write summary.json (a Score as its share) and state it in one line: the last thing every training command
+    does."""
+    from lopt.evaluation.evaluate import summary_line, summary_record
+
+    atomic_write_json(os.path.join(output_dir, "summary.json"), summary_record(summary))
+    print(
+        f"lopt {command}: saved a Hugging Face checkpoint to {output_dir} (every metric in its summary.json)",
+        file=sys.stderr,
+    )
+    print(f"lopt {command}: {summary_line(summary)}", file=sys.stderr)
     return 0
 
 

@@ -220,9 +220,9 @@ def run(
         "steps": trainer.state.global_step,
     }
     if task is not None and data_args.eval_samples > 0:
-        from lopt.evaluation.evaluate import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_score
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(
+        summary["heldout_exact_match"] = builtin_task_score(
             trainer.model, tokenizer, data_args.eval_samples, task
         )
         summary.update(real_base_knowledge(trainer.model, tokenizer, model_path))
@@ -232,8 +232,8 @@ def run(
 
 
 def real_base_knowledge(model, tokenizer, base_path) -> dict:
-    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the share of the country facts the base answers right
-    that the trained model still answers right}, what the README's verdict measures; {} for any other model."""
+    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the country facts the base answers right that the
+    trained model still answers right, a Score}, what the README's verdict measures; {} for any other model."""
     from lopt.builtin.real_task import is_real_base
 
     if not is_real_base(str(base_path)):

@@ -50,9 +50,13 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lopt.errors import UserError
 from lopt.io import atomic_write_json, cache_root, publish_directory
+
+if TYPE_CHECKING:
+    from lopt.evaluation.evaluate import Score
 
 __all__ = [
     "KEPT_TYPES",
@@ -417,10 +421,12 @@ def base_world_knowledge(
     return correct
 
 
-def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike) -> float | None:
-    """Of the world-knowledge items the base at `base_path` answers right, the share `model` still answers right
+def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike) -> Score | None:
+    """Of the world-knowledge items the base at `base_path` answers right, how many `model` still answers right
     (None when the base knows none). The base's answers come from lopt's cache (`base_world_knowledge`); when they
     are missing, the base is loaded once, beside the model, to compute them."""
+    from lopt.evaluation.evaluate import Score
+
     items = world_knowledge_items()
     try:
         base_correct = base_world_knowledge(None, tokenizer, base_path, items)
@@ -435,7 +441,7 @@ def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike
     if not known:
         return None
     still = world_knowledge_answers(model, tokenizer, known)
-    return sum(still) / len(still)
+    return Score(sum(still), len(still))
 
 
 # --- perplexity on prose and code ----------------------------------------------------------------------------
