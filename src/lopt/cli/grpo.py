@@ -386,7 +386,7 @@ def run(
         from lopt.evaluation.evaluate import builtin_task_score
 
         summary["heldout_exact_match"] = builtin_task_score(
-            trainer.model, tokenizer, data_args.eval_samples, task
+            trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
     if task_args.plot:
         summary["reward_curve"] = plot_reward_curve(training_args.output_dir)

@@ -223,15 +223,17 @@ def run(
         from lopt.evaluation.evaluate import builtin_task_score
 
         summary["heldout_exact_match"] = builtin_task_score(
-            trainer.model, tokenizer, data_args.eval_samples, task
+            trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
-        summary.update(real_base_knowledge(trainer.model, tokenizer, model_path))
+        summary.update(
+            real_base_knowledge(trainer.model, tokenizer, model_path, progress=not training_args.disable_tqdm)
+        )
     code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
 
 
-def real_base_knowledge(model, tokenizer, base_path) -> dict:
+def real_base_knowledge(model, tokenizer, base_path, progress: bool = False) -> dict:
     """On a real base (e.g. smollm2-135m): {"knowledge_kept": the country facts the base answers right that the
     trained model still answers right, a Score}, what the README's verdict measures; {} for any other model."""
     from lopt.builtin.real_task import is_real_base
@@ -240,7 +242,7 @@ def real_base_knowledge(model, tokenizer, base_path) -> dict:
         return {}
     from lopt.evaluation.world_knowledge import knowledge_kept_after_training
 
-    kept = knowledge_kept_after_training(model, tokenizer, base_path)
+    kept = knowledge_kept_after_training(model, tokenizer, base_path, progress=progress)
     return {"knowledge_kept": kept if kept is not None else "none (the base answers no item right)"}
 
 

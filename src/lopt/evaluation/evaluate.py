@@ -37,17 +37,20 @@ def task_accuracy(
     batch_size: int = 64,
     match: Callable[[str, str], bool] | None = None,
     progress: bool = False,
+    desc: str = "eval: generate",
 ) -> dict:
     """Greedy generation from each prompt's token ids (encoded exactly as in training, `lopt.data.rows.encode_prompt`);
-    exact match after normalisation. Returns {"accuracy", "correct", "n", "examples": the first few predictions}."""
+    exact match after normalisation. Returns {"accuracy", "correct", "n", "examples": the first few predictions}.
+    `progress`: a bar of the rows generated, advanced batch by batch, labelled `desc`."""
     match = match or (lambda prediction, answer: _normalize(prediction) == _normalize(answer))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     correct, examples = 0, []
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="row", disable=not progress)
     try:
-        for start in tqdm(range(0, len(prompt_ids), batch_size), desc="eval: generate", disable=not progress):
+        for start in range(0, len(prompt_ids), batch_size):
             batch = prompt_ids[start : start + batch_size]
             width = max(len(ids) for ids in batch)
             # Left padding: generation continues from the right end of every row.
@@ -69,7 +72,9 @@ def task_accuracy(
                 correct += ok
                 if len(examples) < 5:
                     examples.append({"prediction": prediction, "answer": answer, "correct": ok})
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return {
         "accuracy": correct / max(len(prompt_ids), 1),
@@ -197,7 +202,13 @@ def read_retention_file(path: str) -> list[str]:
 
 
 def rows_accuracy(
-    model, tokenizer, rows: list[dict], match=None, max_new_tokens: int = 32, progress: bool = False
+    model,
+    tokenizer,
+    rows: list[dict],
+    match=None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    desc: str = "eval: generate",
 ) -> dict:
     """`task_accuracy` of rows in any `lopt.data` format, each prompt encoded as in training."""
     from lopt.data.rows import encode_prompt, to_prompt_completion
@@ -206,7 +217,14 @@ def rows_accuracy(
     prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
     answers = [p.completion for p in pairs]
     return task_accuracy(
-        model, tokenizer, prompt_ids, answers, max_new_tokens=max_new_tokens, match=match, progress=progress
+        model,
+        tokenizer,
+        prompt_ids,
+        answers,
+        max_new_tokens=max_new_tokens,
+        match=match,
+        progress=progress,
+        desc=desc,
     )
 
 
@@ -232,13 +250,16 @@ def evaluate_checkpoint(
     return result
 
 
-def builtin_task_score(model, tokenizer, n: int, task: str | None = None) -> Score:
-    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer)."""
+def builtin_task_score(model, tokenizer, n: int, task: str | None = None, progress: bool = False) -> Score:
+    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer), with a
+    progress bar of the rows generated when `progress`."""
     from lopt.builtin.tasks import DEFAULT_TASK, builtin_task_rows, task_max_new_tokens, task_scorer
 
     task = task or DEFAULT_TASK
     rows = builtin_task_rows("test", n=n, task=task)
-    result = rows_accuracy(model, tokenizer, rows, task_scorer(task), task_max_new_tokens(task))
+    result = rows_accuracy(
+        model, tokenizer, rows, task_scorer(task), task_max_new_tokens(task), progress, "scoring: test rows"
+    )
     return Score(result["correct"], result["n"])
 
 

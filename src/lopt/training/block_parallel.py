@@ -204,7 +204,9 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
 
         # the checkpoint as users load it
         saved = AutoModelForCausalLM.from_pretrained(args.output_dir).to(device)
-        summary["heldout_exact_match"] = builtin_task_score(saved, tokenizer, data_args.eval_samples, task)
+        summary["heldout_exact_match"] = builtin_task_score(
+            saved, tokenizer, data_args.eval_samples, task, progress=not quiet
+        )
     atomic_write_json(os.path.join(args.output_dir, "summary.json"), summary_record(summary))
     print(
         f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir} (every metric in its summary.json)",
