@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lopt.errors import UserError
-from lopt.experiments.compare.report import format_report, issue11_targets
+from lopt.experiments.compare.report import format_report, goals
 from lopt.experiments.compare.select import (
     accuracy_at_retention,
     pareto_front,
@@ -70,7 +70,7 @@ def test_sweep_writes_every_point_and_resume_redoes_only_unfinished_runs(builtin
         same = [p for p in results["points"] if p["method"] == name]
         assert chosen == select_on_validation(same), name
     report = (out / "report.md").read_text()
-    assert "Accuracy at matched retention" in report and "Targets of issue 11" in report
+    assert "Accuracy at matched retention" in report and "## LoPT against e2e, goal by goal" in report
     assert (out / "fronts.png").stat().st_size > 1000
 
     # Resume: a run killed before it finished (no summary.json, no record) and a run made by another command are
@@ -258,7 +258,7 @@ def test_targets_and_tables_state_met_and_missed_with_numbers():
         point("freeze", 1e-3, 300, val_acc=0.50, test_acc=0.50, val_ppl=120, test_ppl=120),
     ]
     results = results_of(pts)
-    lines = "\n".join(issue11_targets(results))
+    lines = "\n".join(goals(results))
     assert "rise ≤ 25%, 300 steps: lopt@0.3 (lr 0.0001, 300 steps) 85.0%, rise +12% vs e2e" in lines
     assert "e2e (lr 0.0001, 300 steps) 90.0%, rise +18%: MISSED" in lines
     assert (

@@ -204,12 +204,11 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     (converted / METADATA_FILE).write_text("{}")
     assert default_task(str(converted)) == EXTRACT_TASK and default_task(str(other)) is None
 
-    for fast in (True, False):  # bf16 autocast where it is fast (a GPU, a CPU with bf16 units), else fp32
-        monkeypatch.setattr(sft, "bf16_is_fast", lambda fast=fast: fast)
-        parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
-        training_args = parsed[-1]
-        for name, value in SFT_REAL_BASE_RECIPE.items():
-            assert getattr(training_args, name) == (value if name != "bf16" else fast), name
+    parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
+    training_args = parsed[-1]
+    for name, value in SFT_REAL_BASE_RECIPE.items():
+        assert getattr(training_args, name) == value, name
+    assert "bf16" not in SFT_REAL_BASE_RECIPE  # precision is not the task's: see test_default_precision
     # LoPT on a real base's task: the local task objective plus the anchor, clipped per block
     lopt_args = parsed[0]
     for name, value in SFT_REAL_BASE_LOPT_OBJECTIVE.items():
@@ -232,6 +231,61 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     parsed, _ = grpo.make_parser().parse(["--model_name_or_path", "smollm2-135m"], grpo.recipe)
     assert parsed[-1].max_completion_length >= 48  # room for the JSON answer
     assert grpo.reward_function("auto", EXTRACT_TASK) is json_match_reward
+
+
+def test_the_end_of_run_line_states_shares_with_their_counts():
+    from lopt.evaluation.evaluate import Score, summary_line, summary_record
+
+    summary = {
+        "method": "lopt",
+        "train_loss": 0.41234,
+        "steps": 40,
+        "heldout_exact_match": Score(188, 200),
+        "knowledge_kept": Score(181, 208),
+    }
+    assert summary_line(summary) == (
+        "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) · train loss 0.4123 · 40 steps"
+    )
+    record = summary_record(summary)  # summary.json keeps the shares, as lopt compare reads them
+    assert record["heldout_exact_match"] == 0.94 and record["knowledge_kept"] == 181 / 208
+    assert record["method"] == "lopt" and record["steps"] == 40
+    json.dumps(record)
+    none = "none (the base answers no item right)"
+    grpo = {
+        "reward_first_log": 0.03,
+        "reward_last_log": 0.128,
+        "heldout_exact_match": 0.5,
+        "knowledge_kept": none,
+    }
+    assert summary_line(grpo) == f"test accuracy 50.0% · knowledge kept {none} · reward 0.03 -> 0.128"
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo", "dpo"])
+def test_default_precision_is_fp32_on_a_cpu_whatever_its_bf16_units(monkeypatch, command):
+    """On a CPU bf16 autocast is the user's choice: a CPU with bf16 units (avx512_bf16, AMX) trains the real base's
+    recipe in fp32 like one without, so results do not depend on the CPU. On a GPU the default is bf16."""
+    import importlib
+
+    import torch
+
+    from lopt.cli import common
+    from lopt.training.arguments import bf16_by_default
+
+    module = importlib.import_module(f"lopt.cli.{command}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+    base = ["--model_name_or_path", "smollm2-135m"]
+    parsed, _ = module.make_parser().parse(base, module.recipe)
+    assert parsed[-1].bf16 is False and parsed[-1].fp16 is False
+    parsed, set_fields = module.make_parser().parse([*base, "--bf16", "true"], module.recipe)
+    assert parsed[-1].bf16 is True and "bf16" in set_fields  # asked for: bf16 on a CPU too
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bf16_by_default()
+    values = {"method": "lopt", "gradient_checkpointing": False, "model_name_or_path": "smollm2-135m"}
+    assert common.base_recipe(command, values, frozenset())["bf16"] is True  # a GPU: bf16 autocast
+    assert "bf16" not in common.base_recipe(command, values, frozenset({"fp16"}))  # the user's --fp16 instead
 
 
 def test_check_data_chooses_and_refuses_tasks_by_model():
@@ -280,6 +334,13 @@ def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and 0.0 <= summary["heldout_exact_match"] <= 1.0
+    # the run ends with one readable line: the share with its count, as summary.json has it
+    correct = round(summary["heldout_exact_match"] * 8)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"lopt sft: test accuracy {100 * summary['heldout_exact_match']:.1f}% ({correct}/8) · train loss "
+    ), last
+    assert last.endswith(" · 3 steps"), last
 
     grpo_out = tmp_path / "grpo"
     argv = ["grpo", "--model_name_or_path", str(out), "--task", EXTRACT_TASK, "--method", "e2e", *fast]

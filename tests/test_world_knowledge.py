@@ -131,6 +131,27 @@ def test_knowledge_kept_counts_only_what_the_base_knew():
     assert wk.accuracy_by_type(items, [True, False, True, False]) == {"a": 0.5, "b": 1.0, "c": 0.0}
 
 
+def test_knowledge_kept_after_training_counts_the_facts_kept(monkeypatch):
+    """`lopt sft`'s end-of-run score: how many of the facts the base knew the trained model still answers, with the
+    count of facts the base knew (the end-of-run line shows both)."""
+    from lopt.evaluation.evaluate import Score
+
+    items = [{"id": i} for i in range(5)]
+    monkeypatch.setattr(wk, "world_knowledge_items", lambda: items)
+    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a, **k: [True, True, False, True, False])
+    asked = []
+
+    def answers(model, tokenizer, known, **kwargs):
+        asked.append([item["id"] for item in known])
+        return [True, False, True]
+
+    monkeypatch.setattr(wk, "world_knowledge_answers", answers)
+    kept = wk.knowledge_kept_after_training(object(), None, "base")
+    assert kept == Score(2, 3) and kept.share == pytest.approx(2 / 3) and asked == [[0, 1, 3]]
+    monkeypatch.setattr(wk, "base_world_knowledge", lambda *a, **k: [False] * 5)
+    assert wk.knowledge_kept_after_training(object(), None, "base") is None
+
+
 # --- the direct scorer -----------------------------------------------------------------------------------------------
 def test_prompt_is_the_chat_template_with_the_answer_begun(tiny):
     _, tokenizer = tiny
@@ -151,6 +172,27 @@ def test_generations_are_first_lines_in_item_order_whatever_the_batch(tiny):
     assert answers == [is_correct(g, i["answers"], i["choices"]) for g, i in zip(one, items)]
 
 
+def test_scoring_shows_progress_batch_by_batch_unless_asked_not_to(tiny, capsys):
+    """`lopt sft`'s scoring after training (held-out rows, the facts) shows a bar of the rows generated, advanced
+    batch by batch; with --no_progress (progress=False) it prints nothing."""
+    from lopt.evaluation.evaluate import builtin_task_score
+
+    model, tokenizer = tiny
+    items = world_knowledge_items()[::60]
+    quiet = wk.world_knowledge_generations(model, tokenizer, items, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = wk.world_knowledge_generations(model, tokenizer, items, batch_size=2, progress=True, desc="facts")
+    err = capsys.readouterr().err
+    assert shown == quiet and "facts" in err and f"{len(items)}/{len(items)}" in err
+    assert wk.world_knowledge_answers(model, tokenizer, items, progress=True, desc="kept") is not None
+    assert "kept: 100%" in capsys.readouterr().err
+    score = builtin_task_score(model, tokenizer, 3, "successor", progress=True)
+    err = capsys.readouterr().err
+    assert score.n == 3 and "scoring: test rows" in err and "3/3" in err
+    builtin_task_score(model, tokenizer, 3, "successor")
+    assert capsys.readouterr().err == ""
+
+
 def test_a_tokenizer_without_chat_template_is_a_clear_error(tiny):
     from lopt.errors import UserError
 
@@ -166,7 +208,7 @@ def test_a_tokenizer_without_chat_template_is_a_clear_error(tiny):
 def test_base_answers_are_cached_per_checkpoint(tmp_path, monkeypatch):
     calls = []
 
-    def answers(model, tokenizer, items):
+    def answers(model, tokenizer, items, **_):
         calls.append(len(items))
         return [i % 2 == 0 for i in range(len(items))]
 
@@ -486,7 +528,7 @@ def test_compare_with_the_probe_records_reports_and_plots_knowledge_kept(builtin
         monkeypatch.setenv(name, builtin_tiny["env"][name])
     scored = []
 
-    def answers(model, tokenizer, items, batch_size=128):
+    def answers(model, tokenizer, items, batch_size=128, **_):
         # the base: every item, each known other one; a trained model: the known ones
         scored.append(len(items))
         return [i % 2 == 0 for i in range(len(items))]

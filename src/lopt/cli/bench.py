@@ -1,7 +1,7 @@
 """`lopt bench`: E2E vs LoPT (joint k=2, local k=2, local k=4), with and without gradient checkpointing.
 
 Prints one table: peak bytes saved for backward, peak process memory, median step time, each with its ratio
-to E2E, and the issue's targets as PASS/MISS; then the whole step part by part (weights, gradients, optimizer
+to E2E, and each ratio against LoPT's goal for it (PASS/MISS); then the whole step part by part (weights, gradients, optimizer
 states, activations, the step's peak) beside lopt plan's figure. See lopt.experiments.bench for how each number is
 measured.
 """

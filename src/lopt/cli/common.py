@@ -11,7 +11,7 @@ from typing import Any
 
 from lopt.errors import UserError
 from lopt.io import atomic_directory_write, atomic_write_json, save_checkpoint_files
-from lopt.training.arguments import DataArguments, LoPTArguments
+from lopt.training.arguments import DataArguments, LoPTArguments, bf16_by_default
 
 
 def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
@@ -34,8 +34,8 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
     }
     if not torch.cuda.is_available():
         recipe["use_cpu"] = True
-        if "fp16" not in set_fields:
-            recipe["bf16"] = False  # TRL's default bf16=True is slow on CPU and changes the numbers
+    if "fp16" not in set_fields:  # the user's --fp16 replaces the default bf16
+        recipe["bf16"] = bf16_by_default()
     return recipe
 
 
@@ -317,11 +317,16 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: di
 
 
 def finish(command: str, output_dir: str, summary: dict) -> int:
-    """Write summary.json and print it: the last thing every training command does."""
-    atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
-    print(f"lopt {command}: saved a Hugging Face checkpoint to {output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
+    """Write summary.json (a Score as its share) and state it in one line: the last thing every training command
+    does."""
+    from lopt.evaluation.evaluate import summary_line, summary_record
+
+    atomic_write_json(os.path.join(output_dir, "summary.json"), summary_record(summary))
+    print(
+        f"lopt {command}: saved a Hugging Face checkpoint to {output_dir} (every metric in its summary.json)",
+        file=sys.stderr,
+    )
+    print(f"lopt {command}: {summary_line(summary)}", file=sys.stderr)
     return 0
 
 

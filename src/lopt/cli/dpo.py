@@ -208,9 +208,9 @@ def run(
         summary["reward_accuracy_last_log"] = logged[-1]["rewards/accuracies"]
         summary["reward_margin_last_log"] = logged[-1].get("rewards/margins")
     if task is not None and data_args.eval_samples > 0:
-        from lopt.evaluation.evaluate import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_score
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(
-            trainer.model, tokenizer, data_args.eval_samples, task
+        summary["heldout_exact_match"] = builtin_task_score(
+            trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
     return common.finish("dpo", training_args.output_dir, summary)

@@ -383,10 +383,10 @@ def run(
         **reward_summary(os.path.join(training_args.output_dir, "metrics.jsonl")),
     }
     if builtin and data_args.eval_samples > 0:
-        from lopt.evaluation.evaluate import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_score
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(
-            trainer.model, tokenizer, data_args.eval_samples, task
+        summary["heldout_exact_match"] = builtin_task_score(
+            trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
     if task_args.plot:
         summary["reward_curve"] = plot_reward_curve(training_args.output_dir)

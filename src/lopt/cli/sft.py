@@ -32,7 +32,6 @@ from lopt.training.arguments import (
     SFT_REAL_BASE_TASK_STEPS,
     DataArguments,
     LoPTArguments,
-    bf16_is_fast,
     sft_recipe,
 )
 
@@ -54,11 +53,11 @@ def make_parser() -> LoPTParser:
         prog="lopt sft",
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
         epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
-        f"(e.g. smollm2-135m) on its tasks extract and totals: {describe_recipe(SFT_REAL_BASE_RECIPE)} (bf16 only on "
-        f"a GPU or a CPU with bf16 units: elsewhere fp32; totals trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps), "
+        f"(e.g. smollm2-135m) on its tasks extract and totals: {describe_recipe(SFT_REAL_BASE_RECIPE)} (totals "
+        f"trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps), "
         f"and LoPT there with {describe_recipe(SFT_REAL_BASE_LOPT_OBJECTIVE)} (unless --aux_objective or --lambda_aux "
         f"is given, or --fsdp). LoPT's --lr_k1 defaults "
-        f"to {SFT_LR_K1_RATIO} x learning_rate.",
+        f"to {SFT_LR_K1_RATIO} x learning_rate. Precision: bf16 autocast on a GPU, fp32 on a CPU unless --bf16 true.",
     )
 
 
@@ -76,14 +75,9 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
     task = common.recipe_task(values)
-    task_recipe = sft_recipe(values["model_name_or_path"] is None, task)
-    if "fp16" in set_fields or not bf16_is_fast():
-        task_recipe.pop(
-            "bf16", None
-        )  # the user's --fp16 replaces the recipe's bf16; a slow-bf16 CPU trains in fp32
     return {
         **common.base_recipe("sft", values, set_fields),
-        **task_recipe,
+        **sft_recipe(values["model_name_or_path"] is None, task),
         **real_base_objective(values, set_fields, task),
     }
 
@@ -226,27 +220,29 @@ def run(
         "steps": trainer.state.global_step,
     }
     if task is not None and data_args.eval_samples > 0:
-        from lopt.evaluation.evaluate import builtin_task_accuracy
+        from lopt.evaluation.evaluate import builtin_task_score
 
-        summary["heldout_exact_match"] = builtin_task_accuracy(
-            trainer.model, tokenizer, data_args.eval_samples, task
+        summary["heldout_exact_match"] = builtin_task_score(
+            trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
-        summary.update(real_base_knowledge(trainer.model, tokenizer, model_path))
+        summary.update(
+            real_base_knowledge(trainer.model, tokenizer, model_path, progress=not training_args.disable_tqdm)
+        )
     code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
 
 
-def real_base_knowledge(model, tokenizer, base_path) -> dict:
-    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the share of the country facts the base answers right
-    that the trained model still answers right}, what the README's verdict measures; {} for any other model."""
+def real_base_knowledge(model, tokenizer, base_path, progress: bool = False) -> dict:
+    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the country facts the base answers right that the
+    trained model still answers right, a Score}, what the README's verdict measures; {} for any other model."""
     from lopt.builtin.real_task import is_real_base
 
     if not is_real_base(str(base_path)):
         return {}
     from lopt.evaluation.world_knowledge import knowledge_kept_after_training
 
-    kept = knowledge_kept_after_training(model, tokenizer, base_path)
+    kept = knowledge_kept_after_training(model, tokenizer, base_path, progress=progress)
     return {"knowledge_kept": kept if kept is not None else "none (the base answers no item right)"}
 
 

@@ -11,6 +11,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+@dataclass(frozen=True)
+class Score:
+    """`correct` of `n` items right, for the end-of-run line (the records keep the share alone)."""
+
+    correct: int
+    n: int
+
+    @property
+    def share(self) -> float:
+        return self.correct / max(self.n, 1)
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.strip().lower().split()).rstrip(".")
 
@@ -25,17 +37,20 @@ def task_accuracy(
     batch_size: int = 64,
     match: Callable[[str, str], bool] | None = None,
     progress: bool = False,
+    desc: str = "eval: generate",
 ) -> dict:
     """Greedy generation from each prompt's token ids (encoded exactly as in training, `lopt.data.rows.encode_prompt`);
-    exact match after normalisation. Returns {"accuracy", "n", "examples": the first few predictions}."""
+    exact match after normalisation. Returns {"accuracy", "correct", "n", "examples": the first few predictions}.
+    `progress`: a bar of the rows generated, advanced batch by batch, labelled `desc`."""
     match = match or (lambda prediction, answer: _normalize(prediction) == _normalize(answer))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     correct, examples = 0, []
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="row", disable=not progress)
     try:
-        for start in tqdm(range(0, len(prompt_ids), batch_size), desc="eval: generate", disable=not progress):
+        for start in range(0, len(prompt_ids), batch_size):
             batch = prompt_ids[start : start + batch_size]
             width = max(len(ids) for ids in batch)
             # Left padding: generation continues from the right end of every row.
@@ -57,9 +72,16 @@ def task_accuracy(
                 correct += ok
                 if len(examples) < 5:
                     examples.append({"prediction": prediction, "answer": answer, "correct": ok})
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
-    return {"accuracy": correct / max(len(prompt_ids), 1), "n": len(prompt_ids), "examples": examples}
+    return {
+        "accuracy": correct / max(len(prompt_ids), 1),
+        "correct": correct,
+        "n": len(prompt_ids),
+        "examples": examples,
+    }
 
 
 @torch.no_grad()
@@ -179,6 +201,33 @@ def read_retention_file(path: str) -> list[str]:
     return docs
 
 
+def rows_accuracy(
+    model,
+    tokenizer,
+    rows: list[dict],
+    match=None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    desc: str = "eval: generate",
+) -> dict:
+    """`task_accuracy` of rows in any `lopt.data` format, each prompt encoded as in training."""
+    from lopt.data.rows import encode_prompt, to_prompt_completion
+
+    pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
+    prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
+    answers = [p.completion for p in pairs]
+    return task_accuracy(
+        model,
+        tokenizer,
+        prompt_ids,
+        answers,
+        max_new_tokens=max_new_tokens,
+        match=match,
+        progress=progress,
+        desc=desc,
+    )
+
+
 def evaluate_checkpoint(
     model,
     tokenizer,
@@ -191,22 +240,9 @@ def evaluate_checkpoint(
 ) -> dict:
     """{"task_accuracy", "task_n", "examples", "retention_ppl"} for rows in any `lopt.data` format (None: no task
     scored, its fields None)."""
-    from lopt.data.rows import encode_prompt, to_prompt_completion
-
     result = {"task_accuracy": None, "task_n": 0, "examples": []}
     if rows is not None:
-        pairs = [to_prompt_completion(row, i) for i, row in enumerate(rows)]
-        prompt_ids = [encode_prompt(p.prompt, tokenizer) for p in pairs]
-        answers = [p.completion for p in pairs]
-        task = task_accuracy(
-            model,
-            tokenizer,
-            prompt_ids,
-            answers,
-            max_new_tokens=max_new_tokens,
-            match=match,
-            progress=progress,
-        )
+        task = rows_accuracy(model, tokenizer, rows, match, max_new_tokens, progress)
         result = {"task_accuracy": task["accuracy"], "task_n": task["n"], "examples": task["examples"]}
     result["retention_ppl"] = (
         perplexity(model, tokenizer, retention, seq_len=retention_seq_len) if retention is not None else None
@@ -214,13 +250,49 @@ def evaluate_checkpoint(
     return result
 
 
-def builtin_task_accuracy(model, tokenizer, n: int, task: str | None = None) -> float:
-    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer)."""
+def builtin_task_score(model, tokenizer, n: int, task: str | None = None, progress: bool = False) -> Score:
+    """Held-out accuracy of a built-in task on its first n test rows (greedy, scored by the task's scorer), with a
+    progress bar of the rows generated when `progress`."""
     from lopt.builtin.tasks import DEFAULT_TASK, builtin_task_rows, task_max_new_tokens, task_scorer
 
     task = task or DEFAULT_TASK
     rows = builtin_task_rows("test", n=n, task=task)
-    result = evaluate_checkpoint(
-        model, tokenizer, rows, None, match=task_scorer(task), max_new_tokens=task_max_new_tokens(task)
+    result = rows_accuracy(
+        model, tokenizer, rows, task_scorer(task), task_max_new_tokens(task), progress, "scoring: test rows"
     )
-    return result["task_accuracy"]
+    return Score(result["correct"], result["n"])
+
+
+# --- the end of a training run ---------------------------------------------------------------------------------
+# A run's summary.json fields that its last line states, with their labels: the shares as percentages, with the
+# counts when the value is a Score.
+SUMMARY_SHARES = {"heldout_exact_match": "test accuracy", "knowledge_kept": "knowledge kept"}
+
+
+def summary_record(summary: dict) -> dict:
+    """The summary as summary.json keeps it: each Score as its share (a float), the rest as it is."""
+    return {key: value.share if isinstance(value, Score) else value for key, value in summary.items()}
+
+
+def summary_line(summary: dict) -> str:
+    """One readable line of a run's summary, e.g. "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) ·
+    train loss 0.412 · 40 steps"; every field stays in summary.json."""
+
+    def share(value) -> str:
+        if isinstance(value, Score):
+            return f"{100 * value.share:.1f}% ({value.correct}/{value.n})"
+        return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else str(value)
+
+    def number(value) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+    parts = [f"{label} {share(summary[key])}" for key, label in SUMMARY_SHARES.items() if key in summary]
+    if "reward_first_log" in summary:
+        parts.append(f"reward {number(summary['reward_first_log'])} -> {number(summary['reward_last_log'])}")
+    if "reward_accuracy_last_log" in summary:
+        parts.append(f"reward accuracy {share(summary['reward_accuracy_last_log'])} (last log)")
+    if isinstance(summary.get("train_loss"), (int, float)):
+        parts.append(f"train loss {number(summary['train_loss'])}")
+    if "steps" in summary:
+        parts.append(f"{summary['steps']} steps")
+    return " · ".join(parts)

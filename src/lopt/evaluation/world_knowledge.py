@@ -50,9 +50,13 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lopt.errors import UserError
 from lopt.io import atomic_write_json, cache_root, publish_directory
+
+if TYPE_CHECKING:
+    from lopt.evaluation.evaluate import Score
 
 __all__ = [
     "KEPT_TYPES",
@@ -322,11 +326,18 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def world_knowledge_generations(
-    model, tokenizer, items: Sequence[dict], batch_size: int = 128, max_new_tokens: int = MAX_NEW_TOKENS
+    model,
+    tokenizer,
+    items: Sequence[dict],
+    batch_size: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = False,
+    desc: str = "scoring: facts",
 ) -> list[str]:
     """Greedy completions of every item, in the items' order: left-padded batches of prompts of similar length,
-    each row stopping at a line break or the end-of-turn token."""
+    each row stopping at a line break or the end-of-turn token. `progress`: a bar of the items, batch by batch."""
     import torch
+    from tqdm.auto import tqdm
 
     prompts = [_encode(tokenizer, prompt_text(tokenizer, item)) for item in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -335,6 +346,7 @@ def world_knowledge_generations(
     texts: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(order), desc=desc, unit="fact", disable=not progress)
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
@@ -354,16 +366,26 @@ def world_knowledge_generations(
                 )
                 for i, text in zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
                     texts[i] = _first_line(text)
+                bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return texts
 
 
 def world_knowledge_answers(
-    model, tokenizer, items: Sequence[dict], batch_size: int = 128, max_new_tokens: int = MAX_NEW_TOKENS
+    model,
+    tokenizer,
+    items: Sequence[dict],
+    batch_size: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = False,
+    desc: str = "scoring: facts",
 ) -> list[bool]:
     """Whether the model answers each item right (`is_correct` of its greedy completion), in the items' order."""
-    generations = world_knowledge_generations(model, tokenizer, items, batch_size, max_new_tokens)
+    generations = world_knowledge_generations(
+        model, tokenizer, items, batch_size, max_new_tokens, progress, desc
+    )
     return [is_correct(text, item["answers"], item["choices"]) for text, item in zip(generations, items)]
 
 
@@ -388,7 +410,12 @@ def _checkpoint_fingerprint(path: str | os.PathLike) -> str:
 
 
 def base_world_knowledge(
-    model, tokenizer, base_path: str | os.PathLike, items: Sequence[dict], cache_dir=None
+    model,
+    tokenizer,
+    base_path: str | os.PathLike,
+    items: Sequence[dict],
+    cache_dir=None,
+    progress: bool = False,
 ) -> list[bool]:
     """`world_knowledge_answers` of the base model, computed once per base checkpoint, item set and kind of
     device (a GPU's arithmetic can flip a close greedy choice) and then read from lopt's cache (``world_knowledge/``
@@ -409,7 +436,9 @@ def base_world_knowledge(
             return [bool(x) for x in cached["correct"]]
     if model is None:
         raise ValueError(f"no cached world-knowledge answers of {base_path}: pass the loaded base model")
-    correct = world_knowledge_answers(model, tokenizer, items)
+    correct = world_knowledge_answers(
+        model, tokenizer, items, progress=progress, desc="scoring: the base's facts (once)"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         str(path), {"base": str(base_path), "ids": [i["id"] for i in items], "correct": correct}
@@ -417,10 +446,14 @@ def base_world_knowledge(
     return correct
 
 
-def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike) -> float | None:
-    """Of the world-knowledge items the base at `base_path` answers right, the share `model` still answers right
+def knowledge_kept_after_training(
+    model, tokenizer, base_path: str | os.PathLike, progress: bool = False
+) -> Score | None:
+    """Of the world-knowledge items the base at `base_path` answers right, how many `model` still answers right
     (None when the base knows none). The base's answers come from lopt's cache (`base_world_knowledge`); when they
-    are missing, the base is loaded once, beside the model, to compute them."""
+    are missing, the base is loaded once, beside the model, to compute them. `progress`: bars of the facts scored."""
+    from lopt.evaluation.evaluate import Score
+
     items = world_knowledge_items()
     try:
         base_correct = base_world_knowledge(None, tokenizer, base_path, items)
@@ -429,13 +462,13 @@ def knowledge_kept_after_training(model, tokenizer, base_path: str | os.PathLike
 
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=next(model.parameters()).dtype)
         base.to(next(model.parameters()).device)
-        base_correct = base_world_knowledge(base, tokenizer, base_path, items)
+        base_correct = base_world_knowledge(base, tokenizer, base_path, items, progress=progress)
         del base
     known = [item for item, ok in zip(items, base_correct) if ok]
     if not known:
         return None
-    still = world_knowledge_answers(model, tokenizer, known)
-    return sum(still) / len(still)
+    still = world_knowledge_answers(model, tokenizer, known, progress=progress, desc="scoring: facts kept")
+    return Score(sum(still), len(still))
 
 
 # --- perplexity on prose and code ----------------------------------------------------------------------------

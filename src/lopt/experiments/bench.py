@@ -101,7 +101,7 @@ CONFIGS.update({
 })  # fmt: skip
 HEADS = {"fused": "TRL fused LM head", "hf": "plain HF loss (full logits)"}
 
-# The issue's targets. kind: "act" = activation peak ratio, "time" = median step time ratio; against E2E with
+# LoPT's goals, stated as ratios to E2E. kind: "act" = activation peak ratio, "time" = median step time ratio; against E2E with
 # the same checkpointing setting and the same LM head.
 TARGETS = (
     ("lopt-k2", "act", 0.52, "LoPT k=2 activation bytes <= 0.52x E2E"),
@@ -619,7 +619,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets as PASS/MISS (or n/a when a configuration or E2E was not run)."""
+    """Each goal as PASS/MISS with its measured ratio (or n/a when a configuration or E2E was not run)."""
     by_name = {row["name"]: row for row in rows}
     out = []
     for name, kind, limit, text in TARGETS:

@@ -26,7 +26,7 @@ from lopt.experiments.bench_report import _fmt, _fmt_mb
 from lopt.experiments.meter import SavedTensorMeter
 
 RACE_METHODS = ("e2e", "lopt-k2", "lopt-k4")
-RACE_SPEEDUP_TARGET = 1.15  # the target: LoPT's tokens/s >= 1.15x E2E's best setting that fits
+RACE_SPEEDUP_TARGET = 1.15  # the goal: LoPT's tokens/s >= 1.15x E2E's best setting that fits
 AUTO_BUDGET_FRACTION = 0.6  # auto budget: 0.6 x E2E's no-GC activation peak at micro-batch 1
 
 
@@ -202,7 +202,7 @@ def format_race(race: dict, markdown: bool = False) -> str:
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(x.ljust(w) for x, w in zip(c, widths)) for c in cells]
     lines += [""] + [("- " if markdown else "* ") + n for n in notes]
-    lines += ["", "Targets:"]
+    lines += ["", "LoPT's goals against E2E:"]
     for t in race_targets(race):
         value = "" if t["value"] is None else f": {t['value']:.2f}x"
         lines.append(f"  [{t['status']:>4}] {t['target']}{value}")

@@ -1,4 +1,4 @@
-"""What `lopt bench` prints: the table of configurations, the targets as PASS/MISS and the line that describes the
+"""What `lopt bench` prints: the table of configurations, each goal as PASS/MISS and the line that describes the
 setup.
 """
 
@@ -86,7 +86,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def format_targets(targets: list[dict]) -> str:
-    lines = ["Targets:"]
+    lines = ["LoPT's goals against E2E:"]
     for t in targets:
         value = "—" if t["value"] is None else f"{t['value']:.2f}x"
         extra = ""

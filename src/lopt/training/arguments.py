@@ -28,16 +28,14 @@ SFT_BUILTIN_RECIPE = {
 # `lopt sft` on a real base's chat tasks (REAL_BASE_TASKS: "extract", its default, lopt.builtin.real_task, and "totals"),
 # e.g. --model_name_or_path smollm2-135m, sized for 2 CPU cores. SmolLM2-135M on extract, e2e, 40 steps: validation
 # 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
-# bf16 autocast: the default on a GPU, and on a CPU with bf16 matrix units (see `bf16_is_fast`); elsewhere it is
-# dropped (on an AMD EPYC without avx512_bf16, a bf16 matmul of this model's shape took 38x an fp32 one, 150 s a
-# step). Dropped too when the user asks for --fp16.
+# Precision is not part of the recipe: `bf16_by_default` decides it for every command (bf16 autocast on a GPU, fp32
+# on a CPU unless --bf16 true).
 SFT_REAL_BASE_RECIPE = {
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 8,
     "max_length": 128,
     "max_steps": 40,
     "logging_steps": 5,
-    "bf16": True,
 }
 # totals needs more steps than extract: e2e at lr 1e-4 reached 22.2% of its test rows after 40 steps and 74.7% after
 # 150 (SmolLM2-135M, one seed, docs/EVIDENCE.md), so its recipe trains 150. Its rate stays 1e-4 for LoPT too: there
@@ -63,15 +61,16 @@ SFT_USER_RECIPE = {"num_train_epochs": 1.0}
 SFT_LR_K1_RATIO = 0.3
 
 
-def bf16_is_fast() -> bool:
-    """Whether bf16 autocast speeds training up here: on a GPU, or on a CPU with bf16 matrix instructions
-    (avx512_bf16 or AMX); without them the CPU emulates bf16 matmuls, tens of times slower than fp32."""
+def bf16_by_default() -> bool:
+    """Whether a training command uses bf16 autocast when the user sets neither --bf16 nor --fp16: on a GPU only.
+
+    The GPU evidence trained in bf16; every CPU result (docs/EVIDENCE.md, the README) is fp32, and bf16 autocast on a
+    CPU changes them (a run of the README's main job under it kept 80.8% of the facts, against 87.0% in fp32). So on a
+    CPU bf16 is the user's choice (--bf16 true), never a guess from its bf16 units: results must not depend on which
+    CPU ran them (on one without bf16 units a bf16 matmul is also tens of times slower than fp32)."""
     import torch
 
-    if torch.cuda.is_available():
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return torch.cuda.is_available()
 
 
 def sft_recipe(builtin_model: bool, task: str | None = None) -> dict:

@@ -112,7 +112,7 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
 
     from lopt.data.loading import load_model_and_tokenizer
     from lopt.data.rows import make_collator, tokenize_rows
-    from lopt.evaluation.evaluate import builtin_task_accuracy
+    from lopt.evaluation.evaluate import builtin_task_score, summary_line, summary_record
     from lopt.integrations.callbacks import peak_memory_bytes
 
     set_seed(args.seed)
@@ -204,11 +204,15 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
 
         # the checkpoint as users load it
         saved = AutoModelForCausalLM.from_pretrained(args.output_dir).to(device)
-        summary["heldout_exact_match"] = builtin_task_accuracy(saved, tokenizer, data_args.eval_samples, task)
-    atomic_write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    print(f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir}", file=sys.stderr)
-    for key, value in summary.items():
-        print(f"  {key}: {value}", file=sys.stderr)
+        summary["heldout_exact_match"] = builtin_task_score(
+            saved, tokenizer, data_args.eval_samples, task, progress=not quiet
+        )
+    atomic_write_json(os.path.join(args.output_dir, "summary.json"), summary_record(summary))
+    print(
+        f"lopt sft: saved a Hugging Face checkpoint to {args.output_dir} (every metric in its summary.json)",
+        file=sys.stderr,
+    )
+    print(f"lopt sft: {summary_line(summary)}", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,5 @@
 """report.md of a compare: each method at its setting chosen on validation, every point of a sweep, accuracy at matched
-retention and retention at matched accuracy, and plain statements against the issue's targets (met / MISSED).
+retention and retention at matched accuracy, and LoPT against e2e on each goal, with the numbers (met / MISSED).
 """
 
 from __future__ import annotations
@@ -231,9 +231,9 @@ def _sweep_sections(results: dict) -> list[str]:
     )
     lines += [
         "",
-        "## Targets of issue 11 (chosen on validation, stated on test)",
+        "## LoPT against e2e, goal by goal (chosen on validation, stated on test)",
         "",
-        *issue11_targets(results),
+        *goals(results),
         "",
     ]
     return lines
@@ -244,8 +244,8 @@ def _lopt_variants(results: dict) -> list[str]:
     return [n for n in results["methods"] if _is_lopt(n) and _base_name(n) != "lopt_joint"]
 
 
-def issue11_targets(results: dict) -> list[str]:
-    """Each target of issue 11 as met / MISSED with its numbers. The best LoPT variant at a budget is chosen
+def goals(results: dict) -> list[str]:
+    """LoPT's goals against e2e, each the measured comparison with its numbers and met / MISSED. The best LoPT variant at a budget is chosen
     from all LoPT methods' points on validation, exactly as each method's own point is."""
     setup = results["setup"]
     variants = _lopt_variants(results)
@@ -347,7 +347,7 @@ def _fmt_ratio(ratio) -> str:
 
 
 def summarize(results: dict) -> list[str]:
-    """Plain statements against the targets of the issue; whatever the numbers are."""
+    """Plain statements of each method against e2e and its target ratio; whatever the numbers are."""
     methods = results["methods"]
     e2e = methods.get("e2e")
     if e2e is None:
