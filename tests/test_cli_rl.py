@@ -162,6 +162,44 @@ def test_grpo_default_run(runs, builtin_tiny):
     assert_trained(summary["start_model"], run.out, metrics, early=True)
 
 
+def test_grpo_from_a_checkpoint_takes_its_recorded_task(runs, builtin_tiny, tmp_path, capsys):
+    """`lopt grpo --model_name_or_path <a checkpoint lopt sft wrote>` without --task trains on the task the checkpoint's
+    lopt_args.json records (here the built-in SFT checkpoint of successor: the built-in model, so --task successor is
+    accepted too); a checkpoint trained on the user's rows names no task: one line saying so and what to give."""
+    from lopt.cli.main import main
+
+    start = json.loads((runs["grpo"].out / "summary.json").read_text())["start_model"]  # made by that run
+    out = tmp_path / "from-checkpoint"
+    proc = lopt(
+        ["grpo", *GRPO_FAST, "--model_name_or_path", start, "--output_dir", str(out)], builtin_tiny["env"]
+    )
+    assert "task=successor, reward=exact_match_reward" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "successor" and summary["start_model"] == start
+    assert 0.0 <= summary["heldout_exact_match"] <= 1.0 and "knowledge_kept" not in summary  # not a real base
+    assert read_metrics(out)[0]["lr_early"] == pytest.approx(read_metrics(out)[0]["lr_late"] / 20)
+
+    from lopt.cli.common import check_data
+    from lopt.training.arguments import DataArguments
+    from lopt.training.rl import recorded_task
+
+    model = type("M", (), {"model_name_or_path": start})
+    assert (
+        check_data("grpo", model, DataArguments(task="successor"), ("successor",), recorded_task(start))
+        == "successor"
+    )
+
+    custom = runs["grpo_file_e2e"]
+    custom.result()
+    args = ["grpo", "--model_name_or_path", str(custom.out), "--output_dir", str(tmp_path / "no")]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lopt grpo: error:")]
+    assert len(errors) == 1, errors
+    assert f"cannot tell the task of --model_name_or_path {custom.out}" in errors[0]
+    assert "grpo.jsonl, not a built-in task" in errors[0] and "give --task (" in errors[0]
+    assert not (tmp_path / "no").exists()
+
+
 def test_default_grpo_recipe_reward_rises(runs):
     """`lopt grpo` without a model starts from the built-in SFT checkpoint, where the task reward is not always 0, and
     the default recipe (LoPT, lr 2e-4, lr_k1 = lr/20, 32 completions, 8 per prompt) raises it. Measured on the tiny

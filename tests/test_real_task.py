@@ -229,8 +229,30 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     )
     assert parsed[-1].max_steps == -1  # the user's data: one epoch, not the task's recipe
     parsed, _ = grpo.make_parser().parse(["--model_name_or_path", "smollm2-135m"], grpo.recipe)
-    assert parsed[-1].max_completion_length >= 48  # room for the JSON answer
+    assert (parsed[-1].num_generations, parsed[-1].per_device_train_batch_size) == (4, 8)
+    # GRPO batches have no labels: the real base's LoPT objective there is the anchor, clipped per block
+    assert (parsed[0].aux_objective, parsed[0].clip_per_block) == ("anchor", True)
     assert grpo.reward_function("auto", EXTRACT_TASK) is json_match_reward
+    for flags, objective, clip in (
+        (["--lambda_aux", "3"], "recon", False),  # the user's objective: nothing of the bundle
+        (["--method", "e2e"], "recon", False),
+        (["--optimizer_in_backward"], "anchor", False),
+    ):
+        parsed, _ = grpo.make_parser().parse(["--model_name_or_path", "smollm2-135m", *flags], grpo.recipe)
+        assert (parsed[0].aux_objective, parsed[0].clip_per_block) == (objective, clip), flags
+
+
+def test_grpo_completion_budget_follows_the_answers():
+    from lopt.training.rl import completion_budget
+
+    answers = [row["answer"] for row in builtin_grpo_rows("train", task=EXTRACT_TASK)]
+    tokenizer = train_tokenizer(answers[:200], vocab_size=400)
+    longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    budget = completion_budget(answers, tokenizer)
+    assert longest + 1 < budget <= (longest + 1) * 1.25 + 1  # the answer, its end token and a quarter more
+    assert completion_budget(["{}"], tokenizer) < budget  # from the rows, not a constant
+    with pytest.raises(ValueError):
+        completion_budget([], tokenizer)
 
 
 def test_the_end_of_run_line_states_shares_with_their_counts():
@@ -311,24 +333,63 @@ def test_check_data_chooses_and_refuses_tasks_by_model():
         check("smollm2-135m", tasks=("successor",))  # e.g. lopt dpo, which has no extract rows
 
 
-def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
-    from test_cli_sft import lopt, read_metrics
+def test_check_data_takes_the_task_a_checkpoint_records():
+    """`lopt grpo --model_name_or_path <a checkpoint of lopt sft>`: its records name the task and base."""
+    from types import SimpleNamespace
 
+    from lopt.cli.common import check_data
+    from lopt.errors import UserError
+    from lopt.evaluation.evaluate import ScoringDefaults
+    from lopt.training.arguments import DataArguments
+
+    def check(recorded, **data):
+        model = SimpleNamespace(model_name_or_path="runs/sft-lopt")
+        return check_data("grpo", model, DataArguments(**data), (*BUILTIN_TASKS, "gsm8k"), recorded)
+
+    real = ScoringDefaults("totals", "real", "lopt_args.json: trained from smollm2-135m, task totals")
+    assert check(real) == "totals"
+    assert check(real, task=EXTRACT_TASK) == EXTRACT_TASK  # --task wins
+    assert check(real, train_file="x.jsonl") is None
+    with pytest.raises(UserError, match="made for the built-in model"):
+        check(real, task="successor")
+    builtin = ScoringDefaults("successor", "builtin", "lopt_args.json: trained from the built-in model")
+    assert check(builtin) == "successor"
+    assert (
+        check(builtin, task="successor") == "successor"
+    )  # a checkpoint of the built-in model may take its tasks
+    unknown = ScoringDefaults(
+        None, "real", "lopt_args.json: trained from smollm2-135m on x.jsonl, not a built-in task"
+    )
+    with pytest.raises(UserError) as error:
+        check(unknown)
+    message = str(error.value)
+    assert "\n" not in message and "cannot tell the task of --model_name_or_path runs/sft-lopt" in message
+    assert "on x.jsonl, not a built-in task" in message and "--task (extract, totals, gsm8k)" in message
+
+
+def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
+    """The README's main job, then GRPO from its checkpoint with no --task, on a stand-in real base (the built-in tiny
+    model marked as a converted real base): the task comes from the checkpoint's records, the recipe is the real
+    base's (anchor objective, early rate 0.3x, completions as long as the answers need), and the run ends with the
+    held-out accuracy and the knowledge kept, as `lopt sft` does there."""
+    import shutil
+
+    from test_cli_sft import lopt, read_metrics
+    from transformers import AutoTokenizer
+
+    from lopt.builtin.base import METADATA_FILE as BUILTIN_METADATA
+    from lopt.builtin.hub_bases import METADATA_FILE as REAL_BASE_METADATA
+    from lopt.training.rl import completion_budget
+
+    standin = tmp_path / "standin"
+    shutil.copytree(builtin_tiny["path"], standin)
+    (standin / BUILTIN_METADATA).unlink()
+    (standin / REAL_BASE_METADATA).write_text("{}")
     fast = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--max_samples", "32", "--no_progress"]
     out = tmp_path / "sft"
     # max_length: the toy tokenizer makes ~150-token rows of this task (SmolLM2's ~110).
-    args = [
-        "sft",
-        "--task",
-        EXTRACT_TASK,
-        "--method",
-        "e2e",
-        "--max_length",
-        "192",
-        "--eval_samples",
-        "8",
-        *fast,
-    ]
+    args = ["sft", "--model_name_or_path", str(standin), "--method", "e2e", "--max_length", "192"]
+    args += ["--eval_samples", "0", *fast]
     proc = lopt([*args, "--logging_steps", "1", "--output_dir", str(out)], builtin_tiny["env"])
     assert "task=extract" in proc.stderr
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
@@ -343,10 +404,19 @@ def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
     assert last.endswith(" · 3 steps"), last
 
     grpo_out = tmp_path / "grpo"
-    argv = ["grpo", "--model_name_or_path", str(out), "--task", EXTRACT_TASK, "--method", "e2e", *fast]
-    argv += ["--num_generations", "2", "--max_completion_length", "16", "--eval_samples", "4"]
+    argv = ["grpo", "--model_name_or_path", str(out), "--logging_steps", "1", *fast]
+    argv += ["--num_generations", "2", "--eval_samples", "4"]
     proc = lopt([*argv, "--output_dir", str(grpo_out)], builtin_tiny["env"])
-    assert "reward=json_match_reward" in proc.stderr
+    assert "task=extract" in proc.stderr and "reward=json_match_reward" in proc.stderr
+    assert "aux_objective=anchor" in proc.stderr
     summary = json.loads((grpo_out / "summary.json").read_text())
-    assert summary["reward_function"] == "json_match_reward" and summary["steps"] == 3
-    assert 0.0 <= summary["heldout_exact_match"] <= 1.0
+    assert summary["task"] == "extract" and summary["reward_function"] == "json_match_reward"
+    assert summary["steps"] == 3 and 0.0 <= summary["heldout_exact_match"] <= 1.0
+    kept = summary["knowledge_kept"]  # a share, or a sentence when the tiny base knows no fact
+    assert (isinstance(kept, float) and 0.0 <= kept <= 1.0) or kept.startswith("none"), kept
+    answers = [row["answer"] for row in builtin_grpo_rows("train", n=32, task=EXTRACT_TASK)]
+    budget = completion_budget(answers, AutoTokenizer.from_pretrained(out))
+    assert json.loads((grpo_out / "training_args.json").read_text())["max_completion_length"] == budget
+    assert f"up to {budget} tokens" in proc.stderr
+    for m in read_metrics(grpo_out):
+        assert m["lr_early"] == pytest.approx(0.3 * m["lr_late"])

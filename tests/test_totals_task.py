@@ -165,7 +165,8 @@ def test_sft_and_grpo_parse_totals_with_the_real_base_recipes():
     parsed, _ = sft.make_parser().parse([*argv, "--max_steps", "7"], sft.recipe)
     assert parsed[-1].max_steps == 7  # the user's flag wins
     parsed, _ = grpo.make_parser().parse(argv, grpo.recipe)
-    assert parsed[-1].max_completion_length >= task_max_new_tokens(TOTALS_TASK)
+    assert (parsed[-1].num_generations, parsed[-1].per_device_train_batch_size) == (4, 8)
+    assert parsed[0].aux_objective == "anchor"  # no labels in GRPO batches: not sft's task+anchor
     assert grpo.reward_function("auto", TOTALS_TASK) is json_match_reward
 
     def check(model, **data):

@@ -39,8 +39,9 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
     return recipe
 
 
-def recipe_task(values: dict[str, Any]) -> str | None:
+def recipe_task(values: dict[str, Any], recorded=None) -> str | None:
     """The task a run trains on, from the parsed values, for choosing its recipe: --task, None for the user's data,
+    else the task a starting checkpoint records (`recorded`, lopt.training.rl.recorded_task; commands that read it),
     else the model's default task (check_data refuses bad combinations afterwards)."""
     from lopt.builtin.tasks import default_task
 
@@ -48,14 +49,20 @@ def recipe_task(values: dict[str, Any]) -> str | None:
         return values["task"]
     if values["train_file"] is not None or values["dataset_name"] is not None:
         return None
+    if recorded is not None:
+        return recorded.task
     return default_task(values["model_name_or_path"])
 
 
-def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, ...]) -> str | None:
-    """The built-in task to train on (None for the user's data): --task, else the model's default task (see
-    lopt.builtin.tasks.default_task). One-line errors for flags that do not combine."""
+def check_data(
+    command: str, model_args, data: DataArguments, tasks: tuple[str, ...], recorded=None
+) -> str | None:
+    """The built-in task to train on (None for the user's data): --task, else the task the starting checkpoint
+    records (`recorded`: lopt.training.rl.recorded_task, for the commands that read it), else the model's default
+    task (see lopt.builtin.tasks.default_task). One-line errors for flags that do not combine."""
     from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, REAL_BASE_TASKS, default_task
 
+    path = model_args.model_name_or_path
     if data.task is not None:
         if data.task not in tasks:
             raise UserError(f"--task {data.task!r} is not one of {', '.join(tasks)}.")
@@ -63,7 +70,8 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
             raise UserError(
                 f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task."
             )
-        if data.task in BUILTIN_MODEL_TASKS and model_args.model_name_or_path is not None:
+        of_builtin_model = recorded is not None and recorded.base == "builtin"
+        if data.task in BUILTIN_MODEL_TASKS and path is not None and not of_builtin_model:
             raise UserError(
                 f"--task {data.task} is made for the built-in model: drop --model_name_or_path, or give "
                 "--train_file/--dataset_name."
@@ -71,7 +79,22 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
         return data.task
     if data.user_data:
         return None
-    task = default_task(model_args.model_name_or_path)
+    if recorded is not None:
+        if recorded.task is None:
+            choices = ", ".join(
+                t for t in tasks if t not in BUILTIN_MODEL_TASKS or recorded.base == "builtin"
+            )
+            raise UserError(
+                f"cannot tell the task of --model_name_or_path {path} ({recorded.reason}): give --task "
+                f"({choices}) or --train_file/--dataset_name."
+            )
+        if recorded.task not in tasks:
+            raise UserError(
+                f"lopt {command} has no built-in task {recorded.task} (recorded by --model_name_or_path {path}): "
+                "give --train_file or --dataset_name."
+            )
+        return recorded.task
+    task = default_task(path)
     if task is None:
         chat_tasks = " or ".join(t for t in REAL_BASE_TASKS if t in tasks)
         also = (", a hub --task" if command == "grpo" else "") + (
@@ -82,7 +105,7 @@ def check_data(command: str, model_args, data: DataArguments, tasks: tuple[str, 
         )
     if task not in tasks:
         raise UserError(
-            f"lopt {command} has no built-in task for {model_args.model_name_or_path} (its task {task} is not one "
+            f"lopt {command} has no built-in task for {path} (its task {task} is not one "
             f"of {', '.join(tasks)}): give --train_file or --dataset_name."
         )
     return task

@@ -16,10 +16,11 @@ from typing import Any
 from trl import DPOConfig, ModelConfig
 
 from lopt.cli import common, sft
-from lopt.cli.grpo import BUILTIN_TASK_EARLY_LR_FACTOR, message_list, prompt_messages
+from lopt.cli.grpo import message_list, prompt_messages
 from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
 from lopt.training.arguments import DataArguments, LoPTArguments
+from lopt.training.rl import BUILTIN_TASK_EARLY_LR_FACTOR
 
 DESCRIPTION = "Direct Preference Optimization with LoPT (or a baseline) on preference pairs."
 # Recipes for the fields the user did not set: the built-in task's sized for 2 CPU cores.

@@ -3,7 +3,8 @@
 Flags: LoPTArguments, TRL's ModelConfig, DataArguments, GRPOTaskArguments and TRL's GRPOConfig (every field is a flag;
 `--config x.yaml` as in `trl grpo`). Without --model_name_or_path it starts from the built-in SFT checkpoint (the
 built-in model after `lopt sft` on the built-in task, made on first use); without data flags it trains on that task
-(the reward is exact match with the task's answer). `--task gsm8k` / `--task numinamath` load the LoPT authors' hub
+(the reward is exact match with the task's answer). From a checkpoint `lopt sft` wrote, the task (and the base) come
+from its lopt_args.json unless --task is given. `--task gsm8k` / `--task numinamath` load the LoPT authors' hub
 datasets.
 """
 
@@ -22,6 +23,7 @@ from lopt.cli import common, sft
 from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
 from lopt.training.arguments import DataArguments, LoPTArguments
+from lopt.training.rl import recorded_task
 
 DESCRIPTION = "On-policy GRPO with LoPT (or a baseline) and verifiable rewards."
 # --task -> (hub dataset, config): the datasets of the authors' train_grpo.py.
@@ -48,13 +50,15 @@ BUILTIN_TASK_RECIPE = {
 }
 # The real bases' tasks (REAL_BASE_TASKS: "extract", lopt.builtin.real_task, and "totals"): JSON answers of ~15-40
 # tokens, from a checkpoint that `lopt sft` trained on the task (the reward is 0 for a model that never answers in
-# JSON). Sized for a short run on 2 CPU cores.
+# JSON). Sized for a short run on 2 CPU cores: groups of 4 completions (the smallest usual GRPO group; a group whose
+# completions all score the same teaches nothing), 2 prompts a step. max_completion_length is set after the tokenizer
+# is loaded, from the task's reference answers (lopt.training.rl.completion_budget); the LoPT objective and early
+# rate are lopt.training.rl's.
 REAL_BASE_TASK_RECIPE = {
     "learning_rate": 1e-5,
-    "per_device_train_batch_size": 16,
-    "num_generations": 8,
+    "per_device_train_batch_size": 8,
+    "num_generations": 4,
     "max_prompt_length": 128,
-    "max_completion_length": 64,
     "max_steps": 50,
     "logging_steps": 5,
 }
@@ -65,13 +69,6 @@ USER_TASK_RECIPE = {
     "max_completion_length": 512,
     "num_train_epochs": 1.0,
 }
-# Built-in task, LoPT methods, --lr_k1 unset: the early group learns at learning_rate / 20 (also used by `lopt dpo`).
-# Measured on the built-in task from E2E-SFT'd checkpoints: with the early group at the full rate, the reconstruction
-# objective moves the early blocks faster than the late block can follow. GRPO at lr 2e-4 from a 0.83 checkpoint:
-# reward 0.34 -> 0.00, held-out 0.00 (lr/20: reward 0.62 -> 0.80, held-out 0.84). DPO at lr 1e-4 from a 0.34
-# checkpoint: held-out 0.04 (lr/20: 0.36, preference accuracy 0.4 -> 0.65).
-BUILTIN_TASK_EARLY_LR_FACTOR = 1 / 20
-
 # (prompt field, answer field) pairs accepted in GRPO rows, tried in this order.
 PROMPT_ANSWER_FIELDS = (
     ("prompt", "answer"),
@@ -118,9 +115,11 @@ def make_parser() -> LoPTParser:
         "--steps_per_generation) holds prompts x --num_generations completions, so it must be a multiple of "
         "--num_generations. Built-in task recipe (fields not set): learning_rate 2e-4 (--lr_k1 = learning_rate/20), "
         "per_device_train_batch_size 32, num_generations 8, max_completion_length 8, max_steps 150; tasks extract "
-        "and totals (a real base's, from a checkpoint `lopt sft` trained on it): learning_rate 1e-5, "
-        "per_device_train_batch_size 16, num_generations 8, max_completion_length 64, max_steps 50; all tasks: temperature 0.7, top_p 0.95, "
-        "loss_type grpo.",
+        "and totals (a real base's, from a checkpoint `lopt sft` trained on it): learning_rate 1e-5 (--lr_k1 = "
+        "0.3 x learning_rate), per_device_train_batch_size 8, num_generations 4, max_completion_length the "
+        "longest reference answer of the training rows in tokens + 1, plus 25%, max_steps 50, and LoPT with "
+        "--aux_objective anchor --clip_per_block (unless --aux_objective or --lambda_aux is given); all tasks: "
+        "temperature 0.7, top_p 0.95, loss_type grpo.",
     )
 
 
@@ -129,14 +128,22 @@ def task_recipe(values: dict[str, Any]) -> dict[str, Any]:
     rejects bad combinations afterwards)."""
     from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
 
-    task = common.recipe_task(values)
+    task = common.recipe_task(values, recorded_task(values["model_name_or_path"]))
     if task in REAL_BASE_TASKS:
         return REAL_BASE_TASK_RECIPE
     return BUILTIN_TASK_RECIPE if task in BUILTIN_TASKS else USER_TASK_RECIPE
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    return {**common.base_recipe("grpo", values, set_fields), **COMMON_RECIPE, **task_recipe(values)}
+    from lopt.training.rl import real_base_objective
+
+    task = common.recipe_task(values, recorded_task(values["model_name_or_path"]))
+    return {
+        **common.base_recipe("grpo", values, set_fields),
+        **COMMON_RECIPE,
+        **task_recipe(values),
+        **real_base_objective(values, set_fields, task),
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -320,10 +327,12 @@ def run(
     training_args: GRPOConfig,
     set_fields: frozenset[str] = frozenset(),
 ) -> int:
-    from lopt.builtin.tasks import BUILTIN_TASKS
+    from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
+    from lopt.training import rl
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
-    task = common.check_data("grpo", model_args, data_args, (*BUILTIN_TASKS, *TASK_DATASETS))
+    recorded = recorded_task(model_args.model_name_or_path)
+    task = common.check_data("grpo", model_args, data_args, (*BUILTIN_TASKS, *TASK_DATASETS), recorded)
     data_args.check()
     rows = load_task_rows(data_args, task, training_args.trust_remote_code)
     for i, row in enumerate(rows):
@@ -336,9 +345,7 @@ def run(
         raise UserError("--block_parallel is an sft option: lopt grpo trains data-parallel under torchrun.")
     reward = reward_function(task_args.reward, task)
     builtin = task in BUILTIN_TASKS
-    early_lr = common.early_learning_rate(
-        lopt_args, training_args.learning_rate, BUILTIN_TASK_EARLY_LR_FACTOR if builtin else None
-    )
+    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, rl.early_lr_ratio(task))
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     progress = not training_args.disable_tqdm
     start = sft.starting_model("grpo", model_args, task, progress)
@@ -350,6 +357,8 @@ def run(
     set_seed(training_args.seed)
     model, tokenizer, model_path = common.load_model(model_args, training_args, start, progress=progress)
     train_dataset = build_dataset(rows, tokenizer, task_args.max_prompt_length, TASK_INSTRUCTIONS.get(task))
+    if task in REAL_BASE_TASKS and "max_completion_length" not in set_fields:
+        training_args.max_completion_length = rl.completion_budget(train_dataset["answer"], tokenizer)
     prepared = common.prepare_model(model, lopt_args, model_args)
     trainer = LoPTGRPOTrainer(
         model=prepared.model,
@@ -364,7 +373,7 @@ def run(
         f"lopt grpo: {common.describe_method(prepared, a.learning_rate, early_lr)}, model={model_path}, "
         f"task={task or 'custom'}, reward={reward.__name__}, rows={len(train_dataset)}, lr={a.learning_rate}, "
         f"batch={a.per_device_train_batch_size}x{a.gradient_accumulation_steps} completions ({a.num_generations} "
-        f"per prompt), max_steps={a.max_steps}, output_dir={a.output_dir}",
+        f"per prompt, up to {a.max_completion_length} tokens), max_steps={a.max_steps}, output_dir={a.output_dir}",
         file=sys.stderr,
     )
     result = trainer.train(resume_from_checkpoint=resume)
@@ -388,6 +397,8 @@ def run(
         summary["heldout_exact_match"] = builtin_task_score(
             trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
+        base = rl.knowledge_base(model_args.model_name_or_path, model_path)
+        summary.update(sft.real_base_knowledge(trainer.model, tokenizer, base))
     if task_args.plot:
         summary["reward_curve"] = plot_reward_curve(training_args.output_dir)
     return common.finish("grpo", training_args.output_dir, summary)

@@ -121,11 +121,13 @@ RUN_RECORDS = "lopt_args.json"
 class ScoringDefaults:
     """What `lopt eval` scores a model on when no data flags are given, and why: `task` a built-in task (None: no
     task can be named, e.g. a model trained on the user's own rows); `base` "builtin" (the built-in model's
-    held-out text is its retention set), "real" (a real base: English prose) or "other"; `reason` one line."""
+    held-out text is its retention set), "real" (a real base: English prose) or "other"; `reason` one line;
+    `base_model` the real base as named in the records (short name or folder) when `base` is "real", else None."""
 
     task: str | None
     base: str
     reason: str
+    base_model: str | None = None
 
 
 def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> ScoringDefaults:
@@ -142,7 +144,10 @@ def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> Scoring
         return ScoringDefaults(DEFAULT_TASK, "builtin", "the built-in model")
     if is_real_base(model_name_or_path):
         return ScoringDefaults(
-            default_task(model_name_or_path), "real", f"{model_name_or_path} is a real base"
+            default_task(model_name_or_path),
+            "real",
+            f"{model_name_or_path} is a real base",
+            model_name_or_path,
         )
     folder = os.path.expanduser(model_name_or_path)
     if os.path.isfile(os.path.join(folder, BUILTIN_METADATA)):
@@ -165,8 +170,10 @@ def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> Scoring
         task = trained_from.task  # the default task of the model it was trained from
     if task not in BUILTIN_TASKS:  # the user's rows, or a hub task (GRPO)
         what = records.get("train_file") or records.get("dataset_name") or task
-        return ScoringDefaults(None, trained_from.base, f"{source} on {what}, not a built-in task")
-    return ScoringDefaults(task, trained_from.base, f"{source}, task {task}")
+        return ScoringDefaults(
+            None, trained_from.base, f"{source} on {what}, not a built-in task", trained_from.base_model
+        )
+    return ScoringDefaults(task, trained_from.base, f"{source}, task {task}", trained_from.base_model)
 
 
 def load_task_rows(
