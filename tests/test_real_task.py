@@ -389,7 +389,7 @@ def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
     out = tmp_path / "sft"
     # max_length: the toy tokenizer makes ~150-token rows of this task (SmolLM2's ~110).
     args = ["sft", "--model_name_or_path", str(standin), "--method", "e2e", "--max_length", "192"]
-    args += ["--eval_samples", "0", *fast]
+    args += ["--eval_samples", "8", *fast]
     proc = lopt([*args, "--logging_steps", "1", "--output_dir", str(out)], builtin_tiny["env"])
     assert "task=extract" in proc.stderr
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
@@ -399,7 +399,7 @@ def test_sft_then_grpo_on_extract_end_to_end(builtin_tiny, tmp_path):
     correct = round(summary["heldout_exact_match"] * 8)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        f"lopt sft: test accuracy {100 * summary['heldout_exact_match']:.1f}% ({correct}/8) · train loss "
+        f"lopt sft: test accuracy {100 * summary['heldout_exact_match']:.1f}% ({correct}/8) · knowledge kept "
     ), last
     assert last.endswith(" · 3 steps"), last
 
