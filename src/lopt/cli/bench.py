@@ -67,7 +67,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default=list(bench.DEFAULT_CONFIGS),
         metavar="CONFIG",
         help="subset to run (space or comma separated; default: every fused-head config; 'all' adds the plain HF "
-        f"loss ones) from: {', '.join(bench.CONFIGS)}",
+        f"loss ones) from: {', '.join(bench.CONFIGS)}; +gcN in place of +gc checkpoints the earliest N layers only",
     )
     g.add_argument(
         "--peak_memory",
@@ -80,9 +80,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--activation_budget",
         default=None,
         metavar="MB|auto",
-        help="instead of the table: for E2E, LoPT k=2 and k=4, the fastest setting (GC on/off, micro-batch with "
-        "gradient accumulation to --batch_size) whose activation peak fits MB; tokens/s as a ratio to E2E's best, "
-        "one interleaved run. auto: 0.6 x E2E's no-GC peak at micro-batch 1 (E2E needs GC, LoPT k=2 does not)",
+        help="instead of the table: for E2E, LoPT k=2 and k=4, freeze and LoRA, the fastest setting (GC off, on "
+        "every layer, or for E2E on the fewest earliest layers that fit; micro-batch with gradient accumulation to "
+        "--batch_size) whose activation peak fits MB; tokens/s as a ratio to E2E's best, one interleaved run. auto: "
+        "0.6 x E2E's no-GC peak at micro-batch 1 (E2E needs GC, LoPT k=2 does not)",
     )
     g.add_argument("--json", metavar="OUT.json", help="also write every measurement to this file")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -145,7 +146,8 @@ def planned_step_bytes(spec: bench.BenchSpec, rows: list[dict], log=None) -> dic
     out: dict[str, int | None] = {}
     for row in rows:
         name = row["name"]
-        if name not in plan.PLAN_METHODS:  # a config the planner does not plan (yet): no figure beside it
+        selective = bench.config_of(name).gc_layers is not None
+        if name not in plan.PLAN_METHODS and not selective:  # not planned (yet): no figure beside it
             out[name] = None
             continue
         try:
@@ -176,7 +178,7 @@ def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
     ]
     full_bytes = {}
     for row in rows:
-        config = bench.CONFIGS[row["name"]]
+        config = bench.config_of(row["name"])
         if config.aux_objective != "recon":
             continue  # the anchor's frozen copy is not planned
         if log:

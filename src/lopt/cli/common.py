@@ -28,9 +28,10 @@ def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]
         or {"use_reentrant": False},
         # TRL defaults gradient_checkpointing (transformers 5's deprecated alias) to True: lopt trains without
         # checkpointing unless asked, and passes the user's --gradient_checkpointing under its new name.
+        # --checkpoint_layers turns it on too: the trainer enables every layer, then keeps the chosen ones.
         "activation_checkpointing": values["gradient_checkpointing"]
         if "gradient_checkpointing" in set_fields
-        else False,
+        else values.get("checkpoint_layers") is not None,
     }
     if not torch.cuda.is_available():
         recipe["use_cpu"] = True
@@ -144,6 +145,12 @@ def check_training_args(
 
     if lopt_args.optimizer_in_backward:
         check_optimizer_in_backward(training_args, command)
+
+    if lopt_args.checkpoint_layers is not None and not training_args.activation_checkpointing:
+        raise UserError(
+            f"--checkpoint_layers {lopt_args.checkpoint_layers} checkpoints some layers but --gradient_checkpointing "
+            "is false: drop one of them."
+        )
 
     if training_args.torch_compile and lopt_args.is_lopt:
         raise UserError(
@@ -302,6 +309,7 @@ def lopt_trainer_kwargs(
         fsdp=fsdp,
         optimizer_in_backward=lopt_args.optimizer_in_backward,
         clip_per_block=lopt_args.clip_per_block,
+        checkpoint_layers=lopt_args.checkpoint_layers,
         callbacks=callbacks,
     )
 

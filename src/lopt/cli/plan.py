@@ -43,7 +43,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default=list(plan.PLAN_METHODS),
         metavar="METHOD",
         help="space or comma separated; any of them with +oib (optimizer step in the backward) or +gc "
-        "(activation checkpointing), and the other lopt bench configurations (default: %(default)s)",
+        "(activation checkpointing; e2e and lora also +gcN: the earliest N layers), and the other lopt bench "
+        "configurations (default: %(default)s)",
     )
     parser.add_argument(
         "--num_gpus", type=int, default=1, help="data-parallel GPUs: DDP and FSDP (default: 1)"

@@ -35,6 +35,7 @@ import copy
 import gc
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -61,6 +62,8 @@ class BenchConfig(NamedTuple):
     anchor_dtype: str | None = None  # dtype of the anchor's frozen pretrained copy
     head: str = "fused"  # "fused": TRL's chunked LM head, as `lopt sft` trains; "hf": the model's own loss
     oib: bool = False  # optimizer step in the backward (lopt.engine.in_backward, --optimizer_in_backward)
+    method: str = "e2e"  # the training method when backward is None: e2e, freeze (first half frozen) or lora
+    gc_layers: int | None = None  # with gc: checkpoint the earliest N decoder layers only (None: every layer)
 
 
 # Every method goes through TRL's fused LM head by default (`add_fused_lm_head`, called with fused_lm_head=True),
@@ -84,6 +87,11 @@ CONFIGS: dict[str, BenchConfig] = {
     "e2e+oib": BenchConfig("E2E, opt. in bwd", None, 1, False, oib=True),
     "lopt-k2+oib": BenchConfig("LoPT k=2, opt. in bwd", "local", 2, False, oib=True),
     "lopt-k4+oib": BenchConfig("LoPT k=4, opt. in bwd", "local", 4, False, oib=True),
+    # the baselines as `lopt sft --method freeze|lora` trains them: the embedding and first half frozen (LM head
+    # untied); LoRA adapters (rank 16, alpha 32, dropout 0.05) on every linear layer of a frozen model
+    "freeze": BenchConfig("Freeze half", None, 1, False, method="freeze"),
+    "lora": BenchConfig("LoRA r=16", None, 1, False, method="lora"),
+    "freeze+oib": BenchConfig("Freeze half, opt. in bwd", None, 1, False, oib=True, method="freeze"),
     "e2e+gc": BenchConfig("E2E", None, 1, True),
     "lopt-joint-k2+gc": BenchConfig("LoPT-joint k=2", "joint", 2, True),
     "lopt-k2+gc": BenchConfig("LoPT k=2", "local", 2, True),
@@ -91,6 +99,8 @@ CONFIGS: dict[str, BenchConfig] = {
     "e2e+oib+gc": BenchConfig("E2E, opt. in bwd", None, 1, True, oib=True),
     "lopt-k2+oib+gc": BenchConfig("LoPT k=2, opt. in bwd", "local", 2, True, oib=True),
     "lopt-k4+oib+gc": BenchConfig("LoPT k=4, opt. in bwd", "local", 4, True, oib=True),
+    "freeze+gc": BenchConfig("Freeze half", None, 1, True, method="freeze"),
+    "lora+gc": BenchConfig("LoRA r=16", None, 1, True, method="lora"),
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
 CONFIGS.update({
@@ -199,19 +209,46 @@ class BenchSpec:
 
 
 def canonical_config(name: str) -> str:
-    """A config name with its "+" options in CONFIGS' order: "lopt-k2+gc+oib" is "lopt-k2+oib+gc"."""
+    """A config name with its "+" options in CONFIGS' order: "lopt-k2+gc+oib" is "lopt-k2+oib+gc" ("+gcN",
+    selective checkpointing of the earliest N layers, stands where "+gc" does)."""
     base, *options = name.split("+")
+    kinds = ["gc" if re.fullmatch(r"gc\d+", o) else o for o in options]
     order = ("oib", "gc")
-    if set(options) <= set(order) and len(set(options)) == len(options):
-        return "+".join([base, *(o for o in order if o in options)])
+    if set(kinds) <= set(order) and len(set(kinds)) == len(kinds):
+        return "+".join([base, *(o for kind in order for o, k in zip(options, kinds) if k == kind)])
     return name
+
+
+def config_of(name: str) -> BenchConfig:
+    """The configuration of a name: one of CONFIGS, or one with "+gcN" (N >= 1) in place of "+gc": checkpointing
+    of the earliest N decoder layers only (lopt.engine.checkpointing). KeyError for any other name."""
+    name = canonical_config(name)
+    if name in CONFIGS:
+        return CONFIGS[name]
+    match = re.fullmatch(r"(.*)\+gc(\d+)", name)
+    if match is None or f"{match.group(1)}+gc" not in CONFIGS or int(match.group(2)) < 1:
+        raise KeyError(name)
+    config = CONFIGS[f"{match.group(1)}+gc"]
+    n = int(match.group(2))
+    return config._replace(gc_layers=n, label=f"{config.label}, GC {n} layers")
+
+
+def is_config(name: str) -> bool:
+    try:
+        config_of(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _check_configs(configs: Sequence[str]) -> list[str]:
     configs = [canonical_config(c) for c in configs]
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if not is_config(c)]
     if unknown:
-        raise ValueError(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}.")
+        raise ValueError(
+            f"unknown config(s) {unknown}; choose from {list(CONFIGS)}, or one with +gcN (checkpoint the earliest "
+            "N layers) in place of +gc."
+        )
     if not configs:
         raise ValueError("no configs to run.")
     return list(dict.fromkeys(configs))  # unique, order kept
@@ -247,12 +284,21 @@ def prepare_for_training(model: nn.Module, config: BenchConfig) -> nn.Module:
 
         add_fused_lm_head(model)
     if config.gc:  # non-reentrant: LoPT's detached boundary needs it; E2E uses the same for a fair race
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name, same function
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from lopt.engine.architectures import find_decoder_parts
+        from lopt.engine.checkpointing import enable_selective_checkpointing
+
+        num_layers = find_decoder_parts(model).num_layers
+        layers = num_layers if config.gc_layers is None else config.gc_layers
+        if layers > num_layers:
+            raise ValueError(
+                f"+gc{layers}: the model has {num_layers} layers; checkpoint at most {num_layers}."
+            )
+        enable_selective_checkpointing(model, layers)
     if config.backward is None:
+        if config.method != "e2e":  # as `lopt sft --method freeze|lora` prepares it
+            from lopt.training.methods import prepare_model
+
+            model = prepare_model(model, config.method).model
         return model
     lopt_config = LoPTConfig(
         num_blocks=config.k,
@@ -313,9 +359,10 @@ class Runner:
         from lopt.engine.optim import param_groups
 
         self.name = name
-        config = CONFIGS[name]
+        config = config_of(name)
         self.label, self.backward, self.k, self.gc = config.label, config.backward, config.k, config.gc
         self.head, self.oib = config.head, config.oib
+        self.method, self.gc_layers = config.method, config.gc_layers
         self.reference_bytes = 0  # the anchor's frozen copy of pretrained weights
         # same initial weights for every configuration
         self.model = prepare_for_training(copy.deepcopy(base_model) if copy_model else base_model, config)
@@ -557,7 +604,9 @@ def _row(r: Runner) -> dict:
         "label": r.label,
         "gc": r.gc,
         "head": r.head,
-        "backward": r.backward or "e2e",
+        "backward": r.backward or r.method,  # "e2e", "freeze" or "lora" when not LoPT
+        "method": r.method,
+        "gc_layers": r.gc_layers,
         "k": r.k,
         "oib": r.oib,
         "reference_bytes": r.reference_bytes,
@@ -638,7 +687,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 def _main(argv: list[str] | None = None) -> int:
     """`python -m lopt.experiments.bench --one NAME --spec JSON`: the fresh-process peak-RSS measurement."""
     parser = argparse.ArgumentParser(prog="python -m lopt.experiments.bench")
-    parser.add_argument("--one", required=True, type=canonical_config, choices=list(CONFIGS))
+    parser.add_argument("--one", required=True, type=canonical_config)
     parser.add_argument("--spec", required=True, help="BenchSpec as JSON")
     args = parser.parse_args(argv)
     spec = BenchSpec(**json.loads(args.spec))

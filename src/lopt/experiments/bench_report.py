@@ -32,7 +32,7 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
     for row in rows:
         cells.append([
             row["label"],
-            "yes" if row["gc"] else "no",
+            gc_text(row),
             _fmt_mb(row["act_peak_bytes"]),
             _fmt(row.get("act_ratio"), ".2f"),
             _fmt(row.get("act_ratio_vs_e2e_nogc"), ".2f"),
@@ -44,6 +44,13 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
             _fmt_mb(row.get("reference_bytes")) if row.get("reference_bytes") else "—",
         ])  # fmt: skip
     return cells
+
+
+def gc_text(row: dict) -> str:
+    """The GC column: yes (every layer), N layers (selective), no."""
+    if not row["gc"]:
+        return "no"
+    return "yes" if row.get("gc_layers") is None else f"{row['gc_layers']} layers"
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
@@ -155,7 +162,7 @@ def format_whole_step(
         planned = plan_bytes.get(row["name"])
         cells.append([
             row["label"],
-            "yes" if row["gc"] else "no",
+            gc_text(row),
             _fmt_mb(parts["weights"]),
             _fmt_mb(parts["gradients"]),
             _fmt_mb(parts["optimizer"]),

@@ -39,7 +39,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from lopt.engine.architectures import unwrap_peft
+from lopt.engine.architectures import find_decoder_parts, unwrap_peft
+from lopt.engine.checkpointing import parse_checkpoint_layers, select_checkpointed_layers
 from lopt.engine.config import LoPTConfig
 from lopt.engine.distributed import (
     LoPTGradientSync,
@@ -79,6 +80,7 @@ class LoPTTrainerMixin:
         fsdp: bool = False,
         optimizer_in_backward: bool = False,
         clip_per_block: bool = False,
+        checkpoint_layers: int | float | str | list[int] | None = None,
         **kwargs,
     ):
         if lopt_config is not None and lopt_config.uses_task and not self.lopt_batches_have_labels:
@@ -121,9 +123,22 @@ class LoPTTrainerMixin:
             # transformers' flag for a model sharded before the trainer got it (`from_pretrained(distributed_config=
             # ...)`): the trainer then neither moves it nor wraps it in DDP, and builds the optimizer on the DTensors.
             self.is_distributed_loading_by_transformers = True
+        if checkpoint_layers is not None:
+            self._select_checkpointed_layers(checkpoint_layers)
         self._lopt_sums: dict[str, float] = {}
         self._lopt_micro_steps = 0
         self._lopt_group_lrs: dict[str, float] = {}
+
+    def _select_checkpointed_layers(self, checkpoint_layers) -> None:
+        """--checkpoint_layers: checked against the model's depth now; train() enables checkpointing on every layer
+        (activation_checkpointing), then a callback keeps it on the chosen ones only."""
+        if not self.args.activation_checkpointing:
+            raise ValueError(
+                f"checkpoint_layers={checkpoint_layers!r} needs activation_checkpointing=True in the training "
+                "arguments (lopt's commands set it): set it, or drop checkpoint_layers."
+            )
+        layers = parse_checkpoint_layers(checkpoint_layers, find_decoder_parts(self.model).num_layers)
+        self.add_callback(_SelectCheckpointedLayers(self.model, layers))
 
     def _check_fsdp(self, lopt_config: LoPTConfig | None) -> None:
         """What `fsdp=True` needs, checked before the model is touched."""
@@ -464,6 +479,16 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
             )
         weights.update(load_file(path))
     return weights
+
+
+class _SelectCheckpointedLayers(TrainerCallback):
+    """After train() has enabled activation checkpointing on every decoder layer: keep it on the chosen ones."""
+
+    def __init__(self, model, layers: list[int]):
+        self.model, self.layers = model, layers
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        select_checkpointed_layers(self.model, self.layers)
 
 
 class _ZeroAuxHeadGrads(TrainerCallback):

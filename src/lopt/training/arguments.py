@@ -203,6 +203,16 @@ class LoPTArguments:
         },
     )
 
+    checkpoint_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Activation checkpointing on some decoder layers only (any method; non-reentrant): a count (15: "
+            "the earliest 15), a fraction (0.5: the earliest half) or layer indices (0,1,2; one layer: '3,'). Each "
+            "layer checkpointed keeps only its input and recomputes its forward in the backward; the others keep "
+            "their activations. Turns checkpointing on (--gradient_checkpointing covers every layer)."
+        },
+    )
+
     @property
     def is_lopt(self) -> bool:
         return self.method in LOPT_METHODS
@@ -272,6 +282,13 @@ class LoPTArguments:
                 "--round_to_bfloat16 and --block_parallel are exclusive (each block-parallel rank runs its own "
                 "trainer): choose one."
             )
+        if self.checkpoint_layers is not None:
+            from lopt.engine.checkpointing import checkpoint_layers_form
+
+            try:  # the form now; the range once the model's depth is known (the trainer)
+                checkpoint_layers_form(self.checkpoint_layers)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         bounds = self.boundary_list()
         if bounds is not None and "num_blocks" in set_fields and self.num_blocks != len(bounds) + 1:
             raise UserError(

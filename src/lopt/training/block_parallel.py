@@ -140,6 +140,10 @@ def _run(rows, lopt_args, model_args, data_args, args, early_lr, task, rank: int
         steps = max(1, math.ceil(args.num_train_epochs * len(loader) / args.gradient_accumulation_steps))
     if args.activation_checkpointing:  # before BlockStage swaps layers out: the kept ones keep the setting
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if lopt_args.checkpoint_layers is not None:
+            from lopt.engine.checkpointing import enable_selective_checkpointing
+
+            enable_selective_checkpointing(model, lopt_args.checkpoint_layers)
     config = lopt_args.lopt_config()
     warmup = args.warmup_steps if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * steps)
     stage = BlockStage(
