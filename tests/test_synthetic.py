@@ -114,16 +114,17 @@ def test_an_untrained_predictor_holds_the_early_blocks_and_starts_learning():
     assert all(p.grad is not None for p in late)
 
 
-def test_predictors_learn_at_the_main_rate_and_belong_to_the_block_after_their_boundary():
+def test_predictors_learn_at_their_own_rate_and_belong_to_the_block_after_their_boundary():
     from lopt.engine.optim import param_groups
 
-    lm = get_lopt_model(
-        tiny_model("llama", num_layers=6), LoPTConfig(num_blocks=3, aux_objective="synth+anchor")
-    )
-    late, early = param_groups(lm, lr=1e-3, early_lr=1e-5)
-    predictor_ids = {id(p) for p in lm.aux_heads.parameters()}
-    assert predictor_ids <= {id(p) for p in late["params"]}
-    assert not predictor_ids & {id(p) for p in early["params"]}
+    config = LoPTConfig(num_blocks=3, aux_objective="synth+anchor", synth_lr=3e-3)
+    lm = get_lopt_model(tiny_model("llama", num_layers=6), config)
+    late, early, predictors = param_groups(lm, lr=1e-4, early_lr=1e-5)
+    assert (late["name"], early["name"], predictors["name"]) == ("late", "early", "predictor")
+    assert {id(p) for p in predictors["params"]} == {id(p) for p in lm.aux_heads.parameters()}
+    assert predictors["lr"] == 3e-3 and predictors["weight_decay"] == 0.0
+    config.synth_lr = None
+    assert param_groups(lm, lr=1e-4, early_lr=1e-5)[2]["lr"] == 1e-4  # None: the main rate
     blocks = lm.block_parameters()
     for index, head in enumerate(lm.aux_heads):
         owner = [i for i, params in enumerate(blocks) if any(p is next(head.parameters()) for p in params)]

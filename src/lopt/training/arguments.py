@@ -141,6 +141,13 @@ class LoPTArguments:
             "perfect predictor would give the early blocks end-to-end's gradient."
         },
     )
+    synth_lr: float | None = field(
+        default=1e-3,
+        metadata={
+            "help": "Learning rate of the gradient predictors (synth, synth+anchor), their own optimizer group; "
+            "see LoPTConfig.synth_lr."
+        },
+    )
     aux_warmup_steps: int = field(
         default=0,
         metadata={
