@@ -52,10 +52,23 @@ METHOD_FLAGS: dict[str, list[str]] = {
         *("--lambda_aux", "1", "--anchor_weight", "0.1", "--clip_per_block"),
     ],
     # Predicted boundary gradients (lopt.engine.synthetic): a perfect predictor would give e2e's update, so the early
-    # group trains at the full rate, as e2e's does; with the anchor as lopt_task_anchor has it.
-    "lopt_synth": ["--method", "lopt", "--num_blocks", "2", "--aux_objective", "synth"],
+    # group trains at the full rate, as e2e's does. The early half is held for the first 20 steps while the
+    # predictors learn (AdamW turns even a poor prediction into a full-sized step); with the anchor as
+    # lopt_task_anchor has it.
+    "lopt_synth": [
+        *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "synth", "--aux_warmup_steps", "20")
+    ],
     "lopt_synth_anchor": [
-        *("--method", "lopt", "--num_blocks", "2", "--aux_objective", "synth+anchor"),
+        *(
+            "--method",
+            "lopt",
+            "--num_blocks",
+            "2",
+            "--aux_objective",
+            "synth+anchor",
+            "--aux_warmup_steps",
+            "20",
+        ),
         *("--lambda_aux", "1", "--anchor_weight", "0.1", "--clip_per_block"),
     ],
 }
