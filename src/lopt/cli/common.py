@@ -93,7 +93,9 @@ def check_data(
     from lopt.builtin.tasks import REAL_BASE_TASKS
 
     path = model_args.model_name_or_path
-    base = recorded.base if recorded is not None else base_of(path)  # a checkpoint's: the base it was trained from
+    base = (
+        recorded.base if recorded is not None else base_of(path)
+    )  # a checkpoint's: the base it was trained from
     if data.task is not None:
         if data.task not in tasks:
             raise UserError(f"--task {data.task!r} is not one of {', '.join(tasks)}.")
