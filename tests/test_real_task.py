@@ -10,13 +10,13 @@ import re
 import pytest
 
 from lopt.builtin.base import CHAT_TEMPLATE, train_tokenizer
-from lopt.builtin.real_task import INSTRUCTION, MONTHS, WORD_LISTS, extract_items, is_real_base, json_match
+from lopt.builtin.bases import base_of
+from lopt.builtin.real_task import INSTRUCTION, MONTHS, WORD_LISTS, extract_items, json_match
 from lopt.builtin.tasks import (
     BUILTIN_TASKS,
     EXTRACT_TASK,
     builtin_grpo_rows,
     builtin_task_rows,
-    default_task,
     task_max_new_tokens,
     task_scorer,
 )
@@ -191,27 +191,24 @@ def test_no_word_of_the_task_is_a_country_fact():
 def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     from lopt.builtin.hub_bases import METADATA_FILE
     from lopt.cli import grpo, sft
-    from lopt.training.arguments import (
-        SFT_BUILTIN_RECIPE,
-        SFT_REAL_BASE_LOPT_OBJECTIVE,
-        SFT_REAL_BASE_RECIPE,
-    )
 
-    assert default_task(None) == "successor"
-    assert default_task("smollm2-135m") == EXTRACT_TASK and is_real_base("smollm2-135m")
+    assert base_of(None).default_task == "successor"
+    assert base_of("smollm2-135m").default_task == EXTRACT_TASK and base_of("smollm2-135m").kind == "real"
     converted, other = tmp_path / "converted", tmp_path / "other"
     converted.mkdir(), other.mkdir()
     (converted / METADATA_FILE).write_text("{}")
-    assert default_task(str(converted)) == EXTRACT_TASK and default_task(str(other)) is None
+    assert base_of(str(converted)).default_task == EXTRACT_TASK and base_of(str(other)).default_task is None
 
+    real = base_of("smollm2-135m").recipe("sft", EXTRACT_TASK)
     parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m"], sft.recipe)
     training_args = parsed[-1]
-    for name, value in SFT_REAL_BASE_RECIPE.items():
+    for name, value in real.values.items():
         assert getattr(training_args, name) == value, name
-    assert "bf16" not in SFT_REAL_BASE_RECIPE  # precision is not the task's: see test_default_precision
+    assert "bf16" not in real.values  # precision is not the task's: see test_default_precision
     # LoPT on a real base's task: the local task objective plus the anchor, clipped per block
     lopt_args = parsed[0]
-    for name, value in SFT_REAL_BASE_LOPT_OBJECTIVE.items():
+    assert real.lopt_objective["aux_objective"] == "task+anchor"
+    for name, value in real.lopt_objective.items():
         assert getattr(lopt_args, name) == value, name
     for flags, objective, clip in (
         (["--aux_objective", "recon"], "recon", False),  # the user's objective: nothing of the bundle
@@ -223,7 +220,9 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     parsed, _ = sft.make_parser().parse(["--model_name_or_path", "smollm2-135m", "--fp16"], sft.recipe)
     assert parsed[-1].fp16 and not parsed[-1].bf16  # the user's --fp16 replaces the recipe's bf16
     parsed, _ = sft.make_parser().parse([], sft.recipe)
-    assert parsed[-1].learning_rate == SFT_BUILTIN_RECIPE["learning_rate"]
+    assert (
+        parsed[-1].learning_rate == base_of(None).recipe("sft", "successor").values["learning_rate"] == 1e-3
+    )
     parsed, _ = sft.make_parser().parse(
         ["--model_name_or_path", "smollm2-135m", "--train_file", "x.jsonl"], sft.recipe
     )
@@ -337,6 +336,7 @@ def test_check_data_takes_the_task_a_checkpoint_records():
     """`lopt grpo --model_name_or_path <a checkpoint of lopt sft>`: its records name the task and base."""
     from types import SimpleNamespace
 
+    from lopt.builtin.bases import BUILTIN, REAL_BASE_OBJECTS
     from lopt.cli.common import check_data
     from lopt.errors import UserError
     from lopt.evaluation.evaluate import ScoringDefaults
@@ -346,19 +346,20 @@ def test_check_data_takes_the_task_a_checkpoint_records():
         model = SimpleNamespace(model_name_or_path="runs/sft-lopt")
         return check_data("grpo", model, DataArguments(**data), (*BUILTIN_TASKS, "gsm8k"), recorded)
 
-    real = ScoringDefaults("totals", "real", "lopt_args.json: trained from smollm2-135m, task totals")
+    smollm2 = REAL_BASE_OBJECTS["smollm2-135m"]
+    real = ScoringDefaults("totals", smollm2, "lopt_args.json: trained from smollm2-135m, task totals")
     assert check(real) == "totals"
     assert check(real, task=EXTRACT_TASK) == EXTRACT_TASK  # --task wins
     assert check(real, train_file="x.jsonl") is None
     with pytest.raises(UserError, match="made for the built-in model"):
         check(real, task="successor")
-    builtin = ScoringDefaults("successor", "builtin", "lopt_args.json: trained from the built-in model")
+    builtin = ScoringDefaults("successor", BUILTIN, "lopt_args.json: trained from the built-in model")
     assert check(builtin) == "successor"
     assert (
         check(builtin, task="successor") == "successor"
     )  # a checkpoint of the built-in model may take its tasks
     unknown = ScoringDefaults(
-        None, "real", "lopt_args.json: trained from smollm2-135m on x.jsonl, not a built-in task"
+        None, smollm2, "lopt_args.json: trained from smollm2-135m on x.jsonl, not a built-in task"
     )
     with pytest.raises(UserError) as error:
         check(unknown)

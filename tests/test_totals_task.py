@@ -11,6 +11,7 @@ import re
 import pytest
 
 from lopt.builtin import totals_task
+from lopt.builtin.bases import base_of
 from lopt.builtin.real_task import FIRST_NAMES, ITEMS, NUMBER_WORDS, SURNAMES, json_match
 from lopt.builtin.tasks import (
     BUILTIN_TASKS,
@@ -19,7 +20,6 @@ from lopt.builtin.tasks import (
     TOTALS_TASK,
     builtin_grpo_rows,
     builtin_task_rows,
-    default_task,
     task_max_new_tokens,
     task_scorer,
 )
@@ -53,7 +53,7 @@ def test_totals_is_registered_as_a_real_base_chat_task():
     assert REAL_BASE_TASKS == (EXTRACT_TASK, TOTALS_TASK)
     assert task_scorer(TOTALS_TASK) is json_match
     assert task_max_new_tokens(TOTALS_TASK) == totals_task.MAX_NEW_TOKENS == 48
-    assert default_task("smollm2-135m") == EXTRACT_TASK  # a real base still defaults to extract
+    assert base_of("smollm2-135m").default_task == EXTRACT_TASK  # a real base still defaults to extract
 
 
 def record_key(note: str) -> str:
@@ -154,14 +154,18 @@ def test_sft_and_grpo_parse_totals_with_the_real_base_recipes():
     from lopt.cli import grpo, sft
     from lopt.cli.common import check_data
     from lopt.errors import UserError
-    from lopt.training.arguments import SFT_REAL_BASE_RECIPE, DataArguments
+    from lopt.training.arguments import DataArguments
 
     argv = ["--model_name_or_path", "smollm2-135m", "--task", TOTALS_TASK]
     parsed, _ = sft.make_parser().parse(argv, sft.recipe)
     assert parsed[2].task == TOTALS_TASK
     for name in ("learning_rate", "per_device_train_batch_size", "max_length"):
-        assert getattr(parsed[-1], name) == SFT_REAL_BASE_RECIPE[name], name
-    assert parsed[-1].max_steps == 150  # totals needs more steps than extract's 40 (SFT_REAL_BASE_TASK_STEPS)
+        assert (
+            getattr(parsed[-1], name) == base_of("smollm2-135m").recipe("sft", EXTRACT_TASK).values[name]
+        ), name
+    assert (
+        parsed[-1].max_steps == 150
+    )  # totals needs more steps than extract's 40 (smollm2-135m/sft-totals.yaml)
     parsed, _ = sft.make_parser().parse([*argv, "--max_steps", "7"], sft.recipe)
     assert parsed[-1].max_steps == 7  # the user's flag wins
     parsed, _ = grpo.make_parser().parse(argv, grpo.recipe)

@@ -21,7 +21,8 @@ record (customer, item, quantity, date) into about 3,970 train, 320 validation a
 never appears in two splits.
 
 Public API: ``EXTRACT_TASK``, ``INSTRUCTION``, ``extract_items()``, ``chat_prompt(sentence, instruction)``, ``json_match``,
-``parse_json_object``, ``WORD_LISTS`` (every word the sentences are made of, for checks), ``is_real_base(name)``.
+``parse_json_object``, ``WORD_LISTS`` (every word the sentences are made of, for checks). Which models are real bases:
+``lopt.builtin.bases.base_of``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 from typing import Any
 
@@ -40,7 +40,6 @@ __all__ = [
     "WORD_LISTS",
     "chat_prompt",
     "extract_items",
-    "is_real_base",
     "json_match",
     "parse_json_object",
 ]
@@ -220,13 +219,3 @@ def json_match(prediction: str, answer: str) -> bool:
     if gold is None:
         raise ValueError(f"the reference answer is not a JSON object: {answer!r}")
     return predicted is not None and _canonical(predicted) == _canonical(gold)
-
-
-def is_real_base(model_name_or_path: str) -> bool:
-    """Whether a --model_name_or_path is a real base: a short name of lopt.builtin.hub_bases, or a folder converted from one
-    (it holds the conversion's metadata file). A checkpoint fine-tuned from one is a user model."""
-    from lopt.builtin.hub_bases import METADATA_FILE, REAL_BASES
-
-    if model_name_or_path in REAL_BASES:
-        return True
-    return os.path.isfile(os.path.join(os.path.expanduser(model_name_or_path), METADATA_FILE))

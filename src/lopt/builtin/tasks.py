@@ -12,7 +12,6 @@ import re
 __all__ = [
     "BUILTIN_TASKS",
     "builtin_task_rows",
-    "default_task",
     "exact_match",
     "normalize_answer",
     "task_answer",
@@ -93,16 +92,6 @@ def task_max_new_tokens(task: str) -> int:
 
         return MAX_NEW_TOKENS
     return 32
-
-
-def default_task(model_name_or_path: str | None) -> str | None:
-    """The built-in task a run trains on when no data is given: the toy task for the built-in model (None), "extract"
-    for a real base (a short name of lopt.builtin.hub_bases or a folder converted from one), None for any other model."""
-    if model_name_or_path is None:
-        return DEFAULT_TASK
-    from lopt.builtin.real_task import is_real_base
-
-    return EXTRACT_TASK if is_real_base(model_name_or_path) else None
 
 
 def _hash_percent(key: str) -> int:

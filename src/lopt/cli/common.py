@@ -11,7 +11,7 @@ from typing import Any
 
 from lopt.errors import UserError
 from lopt.io import atomic_directory_write, atomic_write_json, save_checkpoint_files
-from lopt.training.arguments import DataArguments, LoPTArguments, bf16_by_default
+from lopt.training.arguments import LOPT_METHODS, DataArguments, LoPTArguments, bf16_by_default
 
 
 def base_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def recipe_task(values: dict[str, Any], recorded=None) -> str | None:
     """The task a run trains on, from the parsed values, for choosing its recipe: --task, None for the user's data,
     else the task a starting checkpoint records (`recorded`, lopt.training.rl.recorded_task; commands that read it),
     else the model's default task (check_data refuses bad combinations afterwards)."""
-    from lopt.builtin.tasks import default_task
+    from lopt.builtin.bases import base_of
 
     if values["task"] is not None:
         return values["task"]
@@ -52,7 +52,36 @@ def recipe_task(values: dict[str, Any], recorded=None) -> str | None:
         return None
     if recorded is not None:
         return recorded.task
-    return default_task(values["model_name_or_path"])
+    return base_of(values["model_name_or_path"]).default_task
+
+
+def command_recipe(command: str, values: dict[str, Any], set_fields: frozenset[str], recorded=None):
+    """The recipe file of a run (`lopt.builtin.bases.Recipe`: the base's, for the run's task) and the flags it gives:
+    its own, then LoPT's objective beside it (`lopt_objective`)."""
+    from lopt.builtin.bases import base_of
+
+    chosen = base_of(values["model_name_or_path"]).recipe(command, recipe_task(values, recorded))
+    return chosen, {**chosen.values, **lopt_objective(chosen, values, set_fields)}
+
+
+def lopt_objective(chosen, values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
+    """The recipe's LoPT objective (its `<command>-lopt.yaml`) as a whole, for a LoPT method, unless the user chose an
+    objective (--aux_objective or --lambda_aux) or --fsdp (no per-block clipping there yet). --optimizer_in_backward
+    and --block_parallel clip finer anyway (per parameter, per block's process): no clip_per_block with them."""
+    chose = set_fields & {"aux_objective", "lambda_aux"}
+    if not chosen.lopt_objective or values["method"] not in LOPT_METHODS or chose or values.get("fsdp"):
+        return {}
+    objective = dict(chosen.lopt_objective)
+    if values["optimizer_in_backward"] or values["block_parallel"]:
+        objective.pop("clip_per_block", None)
+    return objective
+
+
+def describe_recipe(chosen, values: dict[str, Any], set_fields: frozenset[str]) -> str:
+    """ "recipe: smollm2-135m/sft-extract.yaml + smollm2-135m/sft-lopt.yaml" for the start of a run: the files whose
+    flags filled the ones the user left unset."""
+    applied = lopt_objective(chosen, values, set_fields)
+    return f"recipe: {chosen.name}" + (f" + {chosen.lopt_objective_name}" if applied else "")
 
 
 def check_data(
@@ -60,10 +89,14 @@ def check_data(
 ) -> str | None:
     """The built-in task to train on (None for the user's data): --task, else the task the starting checkpoint
     records (`recorded`: lopt.training.rl.recorded_task, for the commands that read it), else the model's default
-    task (see lopt.builtin.tasks.default_task). One-line errors for flags that do not combine."""
-    from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, REAL_BASE_TASKS, default_task
+    task (lopt.builtin.bases.Base.default_task). One-line errors for flags that do not combine."""
+    from lopt.builtin.bases import base_of
+    from lopt.builtin.tasks import REAL_BASE_TASKS
 
     path = model_args.model_name_or_path
+    base = (
+        recorded.base if recorded is not None else base_of(path)
+    )  # a checkpoint's: the base it was trained from
     if data.task is not None:
         if data.task not in tasks:
             raise UserError(f"--task {data.task!r} is not one of {', '.join(tasks)}.")
@@ -71,8 +104,7 @@ def check_data(
             raise UserError(
                 f"--task {data.task} is a built-in task: drop --train_file/--dataset_name, or --task."
             )
-        of_builtin_model = recorded is not None and recorded.base == "builtin"
-        if data.task in BUILTIN_MODEL_TASKS and path is not None and not of_builtin_model:
+        if not base.can_train(data.task):
             raise UserError(
                 f"--task {data.task} is made for the built-in model: drop --model_name_or_path, or give "
                 "--train_file/--dataset_name."
@@ -82,9 +114,7 @@ def check_data(
         return None
     if recorded is not None:
         if recorded.task is None:
-            choices = ", ".join(
-                t for t in tasks if t not in BUILTIN_MODEL_TASKS or recorded.base == "builtin"
-            )
+            choices = ", ".join(t for t in tasks if base.can_train(t))
             raise UserError(
                 f"cannot tell the task of --model_name_or_path {path} ({recorded.reason}): give --task "
                 f"({choices}) or --train_file/--dataset_name."
@@ -95,7 +125,7 @@ def check_data(
                 "give --train_file or --dataset_name."
             )
         return recorded.task
-    task = default_task(path)
+    task = base.default_task
     if task is None:
         chat_tasks = " or ".join(t for t in REAL_BASE_TASKS if t in tasks)
         also = (", a hub --task" if command == "grpo" else "") + (
@@ -323,9 +353,28 @@ def run_arguments(*parsed, set_fields: frozenset[str] = frozenset()) -> dict:
     return values
 
 
-def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: dict) -> None:
-    """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, and the run's arguments. Called on
-    the writing rank only (rank 0: `trainer.args.should_save`); the write is checked, never trusted."""
+RUN_CONFIG = "recipe.yaml"
+
+
+def run_config(command: str, effective: dict[str, Any], recipe_name: str) -> str:
+    """The flags a run used (`effective`: LoPTParser.effective, the ones the user set, flag or YAML, and the ones
+    lopt's recipe set, as parsed), as a `--config` YAML that re-runs it; every other flag is at its default."""
+    import yaml
+
+    plain = json.loads(json.dumps(effective, default=str))
+    header = (
+        f"# lopt {command}: the flags this run used, those given and those of its recipe ({recipe_name}); every other "
+        f"flag had its default.\n# Re-run it with `lopt {command} --config {RUN_CONFIG}`.\n"
+    )
+    return header + yaml.safe_dump(plain, sort_keys=True)
+
+
+def save_final_model(
+    trainer, prepared, tokenizer, output_dir: str, run_args: dict, config: str | None = None
+) -> None:
+    """Write a standard HF checkpoint (LoRA merged, adapter in adapter/), tokenizer, the run's arguments and its
+    `config` (`run_config`, as RUN_CONFIG). Called on the writing rank only (rank 0: `trainer.args.should_save`); the
+    write is checked, never trusted."""
     model = trainer.model
     lopt_config = prepared.lopt_config
 
@@ -343,6 +392,9 @@ def save_final_model(trainer, prepared, tokenizer, output_dir: str, run_args: di
             f.write(trainer.args.to_json_string())
         with open(os.path.join(tmp, "lopt_args.json"), "w") as f:
             json.dump(run_args, f, indent=2, sort_keys=True, default=str)
+        if config is not None:
+            with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+                f.write(config)
 
     atomic_directory_write(output_dir, write)
 

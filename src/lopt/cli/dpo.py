@@ -20,18 +20,8 @@ from lopt.cli.grpo import message_list, prompt_messages
 from lopt.cli.parser import LoPTParser
 from lopt.errors import DataError, UserError
 from lopt.training.arguments import DataArguments, LoPTArguments
-from lopt.training.rl import BUILTIN_TASK_EARLY_LR_FACTOR
 
 DESCRIPTION = "Direct Preference Optimization with LoPT (or a baseline) on preference pairs."
-# Recipes for the fields the user did not set: the built-in task's sized for 2 CPU cores.
-BUILTIN_TASK_RECIPE = {
-    "learning_rate": 1e-4,
-    "per_device_train_batch_size": 8,
-    "max_length": 128,
-    "max_steps": 60,
-    "logging_steps": 5,
-}
-USER_RECIPE = {"per_device_train_batch_size": 4, "num_train_epochs": 1.0}
 
 
 def make_parser() -> LoPTParser:
@@ -45,16 +35,18 @@ def make_parser() -> LoPTParser:
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    builtin = values["train_file"] is None and values["dataset_name"] is None
+    """The fields lopt sets when the user did not: every command's (common.base_recipe), then the recipe file of the
+    run's task (the built-in task's pairs, or the user's)."""
     return {
         **common.base_recipe("dpo", values, set_fields),
-        **(BUILTIN_TASK_RECIPE if builtin else USER_RECIPE),
+        **common.command_recipe("dpo", values, set_fields)[1],
     }
 
 
 def main(argv: Sequence[str]) -> int:
-    parsed, set_fields = make_parser().parse(argv, recipe)
-    return run(*parsed, set_fields=set_fields)
+    parser = make_parser()
+    parsed, set_fields = parser.parse(argv, recipe)
+    return run(*parsed, set_fields=set_fields, effective=parser.effective)
 
 
 # --- rows -----------------------------------------------------------------------------------------------------
@@ -123,7 +115,10 @@ def run(
     data_args: DataArguments,
     training_args: DPOConfig,
     set_fields: frozenset[str] = frozenset(),
+    effective: dict[str, Any] | None = None,
 ) -> int:
+    """`effective`: the flags the user and the recipe set (LoPTParser.effective), written beside the checkpoint as
+    recipe.yaml (common.run_config)."""
     from lopt.builtin.tasks import DEFAULT_TASK
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
@@ -159,9 +154,9 @@ def run(
         raise UserError(f"--beta {training_args.beta} must be positive.")
     if lopt_args.block_parallel:
         raise UserError("--block_parallel is an sft option: lopt dpo trains data-parallel under torchrun.")
-    early_lr = common.early_learning_rate(
-        lopt_args, training_args.learning_rate, BUILTIN_TASK_EARLY_LR_FACTOR if task else None
-    )
+    values = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
+    chosen, _ = common.command_recipe("dpo", values, set_fields)
+    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, chosen.early_lr_ratio)
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     progress = not training_args.disable_tqdm
     start = sft.starting_model("dpo", model_args, task, progress)
@@ -187,6 +182,7 @@ def run(
             "compare; raise --max_length or shorten the prompts"
         )
     a = training_args
+    print(f"lopt dpo: {common.describe_recipe(chosen, values, set_fields)}", file=sys.stderr)
     print(
         f"lopt dpo: {common.describe_method(prepared, a.learning_rate, early_lr)}, model={model_path}, "
         f"pairs={len(trainer.train_dataset)}, beta={a.beta}, loss_type={','.join(a.loss_type)}, lr={a.learning_rate}, "
@@ -196,7 +192,8 @@ def run(
     )
     result = trainer.train(resume_from_checkpoint=resume)
     run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
-    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
+    config = common.run_config("dpo", effective, chosen.name) if effective is not None else None
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args, config)
 
     summary = {
         "method": prepared.method,

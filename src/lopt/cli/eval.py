@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--task {args.task} and --train_file/--dataset_name are exclusive: give one source of rows."
         )
-    task, base = None, "other"
+    task, base = None, None
     if builtin_data:  # the model's own task and base, from its records; said, since the user named none
         defaults = scoring_defaults(args.model_name_or_path)
         task, base = args.task or defaults.task, defaults.base
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     retention = None
     if args.retention_file is not None:
         retention = read_retention_file(args.retention_file)
-    elif builtin_data and base == "builtin":
+    elif builtin_data and base.retention == "corpus":
         from lopt.builtin.base import retention_texts
 
         retention = retention_texts()

@@ -35,40 +35,6 @@ TASK_INSTRUCTIONS = {
     "numinamath": "Solve the problem step by step, then give the final answer as \\boxed{<answer>}.",
 }
 
-# Recipes for the fields the user did not set. The built-in task's is sized for 2 CPU cores (short answers, small
-# batches); the other follows the authors' train_grpo.py. Both sample at temperature 0.7 / top_p 0.95 with the
-# plain GRPO loss (TRL's defaults: 1.0 / 1.0, dapo).
-COMMON_RECIPE = {"temperature": 0.7, "top_p": 0.95, "loss_type": "grpo"}
-BUILTIN_TASK_RECIPE = {
-    "learning_rate": 2e-4,
-    "per_device_train_batch_size": 32,
-    "num_generations": 8,
-    "max_prompt_length": 128,
-    "max_completion_length": 8,
-    "max_steps": 150,
-    "logging_steps": 10,
-}
-# The real bases' tasks (REAL_BASE_TASKS: "extract", lopt.builtin.real_task, and "totals"): JSON answers of ~15-40
-# tokens, from a checkpoint that `lopt sft` trained on the task (the reward is 0 for a model that never answers in
-# JSON). Sized for a short run on 2 CPU cores: groups of 4 completions (the smallest usual GRPO group; a group whose
-# completions all score the same teaches nothing), 2 prompts a step. max_completion_length is set after the tokenizer
-# is loaded, from the task's reference answers (lopt.training.rl.completion_budget); the LoPT objective and early
-# rate are lopt.training.rl's.
-REAL_BASE_TASK_RECIPE = {
-    "learning_rate": 1e-5,
-    "per_device_train_batch_size": 8,
-    "num_generations": 4,
-    "max_prompt_length": 128,
-    "max_steps": 50,
-    "logging_steps": 5,
-}
-USER_TASK_RECIPE = {
-    "per_device_train_batch_size": 8,
-    "num_generations": 4,
-    "max_prompt_length": 1024,
-    "max_completion_length": 512,
-    "num_train_epochs": 1.0,
-}
 # (prompt field, answer field) pairs accepted in GRPO rows, tried in this order.
 PROMPT_ANSWER_FIELDS = (
     ("prompt", "answer"),
@@ -123,32 +89,20 @@ def make_parser() -> LoPTParser:
     )
 
 
-def task_recipe(values: dict[str, Any]) -> dict[str, Any]:
-    """The recipe of the run's task: a real base's (extract, totals), a toy built-in task's, or the user's (check_data
-    rejects bad combinations afterwards)."""
-    from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
-
-    task = common.recipe_task(values, recorded_task(values["model_name_or_path"]))
-    if task in REAL_BASE_TASKS:
-        return REAL_BASE_TASK_RECIPE
-    return BUILTIN_TASK_RECIPE if task in BUILTIN_TASKS else USER_TASK_RECIPE
-
-
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    from lopt.training.rl import real_base_objective
-
-    task = common.recipe_task(values, recorded_task(values["model_name_or_path"]))
+    """The fields lopt sets when the user did not: every command's (common.base_recipe), then the recipe file of the
+    run's task (a starting checkpoint's recorded task when --task is not given) and its LoPT objective."""
+    recorded = recorded_task(values["model_name_or_path"])
     return {
         **common.base_recipe("grpo", values, set_fields),
-        **COMMON_RECIPE,
-        **task_recipe(values),
-        **real_base_objective(values, set_fields, task),
+        **common.command_recipe("grpo", values, set_fields, recorded)[1],
     }
 
 
 def main(argv: Sequence[str]) -> int:
-    parsed, set_fields = make_parser().parse(argv, recipe)
-    return run(*parsed, set_fields=set_fields)
+    parser = make_parser()
+    parsed, set_fields = parser.parse(argv, recipe)
+    return run(*parsed, set_fields=set_fields, effective=parser.effective)
 
 
 def check_grpo_args(task_args: GRPOTaskArguments, training_args: GRPOConfig) -> None:
@@ -326,8 +280,11 @@ def run(
     task_args: GRPOTaskArguments,
     training_args: GRPOConfig,
     set_fields: frozenset[str] = frozenset(),
+    effective: dict[str, Any] | None = None,
 ) -> int:
-    from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
+    """`effective`: the flags the user and the recipe set (LoPTParser.effective), written beside the checkpoint as
+    recipe.yaml (common.run_config)."""
+    from lopt.builtin.tasks import BUILTIN_TASKS
     from lopt.training import rl
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
@@ -345,7 +302,11 @@ def run(
         raise UserError("--block_parallel is an sft option: lopt grpo trains data-parallel under torchrun.")
     reward = reward_function(task_args.reward, task)
     builtin = task in BUILTIN_TASKS
-    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, rl.early_lr_ratio(task))
+    values = common.run_arguments(
+        lopt_args, model_args, data_args, task_args, training_args, set_fields=set_fields
+    )
+    chosen, _ = common.command_recipe("grpo", values, set_fields, recorded)
+    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, chosen.early_lr_ratio)
     resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     progress = not training_args.disable_tqdm
     start = sft.starting_model("grpo", model_args, task, progress)
@@ -357,8 +318,14 @@ def run(
     set_seed(training_args.seed)
     model, tokenizer, model_path = common.load_model(model_args, training_args, start, progress=progress)
     train_dataset = build_dataset(rows, tokenizer, task_args.max_prompt_length, TASK_INSTRUCTIONS.get(task))
-    if task in REAL_BASE_TASKS and "max_completion_length" not in set_fields:
+    leaves_it = "max_completion_length" not in {
+        *set_fields,
+        *chosen.values,
+    }  # to the answers: a real base's tasks
+    if builtin and leaves_it:
         training_args.max_completion_length = rl.completion_budget(train_dataset["answer"], tokenizer)
+        if effective is not None:
+            effective = {**effective, "max_completion_length": training_args.max_completion_length}
     prepared = common.prepare_model(model, lopt_args, model_args)
     trainer = LoPTGRPOTrainer(
         model=prepared.model,
@@ -369,6 +336,7 @@ def run(
         **common.lopt_trainer_kwargs(prepared, early_lr, training_args.output_dir, lopt_args),
     )
     a = training_args
+    print(f"lopt grpo: {common.describe_recipe(chosen, values, set_fields)}", file=sys.stderr)
     print(
         f"lopt grpo: {common.describe_method(prepared, a.learning_rate, early_lr)}, model={model_path}, "
         f"task={task or 'custom'}, reward={reward.__name__}, rows={len(train_dataset)}, lr={a.learning_rate}, "
@@ -380,7 +348,8 @@ def run(
     run_args = common.run_arguments(
         lopt_args, model_args, data_args, task_args, training_args, set_fields=set_fields
     )
-    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
+    config = common.run_config("grpo", effective, chosen.name) if effective is not None else None
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args, config)
 
     summary = {
         "method": prepared.method,
@@ -398,7 +367,7 @@ def run(
             trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
         base = rl.knowledge_base(model_args.model_name_or_path, model_path)
-        summary.update(sft.real_base_knowledge(trainer.model, tokenizer, base))
+        summary.update(sft.knowledge_kept(trainer.model, tokenizer, base))
     if task_args.plot:
         summary["reward_curve"] = plot_reward_curve(training_args.output_dir)
     return common.finish("grpo", training_args.output_dir, summary)

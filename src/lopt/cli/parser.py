@@ -83,9 +83,11 @@ class LoPTParser(TrlParser):
 
     def parse(self, argv: Sequence[str], recipe: Recipe | None = None) -> tuple[tuple, frozenset[str]]:
         """The dataclass instances, and the names of the fields the user set. The model path is checked first; then
-        `recipe(values, set_fields)` gives defaults for the fields left unset."""
+        `recipe(values, set_fields)` gives defaults for the fields left unset. `self.effective` is then every value
+        the user or the recipe set."""
         values, set_fields = self.parse_values(argv)
         check_model_path(values.get("model_name_or_path"))
+        used = set(set_fields)
         if recipe is not None:
             for name, value in recipe(values, set_fields).items():
                 if name not in self.fields:
@@ -94,6 +96,10 @@ class LoPTParser(TrlParser):
                     )  # a bug, not user input
                 if name not in set_fields:
                     values[name] = value
+                used.add(name)
+        # The flags the run uses beyond the dataclass defaults, as given (before the dataclasses' own conversions):
+        # written beside the checkpoint as a --config that re-runs it (lopt.cli.common.run_config).
+        self.effective = {name: values[name] for name in sorted(used)}
         return self.build(values), set_fields
 
     def parse_values(self, argv: Sequence[str]) -> tuple[dict[str, Any], frozenset[str]]:

@@ -23,17 +23,7 @@ from lopt.cli import common
 from lopt.cli.parser import LoPTParser
 from lopt.errors import UserError
 from lopt.io import is_complete_checkpoint
-from lopt.training.arguments import (
-    LOPT_METHODS,
-    SFT_BUILTIN_RECIPE,
-    SFT_LR_K1_RATIO,
-    SFT_REAL_BASE_LOPT_OBJECTIVE,
-    SFT_REAL_BASE_RECIPE,
-    SFT_REAL_BASE_TASK_STEPS,
-    DataArguments,
-    LoPTArguments,
-    sft_recipe,
-)
+from lopt.training.arguments import DataArguments, LoPTArguments
 
 # SFTConfig's dataset-preparation fields: lopt tokenizes the rows itself (lopt.data), so SFTTrainer skips that step
 # and these would change nothing.
@@ -48,16 +38,22 @@ DESCRIPTION = "Post-train a causal LM with LoPT (or a baseline) on SFT data."
 
 
 def make_parser() -> LoPTParser:
+    from lopt.builtin.bases import BUILTIN, REAL_BASE_OBJECTS, SFT_EARLY_LR_RATIO
+
+    real = next(iter(REAL_BASE_OBJECTS.values()))
+    extract, totals = (real.recipe("sft", task) for task in real.tasks)
     return LoPTParser(
         [LoPTArguments, ModelConfig, DataArguments, SFTConfig],
         prog="lopt sft",
         description=f"{DESCRIPTION}\n\n{__doc__.split(chr(10), 2)[2].strip()}",
-        epilog=f"Built-in recipe (built-in model, fields not set): {describe_recipe(SFT_BUILTIN_RECIPE)}. A real base "
-        f"(e.g. smollm2-135m) on its tasks extract and totals: {describe_recipe(SFT_REAL_BASE_RECIPE)} (totals "
-        f"trains {SFT_REAL_BASE_TASK_STEPS['totals']} steps), "
-        f"and LoPT there with {describe_recipe(SFT_REAL_BASE_LOPT_OBJECTIVE)} (unless --aux_objective or --lambda_aux "
-        f"is given, or --fsdp). LoPT's --lr_k1 defaults "
-        f"to {SFT_LR_K1_RATIO} x learning_rate. Precision: bf16 autocast on a GPU, fp32 on a CPU unless --bf16 true.",
+        epilog="Built-in recipe (built-in model, fields not set): "
+        f"{describe_recipe(BUILTIN.recipe('sft', BUILTIN.default_task).values)}. A real base (e.g. {real.name}) on "
+        f"its tasks {' and '.join(real.tasks)}: {describe_recipe(extract.values)} ({real.tasks[1]} trains "
+        f"{totals.values['max_steps']} steps), and LoPT there with {describe_recipe(extract.lopt_objective)} "
+        "(unless --aux_objective or --lambda_aux is given, or --fsdp). LoPT's --lr_k1 defaults "
+        f"to {SFT_EARLY_LR_RATIO} x learning_rate. Precision: bf16 autocast on a GPU, fp32 on a CPU unless --bf16 "
+        "true. The recipes are files: lopt/recipes/<base>/sft-<task>.yaml (each says where its numbers come from); "
+        "a run prints the one it used and writes the flags it ran with to recipe.yaml beside the checkpoint.",
     )
 
 
@@ -74,33 +70,18 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 
 def recipe(values: dict[str, Any], set_fields: frozenset[str]) -> dict[str, Any]:
-    task = common.recipe_task(values)
+    """The fields lopt sets when the user did not: every command's (common.base_recipe), then the run's recipe file
+    and its LoPT objective (common.command_recipe)."""
     return {
         **common.base_recipe("sft", values, set_fields),
-        **sft_recipe(values["model_name_or_path"] is None, task),
-        **real_base_objective(values, set_fields, task),
+        **common.command_recipe("sft", values, set_fields)[1],
     }
 
 
-def real_base_objective(
-    values: dict[str, Any], set_fields: frozenset[str], task: str | None
-) -> dict[str, Any]:
-    """SFT_REAL_BASE_LOPT_OBJECTIVE for LoPT on a real base's task, unless the user chose an objective or --fsdp."""
-    from lopt.builtin.tasks import REAL_BASE_TASKS
-
-    on_real_base_task = values["model_name_or_path"] is not None and task in REAL_BASE_TASKS
-    chose = set_fields & {"aux_objective", "lambda_aux"}
-    if not on_real_base_task or values["method"] not in LOPT_METHODS or chose or values.get("fsdp"):
-        return {}
-    objective = dict(SFT_REAL_BASE_LOPT_OBJECTIVE)
-    if values["optimizer_in_backward"] or values["block_parallel"]:
-        objective.pop("clip_per_block")  # both clip finer anyway: per parameter, per block's process
-    return objective
-
-
 def main(argv: Sequence[str]) -> int:
-    (lopt_args, model_args, data_args, training_args), set_fields = make_parser().parse(argv, recipe)
-    return run(lopt_args, model_args, data_args, training_args, set_fields)
+    parser = make_parser()
+    (lopt_args, model_args, data_args, training_args), set_fields = parser.parse(argv, recipe)
+    return run(lopt_args, model_args, data_args, training_args, set_fields, parser.effective)
 
 
 def training_rows(data_args: DataArguments, task: str | None, trust_remote_code: bool) -> list[dict]:
@@ -148,7 +129,10 @@ def run(
     data_args: DataArguments,
     training_args: SFTConfig,
     set_fields: frozenset[str] = frozenset(),
+    effective: dict[str, Any] | None = None,
 ) -> int:
+    """`effective`: the flags the user and the recipe set (LoPTParser.effective), written beside the checkpoint as
+    recipe.yaml (common.run_config)."""
     from lopt.builtin.tasks import BUILTIN_TASKS
 
     # Checks in the order a user fixes them: model path (the parser), data, then method and trainer flags.
@@ -165,7 +149,9 @@ def run(
                 f"--{name} has no effect in lopt sft: it tokenizes the rows itself with the model's chat template "
                 "(row formats: docs/TRAINING.md)."
             )
-    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, SFT_LR_K1_RATIO)
+    values = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
+    chosen, _ = common.command_recipe("sft", values, set_fields)
+    early_lr = common.early_learning_rate(lopt_args, training_args.learning_rate, chosen.early_lr_ratio)
     if lopt_args.block_parallel:
         from lopt.training.block_parallel import run_block_parallel
 
@@ -200,6 +186,7 @@ def run(
     )
     main_process = trainer.args.should_save  # rank 0 under DDP; the only process that writes or evaluates
     if main_process:
+        print(f"lopt sft: {common.describe_recipe(chosen, values, set_fields)}", file=sys.stderr)
         print(
             f"lopt sft: {common.describe_method(prepared, training_args.learning_rate, early_lr)}, "
             f"model={model_path}, task={task or 'custom'}, rows={len(train_dataset)}, lr={training_args.learning_rate}, "
@@ -212,7 +199,8 @@ def run(
         finish()  # wait for rank 0's outputs (and exit cleanly: see lopt.engine.distributed.finish)
         return 0
     run_args = common.run_arguments(lopt_args, model_args, data_args, training_args, set_fields=set_fields)
-    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args)
+    config = common.run_config("sft", effective, chosen.name) if effective is not None else None
+    common.save_final_model(trainer, prepared, tokenizer, training_args.output_dir, run_args, config)
 
     summary = {
         "method": prepared.method,
@@ -226,19 +214,21 @@ def run(
             trainer.model, tokenizer, data_args.eval_samples, task, progress=not training_args.disable_tqdm
         )
         summary.update(
-            real_base_knowledge(trainer.model, tokenizer, model_path, progress=not training_args.disable_tqdm)
+            knowledge_kept(trainer.model, tokenizer, model_path, progress=not training_args.disable_tqdm)
         )
     code = common.finish("sft", training_args.output_dir, summary)
     finish()
     return code
 
 
-def real_base_knowledge(model, tokenizer, base_path, progress: bool = False) -> dict:
-    """On a real base (e.g. smollm2-135m): {"knowledge_kept": the country facts the base answers right that the
-    trained model still answers right, a Score}, what the README's verdict measures; {} for any other model."""
-    from lopt.builtin.real_task import is_real_base
+def knowledge_kept(model, tokenizer, base_path, progress: bool = False) -> dict:
+    """When `base_path` is a base whose probe is world knowledge (a real base, e.g. smollm2-135m, not a checkpoint of
+    one): {"knowledge_kept": the country facts the base answers right that the trained model still answers right, a
+    Score}, what the README's verdict measures; {} for any other model."""
+    from lopt.builtin.bases import base_of
 
-    if not is_real_base(str(base_path)):
+    base = base_of(str(base_path))
+    if base.probe != "world" or base.checkpoint:
         return {}
     from lopt.evaluation.world_knowledge import knowledge_kept_after_training
 
@@ -251,9 +241,9 @@ def starting_model(command: str, model_args, task: str | None, progress: bool = 
     task (the raw base never answers it, so it has nothing to reinforce), else the built-in base (None).
 
     Announced as the command's first line; the checkpoint is made on first use with `lopt sft`'s built-in recipe."""
-    from lopt.builtin.tasks import BUILTIN_TASKS
+    from lopt.builtin.bases import base_of
 
-    if model_args.model_name_or_path is not None or task not in BUILTIN_TASKS:
+    if not base_of(model_args.model_name_or_path).rl_starts_from_sft(task):
         return None
     print(
         f"lopt {command}: no --model_name_or_path: starting from the built-in SFT checkpoint of task {task} (the "

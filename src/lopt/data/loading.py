@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from lopt.builtin.hub_bases import resolve_model_name
+from lopt.builtin.bases import base_of
 from lopt.data.rows import ensure_pad_token
 from lopt.errors import UserError
 
@@ -17,7 +17,7 @@ def looks_like_path(name: str) -> bool:
 
 def check_model_path(model_name_or_path: str | None) -> None:
     """A one-line error for a local model path that does not exist (hub ids are checked when loaded)."""
-    if model_name_or_path is not None and looks_like_path(model_name_or_path):
+    if isinstance(model_name_or_path, str) and looks_like_path(model_name_or_path):
         if not os.path.exists(os.path.expanduser(model_name_or_path)):
             raise UserError(
                 f"--model_name_or_path {model_name_or_path!r} does not exist: give a local model folder or a hub id."
@@ -38,11 +38,9 @@ def load_model_and_tokenizer(
     from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_name_or_path is None:
-        from lopt.builtin.base import builtin_model_path
-
-        model_name_or_path = str(builtin_model_path(progress=progress))
-    model_name_or_path = resolve_model_name(model_name_or_path, progress=progress)  # e.g. smollm2-135m
+    model_name_or_path = base_of(model_name_or_path).path(
+        progress=progress
+    )  # built or converted on first use
     check_model_path(model_name_or_path)
     model_kwargs = {}
     if revision is not None:

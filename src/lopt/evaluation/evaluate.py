@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lopt.builtin.bases import Base
+
 
 @dataclass(frozen=True)
 class Score:
@@ -113,21 +115,15 @@ def perplexity(
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-# The records `lopt sft`, `grpo` and `dpo` write beside a checkpoint: every flag of the run (lopt.cli.common.run_arguments).
-RUN_RECORDS = "lopt_args.json"
-
-
 @dataclass(frozen=True)
 class ScoringDefaults:
     """What `lopt eval` scores a model on when no data flags are given, and why: `task` a built-in task (None: no
-    task can be named, e.g. a model trained on the user's own rows); `base` "builtin" (the built-in model's
-    held-out text is its retention set), "real" (a real base: English prose) or "other"; `reason` one line;
-    `base_model` the real base as named in the records (short name or folder) when `base` is "real", else None."""
+    task can be named, e.g. a model trained on the user's own rows); `base` the base the model is or descends from
+    (lopt.builtin.bases.base_of: its retention text, its probe); `reason` one line."""
 
     task: str | None
-    base: str
+    base: Base
     reason: str
-    base_model: str | None = None
 
 
 def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> ScoringDefaults:
@@ -136,44 +132,38 @@ def scoring_defaults(model_name_or_path: str | None, _depth: int = 0) -> Scoring
     import json
     import os
 
-    from lopt.builtin.base import METADATA_FILE as BUILTIN_METADATA
-    from lopt.builtin.real_task import is_real_base
-    from lopt.builtin.tasks import BUILTIN_TASKS, DEFAULT_TASK, default_task
+    from lopt.builtin.bases import BUILTIN, RUN_RECORDS, base_of
+    from lopt.builtin.tasks import BUILTIN_TASKS
 
-    if model_name_or_path is None:
-        return ScoringDefaults(DEFAULT_TASK, "builtin", "the built-in model")
-    if is_real_base(model_name_or_path):
+    base = base_of(model_name_or_path)
+    if base.copy_of_builtin:
+        return ScoringDefaults(BUILTIN.default_task, base, f"{model_name_or_path} is the built-in model")
+    if base.kind != "user" and not base.checkpoint:  # a base itself: its default task
+        what = {"builtin": "the built-in model", "real": "a real base"}[base.kind]
         return ScoringDefaults(
-            default_task(model_name_or_path),
-            "real",
-            f"{model_name_or_path} is a real base",
-            model_name_or_path,
+            base.default_task, base, what if base is BUILTIN else f"{model_name_or_path} is {what}"
         )
     folder = os.path.expanduser(model_name_or_path)
-    if os.path.isfile(os.path.join(folder, BUILTIN_METADATA)):
-        return ScoringDefaults(DEFAULT_TASK, "builtin", f"{model_name_or_path} is the built-in model")
     records_path = os.path.join(folder, RUN_RECORDS)
     if not os.path.isfile(records_path):
         kind = "a folder" if os.path.isdir(folder) else "not a local folder"
         return ScoringDefaults(
             None,
-            "other",
+            base,
             f"{model_name_or_path} has no {RUN_RECORDS} ({kind}, not written by lopt): no task is known",
         )
     with open(records_path) as f:
         records = json.load(f)
     parent = records.get("model_name_or_path")
-    trained_from = scoring_defaults(parent, _depth + 1) if _depth < 8 else ScoringDefaults(None, "other", "")
+    parent_task = scoring_defaults(parent, _depth + 1).task if _depth < 8 else None
     source = f"{RUN_RECORDS}: trained from {parent or 'the built-in model'}"
     task = records.get("task")
     if task is None and not (records.get("train_file") or records.get("dataset_name")):
-        task = trained_from.task  # the default task of the model it was trained from
+        task = parent_task  # the default task of the model it was trained from
     if task not in BUILTIN_TASKS:  # the user's rows, or a hub task (GRPO)
         what = records.get("train_file") or records.get("dataset_name") or task
-        return ScoringDefaults(
-            None, trained_from.base, f"{source} on {what}, not a built-in task", trained_from.base_model
-        )
-    return ScoringDefaults(task, trained_from.base, f"{source}, task {task}", trained_from.base_model)
+        return ScoringDefaults(None, base, f"{source} on {what}, not a built-in task")
+    return ScoringDefaults(task, base, f"{source}, task {task}")
 
 
 def load_task_rows(

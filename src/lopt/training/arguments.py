@@ -1,5 +1,6 @@
 """The LoPT and data arguments of the training commands, as typed dataclasses (every field is a flag of `lopt sft`,
-`lopt grpo` and `lopt dpo`, next to TRL's `ModelConfig` and the trainer's own config), and `lopt sft`'s recipes.
+`lopt grpo` and `lopt dpo`, next to TRL's `ModelConfig` and the trainer's own config), and the precision every command
+defaults to. The recipes (lopt's defaults per base, command and task) are files: lopt.builtin.bases.
 
 Adding a LoPT option is one field here: a field whose name is also a `LoPTConfig` field reaches the config as it is.
 """
@@ -8,57 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from lopt.builtin.tasks import REAL_BASE_TASKS
 from lopt.engine.config import ANCHOR_DTYPES, AUX_OBJECTIVES, LoPTConfig
 from lopt.errors import UserError
 from lopt.training.methods import METHODS
 
 LOPT_METHODS = ("lopt", "ll", "lopt_joint")
-
-# `lopt sft` with the built-in model: sized for 2 CPU cores. Applied only to the fields the user did not set (flag or
-# YAML); with a user model, TRL's SFTConfig defaults stand, except one epoch (as `lopt sft` always had).
-SFT_BUILTIN_RECIPE = {
-    # lopt@0.3's validation-chosen rate of 1e-4 / 3e-4 / 1e-3 in the fair sweep of docs/EVIDENCE.md (3 seeds, 300 steps)
-    "learning_rate": 1e-3,
-    "per_device_train_batch_size": 16,
-    "max_length": 128,
-    "max_steps": 300,
-    "logging_steps": 25,
-}
-# `lopt sft` on a real base's chat tasks (REAL_BASE_TASKS: "extract", its default, lopt.builtin.real_task, and "totals"),
-# e.g. --model_name_or_path smollm2-135m, sized for 2 CPU cores. SmolLM2-135M on extract, e2e, 40 steps: validation
-# 0.923 at lr 1e-4 (0.896 at 3e-4); rows are ~110 tokens.
-# Precision is not part of the recipe: `bf16_by_default` decides it for every command (bf16 autocast on a GPU, fp32
-# on a CPU unless --bf16 true).
-SFT_REAL_BASE_RECIPE = {
-    "learning_rate": 1e-4,
-    "per_device_train_batch_size": 8,
-    "max_length": 128,
-    "max_steps": 40,
-    "logging_steps": 5,
-}
-# totals needs more steps than extract: e2e at lr 1e-4 reached 22.2% of its test rows after 40 steps and 74.7% after
-# 150 (SmolLM2-135M, one seed, docs/EVIDENCE.md), so its recipe trains 150. Its rate stays 1e-4 for LoPT too: there
-# the default objective reached 51.2% and kept 76.9% of the facts (seed 0); at 3e-4, validation's choice, 51.9% and
-# 48.9% (3 seeds).
-SFT_REAL_BASE_TASK_STEPS = {"totals": 150}
-# LoPT's local objective on a real base's tasks: the boundary's next-token loss read through the model's own head plus
-# a pull toward the pretrained boundary state, each block clipped by its own norm (one global clip lets the anchor's
-# large early gradient shrink the task step). SmolLM2-135M on extract, 40 steps, both at their validation-chosen lr
-# 1e-4 (early 3e-5), 3 seeds: test 93.9% (e2e 96.7%), facts kept 86.9% (e2e 75.5%); recon, the default before, 85.7%
-# and 76.9% on seed 0 (docs/EVIDENCE.md, "The real model on CPU"). Applied as a whole when the user sets neither --aux_objective nor
-# --lambda_aux, and not with --fsdp (no per-block clipping there yet).
-SFT_REAL_BASE_LOPT_OBJECTIVE = {
-    "aux_objective": "task+anchor",
-    "lambda_aux": 1.0,
-    "anchor_weight": 0.1,
-    "clip_per_block": True,
-}
-SFT_USER_RECIPE = {"num_train_epochs": 1.0}
-# `lopt sft` with a LoPT method and no --lr_k1: the early group learns at this fraction of --learning_rate.
-# Chosen from the 3-seed `lopt compare` study in docs/EVIDENCE.md, 'Choosing the defaults' (built-in model and task, 300 steps): 0.3 gave the
-# best held-out accuracy of the ratios 1 (the paper's), 0.3 and 0.1, and a smaller retention loss than 1.
-SFT_LR_K1_RATIO = 0.3
 
 
 def bf16_by_default() -> bool:
@@ -71,26 +26,6 @@ def bf16_by_default() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def sft_recipe(builtin_model: bool, task: str | None = None) -> dict:
-    """`lopt sft`'s defaults: the built-in model's, a real base's on its tasks (`task` in REAL_BASE_TASKS), or the
-    user's."""
-    if builtin_model:
-        return dict(SFT_BUILTIN_RECIPE)
-    if task in REAL_BASE_TASKS:
-        return {
-            **SFT_REAL_BASE_RECIPE,
-            "max_steps": SFT_REAL_BASE_TASK_STEPS.get(task, SFT_REAL_BASE_RECIPE["max_steps"]),
-        }
-    return dict(SFT_USER_RECIPE)
-
-
-def sft_learning_rate(builtin_model: bool, task: str | None = None) -> float:
-    """`lopt sft`'s learning rate when --learning_rate is not given."""
-    from trl import SFTConfig
-
-    return sft_recipe(builtin_model, task).get("learning_rate", SFTConfig.learning_rate)
 
 
 @dataclass

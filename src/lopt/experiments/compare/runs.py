@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from lopt.builtin.bases import BUILTIN
 from lopt.errors import UserError
 from lopt.experiments.compare.spec import CompareSpec, _method_flags, _task
 from lopt.io import atomic_write_json
@@ -111,7 +112,7 @@ def evaluation_sets(spec: CompareSpec) -> dict:
         test = (builtin_task_rows("test", n=spec.eval_samples, task=task), *scoring)
         if spec.retention_file:
             retention = read_retention_file(spec.retention_file)
-        elif spec.model_name_or_path is None:
+        elif spec.base.retention == "corpus":
             retention = retention_texts()
         else:
             from lopt.evaluation.world_knowledge import prose_texts
@@ -161,13 +162,13 @@ def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int)
     """The `lopt sft` arguments of one run (all but --output_dir, so an output folder can be moved)."""
     cmd = ["sft", *_method_flags(name, lr), "--learning_rate", f"{lr:.10g}", "--seed", str(seed)]
     cmd += ["--max_steps", str(steps), "--eval_samples", "0", "--no_progress"]
-    if spec.model_name_or_path is not None:
+    if spec.train_file is not None:
+        data = ["--train_file", spec.train_file]
+    else:  # the built-in model by default keeps `lopt sft`'s own default; any model named names its task
+        data = ["--task", _task(spec)] if spec.task is not None or spec.base is not BUILTIN else []
+    if spec.base is not BUILTIN:
         cmd += ["--model_name_or_path", spec.model_name_or_path]
-        # a real base trains on its built-in task unless given data; named, so the command says what it trains on
-        cmd += ["--train_file", spec.train_file] if spec.train_file is not None else ["--task", _task(spec)]
-    elif spec.task is not None:
-        cmd += ["--task", spec.task]
-    return cmd + spec.sft_args
+    return cmd + data + spec.sft_args
 
 
 def _train(command: list[str], base_path: str, run_dir: str, label: str) -> None:

@@ -17,7 +17,7 @@ METHOD_FLAGS: dict[str, list[str]] = {
     # "+bN" variants). "lopt_tied" is the same recipe with `lopt sft`'s default: a tied matrix stays one parameter,
     # in the late group; so are the other LoPT names. Untied models (the built-in one) train alike under both.
     # The objective is named even where it is the library default: on a real base's tasks `lopt sft` defaults to
-    # another one (SFT_REAL_BASE_LOPT_OBJECTIVE).
+    # another one (recipes/smollm2-135m/sft-lopt.yaml).
     "lopt": [
         "--method",
         "lopt",
@@ -174,17 +174,17 @@ class CompareSpec:
                 "(--max_steps, --seeds, --task, --learning_rates) instead."
             )
         if self.task is not None:
-            from lopt.builtin.tasks import BUILTIN_MODEL_TASKS, BUILTIN_TASKS
+            from lopt.builtin.tasks import BUILTIN_TASKS
 
             if self.task not in BUILTIN_TASKS:
                 raise UserError(f"--task {self.task!r} is unknown: choose from {', '.join(BUILTIN_TASKS)}.")
-            if self.model_name_or_path is not None and self.task in BUILTIN_MODEL_TASKS:
+            if not self.base.can_train(self.task):
                 raise UserError(
                     f"--task {self.task!r} is made for the built-in model: drop it, or --model_name_or_path."
                 )
             if self.train_file is not None:
                 raise UserError(f"--task {self.task!r} is a built-in task: drop it, or --train_file.")
-        if self.model_name_or_path is not None and _task(self) is None and self.train_file is None:
+        if _task(self) is None and self.train_file is None:
             raise UserError(
                 "a user model needs --train_file, or --task extract or totals (a real base such as smollm2-135m "
                 "trains on extract by default)."
@@ -195,6 +195,13 @@ class CompareSpec:
                 "a sweep chooses each method's best setting on validation rows: add --validation_file (rows "
                 "disjoint from --eval_file, which only reports)."
             )
+
+    @property
+    def base(self):
+        """The base compare trains from (lopt.builtin.bases.base_of)."""
+        from lopt.builtin.bases import base_of
+
+        return base_of(self.model_name_or_path)
 
     def learning_rates_of(self, name: str) -> list[float]:
         """The lr grid of one method: its own (exact name, else base name), else --learning_rates, else one lr."""
@@ -210,27 +217,16 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def _is_real_base(model_name_or_path: str | None) -> bool:
-    """A real pretrained base (lopt.builtin.hub_bases: a short name, or a folder converted from one)."""
-    from lopt.builtin.real_task import is_real_base
-
-    return model_name_or_path is not None and is_real_base(model_name_or_path)
-
-
 def _task(spec: CompareSpec) -> str | None:
     """The built-in task compare trains and scores on: --task, else the model's default (successor for the built-in
     model, extract for a real base); None for the user's data (--train_file)."""
-    from lopt.builtin.tasks import default_task
-
     if spec.train_file is not None:
         return None
-    return spec.task or default_task(spec.model_name_or_path)
+    return spec.task or spec.base.default_task
 
 
 def _world_knowledge_on(spec: CompareSpec) -> bool:
-    return (
-        spec.world_knowledge if spec.world_knowledge is not None else _is_real_base(spec.model_name_or_path)
-    )
+    return spec.world_knowledge if spec.world_knowledge is not None else spec.base.probe == "world"
 
 
 def _base_name(name: str) -> str:
@@ -286,14 +282,14 @@ def _learning_rate(spec: CompareSpec) -> float:
     """The lr without a sweep: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
     import argparse
 
-    from lopt.training.arguments import sft_learning_rate
+    from trl import SFTConfig
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--learning_rate", type=float, default=None)
     known, _ = parser.parse_known_args(spec.sft_args)
     if known.learning_rate is not None:
         return known.learning_rate
-    return sft_learning_rate(builtin_model=spec.model_name_or_path is None, task=_task(spec))
+    return spec.base.recipe("sft", _task(spec)).values.get("learning_rate", SFTConfig.learning_rate)
 
 
 def _is_lopt(name: str) -> bool:

@@ -163,7 +163,7 @@ def _lm_eval(spec: CompareSpec):
     from lopt.evaluation.lm_eval_tasks import CompareLMEval
 
     return CompareLMEval(
-        spec.lm_eval_tasks, spec.model_name_or_path is None, spec.lm_eval_limit, spec.lm_eval_batch_size
+        spec.lm_eval_tasks, spec.base.probe == "corpus", spec.lm_eval_limit, spec.lm_eval_batch_size
     )
 
 
