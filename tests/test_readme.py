@@ -1,4 +1,4 @@
-"""The README stays a front page, and what it shows works: its size, its two set-up commands (the ones CI and
+"""The README stays a front page, and what it shows works: its sections and their lengths, its two set-up commands (the ones CI and
 scripts/ run), its code (imports that resolve, flags the parsers accept, Python blocks and the own-model command
 that run as pasted on a tiny model), the install lines per feature, its figures (the verdict table against the
 evidence it cites), the versions the docs name (the lock's), and every relative link in it and in docs/."""
@@ -18,7 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-MAX_README_BYTES = 12_000
+# The sections a new user needs, in this order (others may sit between them), each at most a screenful, and no
+# paragraph of prose longer than a short one: details belong in docs/, linked.
+README_SECTIONS = ["Quick start", "What it saves", "Use it on your own model", "Verdict", "Documentation"]
+MAX_SECTION_LINES = 60
+MAX_PARAGRAPH_WORDS = 150
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -38,11 +42,47 @@ def commands(block: str) -> list[str]:
     return found
 
 
+def readme_sections() -> tuple[str, dict[str, str]]:
+    """The README's text before its first `## ` heading, and each `## ` section's text by its title."""
+    text = README.read_text(encoding="utf-8")
+    titles = re.findall(r"^## (.+)$", FENCE.sub("", text), flags=re.M)
+    intro, *bodies = re.split(r"^## .+$", text, flags=re.M)
+    assert len(bodies) == len(titles), "README.md: a `## ` line inside a code block?"
+    return intro, dict(zip(titles, bodies))
+
+
 def test_readme_is_a_front_page():
-    size = len(README.read_bytes())
-    assert size <= MAX_README_BYTES, (
-        f"README.md is {size} bytes, over {MAX_README_BYTES}: move details into docs/ and link them"
+    """What lopt is (a title and its opening paragraphs), then the sections a user needs, in order: the quick start
+    (with the set-up commands), what it saves, using it on your own model, the verdict and the links to every page
+    of docs/. No section grows past a screenful and no paragraph past a short one: the README does not become a
+    record of every run (that is docs/EVIDENCE.md)."""
+    intro, sections = readme_sections()
+    assert intro.startswith("# ") and "LoPT" in intro, "README.md should open with a title and what lopt is"
+    missing = [title for title in README_SECTIONS if title not in sections]
+    assert not missing, f"README.md has no section(s) {missing}; it has {list(sections)}"
+    order = [title for title in sections if title in README_SECTIONS]
+    assert order == README_SECTIONS, (
+        f"README.md's sections should come in the order {README_SECTIONS}: {order}"
     )
+    assert all(command in " ".join(sections["Quick start"].split()) for command in quickstart_commands()), (
+        "the set-up commands belong in the Quick start section"
+    )
+    for title, body in [("(opening)", intro), *sections.items()]:
+        lines = len(body.strip().splitlines())
+        assert lines <= MAX_SECTION_LINES, (
+            f"README.md's {title} section is {lines} lines, over {MAX_SECTION_LINES}: move details into docs/"
+        )
+        for paragraph in re.split(r"\n\s*\n", FENCE.sub("", body)):
+            if paragraph.lstrip().startswith(("|", "<!--")):
+                continue  # tables are checked against their evidence below
+            words = len(paragraph.split())
+            assert words <= MAX_PARAGRAPH_WORDS, (
+                f"README.md's {title} section has a paragraph of {words} words, over {MAX_PARAGRAPH_WORDS}: "
+                f"shorten it and link the details ({' '.join(paragraph.split()[:8])} ...)"
+            )
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", sections["Documentation"]))
+    unlinked = sorted({page.name for page in (ROOT / "docs").glob("*.md")} - linked)
+    assert not unlinked, f"README.md's Documentation section does not link {unlinked}"
 
 
 def quickstart_commands() -> list[str]:
