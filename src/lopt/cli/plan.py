@@ -3,8 +3,10 @@ the backward, "+oib", and activation checkpointing, "+gc") for any model size, w
 
 Prints one table: activation bytes (a fake-tensor step through lopt bench's meter), and the step's peak: weights,
 AdamW states, and the gradients and activations alive at the step's worst moment (named), on one GPU, or DDP and
-FSDP over --num_gpus; with --gpu_memory what fits and the largest micro-batch at --seq_len. See
-lopt.experiments.plan for how each number is computed.
+FSDP over --num_gpus; with --gpu_memory what fits and the largest micro-batch at --seq_len, then a listing of
+every method and setting that fits, fastest first by planned step time (FLOP counts, lopt.experiments.plan_fit),
+or, where nothing fits, how many GPUs each method needs under FSDP. See lopt.experiments.plan for how each memory
+number is computed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import sys
 import time
 
-from lopt.experiments import plan
+from lopt.experiments import plan, plan_fit
 from lopt.experiments.shapes import load_shape, shape_names
 from lopt.io import atomic_write_json
 
@@ -50,7 +52,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--num_gpus", type=int, default=1, help="data-parallel GPUs: DDP and FSDP (default: 1)"
     )
     parser.add_argument(
-        "--gpu_memory", default=None, metavar="SIZE", help="e.g. 80GB: what fits, largest micro-batch"
+        "--gpu_memory",
+        default=None,
+        metavar="SIZE",
+        help="memory per GPU, e.g. 80GB: what fits and its largest micro-batch, then every method and setting "
+        "that fits, fastest first by planned FLOPs (or, if none fits, the GPUs each needs under FSDP)",
     )
     parser.add_argument("--json", metavar="OUT.json", help="also write the plan to this file")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print()
     print(plan.format_plan(result, markdown=args.markdown))
+    if gpu_memory is not None:
+        result["fit"] = plan_fit.fit_listing(config, result)
+        print()
+        print(plan_fit.format_fit(result["fit"], result))
     if args.json:
         atomic_write_json(args.json, result)
         print(f"\nwrote {args.json}")

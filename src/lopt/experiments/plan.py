@@ -39,8 +39,10 @@ from lopt.experiments.plan_step import (  # noqa: F401  (re-exported: the plan's
 def parse_memory(text: str) -> int:
     """'80GB', '80GiB', '141 GB', '24000MB' -> bytes (GB and GiB both mean 2**30: GPU sizes are quoted in GiB)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"--gpu_memory {text!r} is not a size: write e.g. 80GB or 24000MB.")
+    if not match or not (match.group(2) or match.group(3)) or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"--gpu_memory {text!r} is not a size: write a positive number with a unit, e.g. 80GB or 24000MB."
+        )
     value, unit = float(match.group(1)), match.group(2).upper()
     return int(value * 1024 ** "BKMGT".index(unit or "B"))
 
