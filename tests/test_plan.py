@@ -319,7 +319,7 @@ def test_lopt_step_never_above_e2e_on_every_preset(name):
     assert rows["lopt-k4"]["params"] == rows["e2e"]["params"] + 3 * _aux_head_params(hidden)
 
 
-def test_issue_targets_at_qwen_half_b():
+def test_memory_goals_at_qwen_half_b():
     """Qwen2.5-0.5B (tied), micro-batch 8 x seq 2048, bf16: LoPT k=2 with the optimizer step in the backward <= 0.65x
     e2e's step peak and <= 0.80x e2e+oib's; k=4 lower still."""
     rows = _preset_plan("qwen2.5-0.5b")
