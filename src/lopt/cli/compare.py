@@ -16,16 +16,40 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     from lopt.cli.eval import add_lm_eval_args
     from lopt.experiments.compare.spec import (
         ACCURACY_TARGETS,
+        DEFAULT_GRPO_METHODS,
         DEFAULT_METHODS,
         METHOD_FLAGS,
         RETENTION_BUDGETS,
+        TRAINERS,
+    )
+
+    parser.add_argument(
+        "--trainer",
+        choices=TRAINERS,
+        default="sft",
+        help="sft: every method is a `lopt sft` run from the base. grpo: every method is a `lopt grpo` run from one "
+        "common SFT checkpoint of the task (made once with `lopt sft --method e2e` and --sft_args, kept in "
+        "OUTPUT_DIR/start, or --start_checkpoint), so the methods differ in the RL phase alone.",
+    )
+    parser.add_argument(
+        "--start_checkpoint",
+        default=None,
+        metavar="PATH",
+        help="--trainer grpo: start every run from this checkpoint (one `lopt sft` wrote: its task and base are in "
+        "its records) instead of the SFT run compare makes.",
+    )
+    parser.add_argument(
+        "--grpo_args",
+        default="",
+        help='--trainer grpo: extra `lopt grpo` flags for every run, e.g. "--num_generations 4 --logging_steps 1".',
     )
 
     parser.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
+        default=None,
         help=f"Comma-separated, from {', '.join(METHOD_FLAGS)}; 'name@r' trains a LoPT method's early group at "
-        "r x the learning rate.",
+        f"r x the learning rate. Default {','.join(DEFAULT_METHODS)} (--trainer grpo: "
+        f"{','.join(DEFAULT_GRPO_METHODS)}).",
     )
     parser.add_argument(
         "--lr_k1_ratios",
@@ -102,7 +126,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="Validation accuracies for 'retention at matched accuracy' and 'steps to reach an accuracy'.",
     )
     parser.add_argument(
-        "--sft_args", default="", help='Extra `lopt sft` flags for every run, e.g. "--lr_k1 1e-4".'
+        "--sft_args",
+        default="",
+        help='Extra `lopt sft` flags for every run, e.g. "--lr_k1 1e-4". --trainer grpo: the flags of the one SFT '
+        'start run, e.g. "--max_steps 60 --learning_rate 1e-4".',
     )
     add_lm_eval_args(
         parser,
@@ -157,12 +184,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lopt.cli.eval import lm_eval_options
-    from lopt.experiments.compare.spec import CompareSpec
+    from lopt.experiments.compare.spec import DEFAULT_GRPO_METHODS, DEFAULT_METHODS, CompareSpec
     from lopt.experiments.compare.sweep import run_compare
 
     lm_eval = lm_eval_options(args)
+    default_methods = DEFAULT_GRPO_METHODS if args.trainer == "grpo" else DEFAULT_METHODS
+    methods = args.methods if args.methods is not None else ",".join(default_methods)
     spec = CompareSpec(
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
         seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
         max_steps=(
             _numbers("--max_steps", args.max_steps, int)
@@ -179,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
         validation_file=args.validation_file,
         retention_file=args.retention_file,
         sft_args=shlex.split(args.sft_args),
+        trainer=args.trainer,
+        start_checkpoint=args.start_checkpoint,
+        grpo_args=shlex.split(args.grpo_args),
         output_dir=args.output_dir,
         progress=not args.no_progress,
         lr_k1_ratios=_numbers("--lr_k1_ratios", args.lr_k1_ratios) if args.lr_k1_ratios else None,

@@ -26,7 +26,10 @@ def write_plots(results: dict, output_dir: str) -> None:
     for name in names:
         steps, losses = zip(*methods[name]["curve"])
         ax.plot(steps, losses, label=name, color=colors[name])
-    ax.set(xlabel="step", ylabel="task loss", title="Training task loss (mean over seeds)")
+    if results["setup"].get("trainer") == "grpo":  # a GRPO run's curve is its mean reward per logged window
+        ax.set(xlabel="step", ylabel="reward", title="GRPO reward (mean over seeds)")
+    else:
+        ax.set(xlabel="step", ylabel="task loss", title="Training task loss (mean over seeds)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     _save(fig, output_dir, "loss_curves.png")
 

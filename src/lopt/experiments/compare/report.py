@@ -29,33 +29,14 @@ def _method_table(names, columns, pick, describe, missing="—") -> list[str]:
 
 
 def format_report(results: dict) -> str:
+    if results["setup"].get("trainer") == "grpo":
+        return format_grpo_report(results)
     methods = results["methods"]
     e2e = methods.get("e2e") or {}
     e2e_activation = e2e.get("activation_peak_bytes") or results.get("e2e_activation_peak_bytes")
     setup = results["setup"]
     spread = setup["seeds"] > 1
-    steps = setup["steps"] if isinstance(setup["steps"], list) else [setup["steps"]]
-    lines = [
-        "# lopt compare",
-        "",
-        f"Model `{setup['model']}` ({setup['num_layers']} layers, vocab {setup['vocab_size']}), data: "
-        f"{setup['data']}, step budgets {', '.join(map(str, steps))}, {setup['seeds']} seed(s), "
-        f"{setup['device']}, torch {setup['torch']}, transformers {setup['transformers']}.",
-    ]
-    if "runs" in setup:
-        finished = setup.get("runs_finished", setup["runs"])
-        lines.append(
-            f"{finished} of {setup['runs']} planned runs ({setup['runs_reused']} reused from earlier, finished "
-            f"runs); scored on {setup['validation_rows']} validation and {setup['test_rows']} test rows."
-        )
-        if finished < setup["runs"]:
-            lines.append(
-                "**Not every planned run has finished** (a --time_limit stopped the sweep, or --report_only read it "
-                "in progress): points show how many seeds they have; rerun the same command without either to "
-                "finish it (finished runs are reused)."
-            )
-        if setup.get("methods_without_runs"):
-            lines.append(f"No run finished for: {', '.join(setup['methods_without_runs'])}.")
+    lines = ["# lopt compare", "", *_setup_lines(setup)]
     lines += [
         "",
         "## Each method at its setting chosen on validation, reported on test",
@@ -106,6 +87,158 @@ def format_report(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def format_grpo_report(results: dict) -> str:
+    """report.md of a GRPO compare (`--trainer grpo`): the common SFT start, then each method at its rate chosen on
+    validation: test accuracy and its gain over the start, the reward curve's first and last logged window, knowledge
+    kept against the base and against the start, the retention-perplexity rise, step time and peak memory."""
+    import shlex
+
+    setup, methods, start = results["setup"], results["methods"], results["start"]
+    scores = start["scores"]
+    made = start.get("command") is not None
+    how = (
+        f"made once by `python -m lopt {shlex.join([*start['command'], '--output_dir', start['path']])}`"
+        if made
+        else "given with --start_checkpoint"
+    )
+    grpo = [
+        "grpo",
+        "--model_name_or_path",
+        start["path"],
+        "METHOD FLAGS",
+        "--learning_rate",
+        "LR",
+        "--seed",
+        "S",
+    ]
+    grpo += ["--max_steps", "N", "--eval_samples", "0", "--no_progress", *setup.get("grpo_args", [])]
+    lines = ["# lopt compare: GRPO from one SFT start", "", *_setup_lines(setup), ""]
+    lines += [
+        f"Every run starts from the same SFT checkpoint, `{start['path']}` (sha256 {start['digest'][:16]}), {how}; "
+        f"each run is `python -m lopt {' '.join(grpo)}`, so the methods differ in the GRPO phase alone.",
+        "",
+        f"The start: test accuracy {_pct(scores.get('task_accuracy'))} (validation "
+        f"{_pct(scores.get('validation_task_accuracy'))}), retention perplexity "
+        + _number(scores.get("retention_ppl"))
+        + f" (base {_number(results['before'].get('retention_ppl'))})"
+        + (
+            f", knowledge kept against the base {_pct(scores['knowledge_kept'])}"
+            if scores.get("knowledge_kept") is not None
+            else ""
+        )
+        + ".",
+        "",
+        "## Each method at its rate chosen on validation, reported on test",
+        "",
+        "| method | lr | steps | seeds | test acc | gain over start | val acc | reward first → last | "
+        "knowledge kept: base / start | retention ppl rise: base / start | step s | peak mem MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_grpo_cells(m, scores, setup["seeds"] > 1)) + " |")
+    lines += _grid_lines(methods)
+    if not any(m.get("knowledge_kept") is not None for m in methods.values()):
+        lines += [
+            "",
+            "Knowledge kept: not scored (the world-knowledge probe runs on a real base, or with --world_knowledge "
+            "on, and needs facts the base answers right).",
+        ]
+    from lopt.evaluation.lm_eval_tasks import format_lm_eval_report
+    from lopt.experiments.compare.world_knowledge import format_world_knowledge_report
+
+    lines += ["", *format_lm_eval_report(results), *format_world_knowledge_report(results)]
+    lines += [
+        "",
+        "## Every (method, lr, steps) point",
+        "",
+        "Mean ± std over seeds. The validation column chooses; the others are the test side.",
+        "",
+        "| method | lr | steps | seeds | val acc | test acc | gain over start | reward first → last | "
+        "knowledge kept: base / start | retention ppl rise: base / start | step s | peak mem MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["points"]:
+        cells = _grpo_cells(p, scores, True)
+        lines.append(
+            f"| {p['method']} | {' | '.join(cells[:3])} | {cells[5]} | {' | '.join(cells[3:5])} | "
+            f"{' | '.join(cells[6:])} |"
+        )
+    lines += [
+        "",
+        "Gain over start: test accuracy minus the start's, in points. Reward: the mean reward of the first and of "
+        "the last logged window (`metrics.jsonl`). Knowledge kept: the share of the world-knowledge facts the base "
+        "(the start) answers right that the run still answers right. Retention perplexity rise (English prose on a "
+        "real base, held-out corpus documents on the built-in model): over the base's and over the start's, on the "
+        "test half of the retention texts. Step time: median wall time per optimizer "
+        "step over the logging windows after the first, generation included; peak memory: the training "
+        "process's peak (max allocated on a GPU, peak RSS on a CPU), generation included.",
+        "",
+        "![reward curves](loss_curves.png) ![memory and time](memory_time.png) "
+        "![accuracy vs retention fronts](fronts.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _grpo_cells(m: dict, start: dict, spread: bool) -> list[str]:
+    """lr, steps, seeds, test acc, gain over start, val acc, reward, knowledge kept, ppl rise, step s, peak MB."""
+    accuracy, start_accuracy = m.get("task_accuracy"), start.get("task_accuracy")
+    gain = (
+        "—" if accuracy is None or start_accuracy is None else f"{100 * (accuracy - start_accuracy):+.1f} pts"
+    )
+    first, last = m.get("reward_first"), m.get("reward_last")
+    reward = "—" if first is None or last is None else f"{first:.3f} → {last:.3f}"
+    kept = f"{_pct(m.get('knowledge_kept'))} / {_pct(m.get('knowledge_kept_vs_start'))}"
+    ppl = m.get("retention_ppl")
+    rises = [
+        "—" if ppl is None or not before else f"{100 * (ppl - before) / before:+.0f}%"
+        for before in (m.get("retention_ppl_before"), start.get("retention_ppl"))
+    ]
+    memory = m.get("peak_memory_bytes")
+    return [
+        f"{m['learning_rate']:g}",
+        str(m.get("max_steps", "—")),
+        str(m.get("seeds", "—")),
+        _pct(accuracy, m.get("task_accuracy_std") if spread else None),
+        gain,
+        _pct(m.get("validation_task_accuracy")),
+        reward,
+        kept,
+        " / ".join(rises),
+        f"{m.get('step_time_s', float('nan')):.3f}",
+        "—" if memory is None else f"{memory / 2**20:.0f}",
+    ]
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _setup_lines(setup: dict) -> list[str]:
+    """The model, data, budgets, seeds and machine, and how many planned runs finished."""
+    steps = setup["steps"] if isinstance(setup["steps"], list) else [setup["steps"]]
+    lines = [
+        f"Model `{setup['model']}` ({setup['num_layers']} layers, vocab {setup['vocab_size']}), data: "
+        f"{setup['data']}, step budgets {', '.join(map(str, steps))}, {setup['seeds']} seed(s), "
+        f"{setup['device']}, torch {setup['torch']}, transformers {setup['transformers']}.",
+    ]
+    if "runs" in setup:
+        finished = setup.get("runs_finished", setup["runs"])
+        lines.append(
+            f"{finished} of {setup['runs']} planned runs ({setup['runs_reused']} reused from earlier, finished "
+            f"runs); scored on {setup['validation_rows']} validation and {setup['test_rows']} test rows."
+        )
+        if finished < setup["runs"]:
+            lines.append(
+                "**Not every planned run has finished** (a --time_limit stopped the sweep, or --report_only read it "
+                "in progress): points show how many seeds they have; rerun the same command without either to "
+                "finish it (finished runs are reused)."
+            )
+        if setup.get("methods_without_runs"):
+            lines.append(f"No run finished for: {', '.join(setup['methods_without_runs'])}.")
+    return lines
 
 
 def _grid_lines(methods: dict) -> list[str]:

@@ -171,6 +171,14 @@ def _sft_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int)
     return cmd + data + spec.sft_args
 
 
+def _grpo_command(spec: CompareSpec, name: str, lr: float, steps: int, seed: int, start: str) -> list[str]:
+    """The `lopt grpo` arguments of one run of a GRPO compare, from the common SFT checkpoint `start` (lopt grpo reads
+    the task from its records)."""
+    cmd = ["grpo", "--model_name_or_path", start, *_method_flags(name, lr), "--learning_rate", f"{lr:.10g}"]
+    cmd += ["--seed", str(seed), "--max_steps", str(steps), "--eval_samples", "0", "--no_progress"]
+    return cmd + spec.grpo_args
+
+
 def _train(command: list[str], base_path: str, run_dir: str, label: str) -> None:
     import shutil
 
@@ -204,6 +212,32 @@ def _training_metrics(run_dir: str) -> dict:
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in logs),
         "final_task_loss": curve[-1][1],
         "curve": curve,
+    }
+
+
+def _rl_training_metrics(run_dir: str) -> dict:
+    """A `lopt grpo` run's metrics: median step time (the whole step: generation, the reward, the update), median
+    tokens/s, the process's peak memory (generation included), and its reward curve (the mean reward of each logged
+    window) with the first and last logged reward."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    logs = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            logs = [json.loads(line) for line in f if line.strip()]
+    logs = [m for m in logs if isinstance(m.get("reward"), (int, float))]
+    if not logs:
+        raise UserError(
+            f"{run_dir} logged no reward: its --max_steps is below `lopt grpo`'s --logging_steps; add "
+            "--grpo_args '--logging_steps N' with N at most the smallest budget."
+        )
+    timed = logs[1:] or logs  # the first interval includes start-up
+    return {
+        "step_time_s": statistics.median(m["step_time_s"] for m in timed),
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
+        "peak_memory_bytes": max(m["peak_memory_bytes"] for m in logs),
+        "reward_first": logs[0]["reward"],
+        "reward_last": logs[-1]["reward"],
+        "curve": [(m["step"], m["reward"]) for m in logs],
     }
 
 

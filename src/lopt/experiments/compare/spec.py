@@ -5,6 +5,8 @@ checked settings of one `lopt compare` call.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 from lopt.errors import UserError
@@ -73,6 +75,9 @@ METHOD_FLAGS: dict[str, list[str]] = {
     ],
 }
 DEFAULT_METHODS = ("e2e", "lopt", "lopt@0.3", "lopt_k4", "lopt_joint", "freeze", "lora")
+# A GRPO compare (--trainer grpo): the methods whose local objective needs no labels (GRPO batches carry none).
+DEFAULT_GRPO_METHODS = ("e2e", "lopt", "lopt_anchor", "freeze", "lora")
+TRAINERS = ("sft", "grpo")
 
 
 # retention-perplexity rise, as a fraction of the base model's perplexity
@@ -82,6 +87,10 @@ ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation task accuracy
 
 # `lopt sft` flags that compare sets itself, per run; in --sft_args they would silently override the sweep.
 _COMPARE_OWNED_FLAGS = ("--max_steps", "--seed", "--output_dir", "--task", "--eval_samples")
+# In a GRPO compare: `lopt grpo` flags compare sets per run (the start is the --model_name_or_path of every run), and
+# `lopt sft` flags of the one start run that compare sets itself (its method is e2e, its task the compare's).
+_GRPO_OWNED_FLAGS = (*_COMPARE_OWNED_FLAGS, "--model_name_or_path")
+_START_OWNED_FLAGS = ("--method", "--output_dir", "--task", "--model_name_or_path", "--eval_samples")
 
 
 @dataclass
@@ -99,8 +108,13 @@ class CompareSpec:
     eval_file: str | None = None  # test rows: what the report states
     validation_file: str | None = None  # validation rows: what the selection uses
     retention_file: str | None = None
-    # any other `lopt sft` flags, identical for every method
+    # any other `lopt sft` flags, identical for every method (a GRPO compare: the flags of its one SFT start run)
     sft_args: list[str] = field(default_factory=list)
+    # "sft": every run is `lopt sft` from the base. "grpo": every run is `lopt grpo` from one common SFT checkpoint
+    # of the task (made once with `lopt sft --method e2e`, or --start_checkpoint), so methods differ in the RL alone.
+    trainer: str = "sft"
+    start_checkpoint: str | None = None  # a GRPO compare's start, instead of the e2e SFT run compare makes
+    grpo_args: list[str] = field(default_factory=list)  # any other `lopt grpo` flags, identical for every run
     output_dir: str = "runs/compare"
     progress: bool = True
     lr_k1_ratios: list[float] | None = None  # adds "lopt@r" for each ratio r != 1 (the learning-rate study)
@@ -125,6 +139,7 @@ class CompareSpec:
     def __post_init__(self):
         if isinstance(self.max_steps, int):
             self.max_steps = [self.max_steps]
+        self._check_trainer()
         unknown = [m for m in self.methods if _base_name(m) not in METHOD_FLAGS]
         if unknown:
             raise UserError(
@@ -163,15 +178,21 @@ class CompareSpec:
             raise UserError(
                 f"--method_learning_rates names {stray}, not in --methods {','.join(self.methods)}: fix the name."
             )
-        owned = [flag for flag in _COMPARE_OWNED_FLAGS if _has_flag(self.sft_args, flag)]
-        if (self.learning_rates or self.method_learning_rates) and _has_flag(
-            self.sft_args, "--learning_rate"
-        ):
+        per_run_args, per_run_flags = (
+            ("--grpo_args", _GRPO_OWNED_FLAGS)
+            if self.trainer == "grpo"
+            else ("--sft_args", _COMPARE_OWNED_FLAGS)
+        )
+        args = self.grpo_args if self.trainer == "grpo" else self.sft_args
+        owned = [flag for flag in per_run_flags if _has_flag(args, flag)]
+        if (self.learning_rates or self.method_learning_rates) and _has_flag(args, "--learning_rate"):
             owned.append("--learning_rate")
         if owned:
             raise UserError(
-                f"--sft_args sets {', '.join(owned)}, which compare sets per run: use compare's own flags "
-                "(--max_steps, --seeds, --task, --learning_rates) instead."
+                f"{per_run_args} sets {', '.join(owned)}, which compare sets per run: use compare's own flags "
+                "(--max_steps, --seeds, --task, --learning_rates"
+                + (", --start_checkpoint" if self.trainer == "grpo" else "")
+                + ") instead."
             )
         if self.task is not None:
             from lopt.builtin.tasks import BUILTIN_TASKS
@@ -195,6 +216,73 @@ class CompareSpec:
                 "a sweep chooses each method's best setting on validation rows: add --validation_file (rows "
                 "disjoint from --eval_file, which only reports)."
             )
+
+    def _check_trainer(self) -> None:
+        """A GRPO compare's own flags; with --start_checkpoint, its base and task are the checkpoint's records."""
+        if self.trainer not in TRAINERS:
+            raise UserError(f"--trainer {self.trainer!r} is unknown: choose from {', '.join(TRAINERS)}.")
+        if self.trainer == "sft":
+            for flag, value in (
+                ("--start_checkpoint", self.start_checkpoint),
+                ("--grpo_args", self.grpo_args),
+            ):
+                if value:
+                    raise UserError(f"{flag} is for a GRPO compare: add --trainer grpo, or drop {flag}.")
+            return
+        needs_labels = [m for m in self.methods if _base_name(m) in METHOD_FLAGS and _uses_task_objective(m)]
+        if needs_labels:
+            raise UserError(
+                f"--methods {needs_labels}: the 'task' local objective needs labels and GRPO batches carry none; "
+                "drop them (e.g. lopt, lopt_anchor, lopt_synth, freeze, lora)."
+            )
+        for flag, value in (("--train_file", self.train_file), ("--eval_file", self.eval_file)):
+            if value is not None:
+                raise UserError(
+                    f"{flag}: a GRPO compare trains and scores on a built-in task (its rewards are the task's "
+                    "scorer): drop it and name the task with --task."
+                )
+        if self.start_checkpoint is None:
+            owned = [flag for flag in _START_OWNED_FLAGS if _has_flag(self.sft_args, flag)]
+            if owned:
+                raise UserError(
+                    f"--sft_args sets {', '.join(owned)}: the start is `lopt sft --method e2e` on compare's task "
+                    "and model; --sft_args may set its other flags (e.g. --max_steps, --learning_rate)."
+                )
+            return
+        if self.sft_args:
+            raise UserError(
+                "--sft_args shapes the SFT start that compare makes, and --start_checkpoint is given: drop one."
+            )
+        if self.model_name_or_path is not None:
+            raise UserError(
+                "--start_checkpoint records the model it was trained from (its base): drop --model_name_or_path."
+            )
+        from lopt.builtin.bases import RUN_RECORDS
+        from lopt.builtin.tasks import BUILTIN_TASKS
+        from lopt.evaluation.evaluate import scoring_defaults
+
+        records = os.path.join(os.path.expanduser(self.start_checkpoint), RUN_RECORDS)
+        if not os.path.isfile(records):
+            raise UserError(
+                f"--start_checkpoint {self.start_checkpoint!r} has no {RUN_RECORDS}: give a checkpoint `lopt sft` "
+                "wrote, or drop it to let compare make the start."
+            )
+        task = scoring_defaults(self.start_checkpoint).task
+        if task not in BUILTIN_TASKS:
+            raise UserError(
+                f"--start_checkpoint {self.start_checkpoint!r} was not trained on a built-in task: give one that "
+                "was (a GRPO compare rewards and scores the task's answers)."
+            )
+        if self.task is not None and self.task != task:
+            raise UserError(
+                f"--task {self.task!r}, but --start_checkpoint {self.start_checkpoint!r} was trained on {task!r}: "
+                f"drop --task, or use --task {task}."
+            )
+        with open(records) as f:
+            self.model_name_or_path = json.load(f).get(
+                "model_name_or_path"
+            )  # the start's base (None: built-in)
+        self.task = task
 
     @property
     def base(self):
@@ -279,17 +367,26 @@ def _method_flags(name: str, lr: float) -> list[str]:
 
 
 def _learning_rate(spec: CompareSpec) -> float:
-    """The lr without a sweep: --learning_rate in sft_args, else `lopt sft`'s default for this model."""
+    """The lr without a sweep: --learning_rate in sft_args (grpo_args), else `lopt sft`'s (`lopt grpo`'s) default for
+    this model and task."""
     import argparse
 
-    from trl import SFTConfig
+    from trl import GRPOConfig, SFTConfig
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--learning_rate", type=float, default=None)
-    known, _ = parser.parse_known_args(spec.sft_args)
+    known, _ = parser.parse_known_args(spec.grpo_args if spec.trainer == "grpo" else spec.sft_args)
     if known.learning_rate is not None:
         return known.learning_rate
-    return spec.base.recipe("sft", _task(spec)).values.get("learning_rate", SFTConfig.learning_rate)
+    default = (GRPOConfig if spec.trainer == "grpo" else SFTConfig).learning_rate
+    return spec.base.recipe(spec.trainer, _task(spec)).values.get("learning_rate", default)
+
+
+def _uses_task_objective(name: str) -> bool:
+    """Whether a method's local objective has the "task" term (the batch's next-token loss: SFT only)."""
+    flags = METHOD_FLAGS[_base_name(name)]
+    objective = flags[flags.index("--aux_objective") + 1] if "--aux_objective" in flags else ""
+    return "task" in objective.split("+")
 
 
 def _is_lopt(name: str) -> bool:

@@ -24,8 +24,10 @@ from lopt.experiments.compare.runs import (
     RUN_RECORD,
     _checkpoint_complete,
     _evaluation_key,
+    _grpo_command,
     _read_json,
     _read_record,
+    _rl_training_metrics,
     _sft_command,
     _train,
     _training_metrics,
@@ -56,6 +58,8 @@ METRICS = (
     "final_task_loss",
     "validation_task_accuracy",
     "validation_retention_ppl",
+    "reward_first",  # a GRPO run's first and last logged mean reward
+    "reward_last",
 )
 
 
@@ -78,6 +82,14 @@ def run_compare(spec: CompareSpec) -> dict:
 
     if spec.report_only:
         base = _read_base(spec)
+        if spec.trainer == "grpo":
+            from lopt.experiments.compare.start import read_start
+
+            if base.get("start", {}).get("trained_from") != read_start(spec)["trained_from"]:
+                raise UserError(
+                    f"{BASE_RECORD} in {spec.output_dir!r} was not written for the GRPO start its runs trained "
+                    "from: run the compare there once without --report_only."
+                )
         lm_eval = _lm_eval(spec)
 
         def run_points(jobs: list[tuple]) -> bool:
@@ -143,6 +155,8 @@ def run_compare(spec: CompareSpec) -> dict:
     # The reference for activation ratios even where e2e is not among --methods (a screen with its base record
     # copied from a compare that measured e2e): the meter does not depend on the rate.
     results["e2e_activation_peak_bytes"] = base["activation"].get("e2e")
+    if spec.trainer == "grpo":  # the common SFT start: where it is, what made it, its scores
+        results["start"] = base["start"]
     _mark_grid_edges(spec, results, grid_added, runs)
     from lopt.experiments.compare.world_knowledge import add_world_knowledge
 
@@ -178,7 +192,12 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
     from lopt.data.loading import load_model_and_tokenizer
 
     model, tokenizer, base_path = load_model_and_tokenizer(spec.model_name_or_path, progress=spec.progress)
-    scorer = _Scorer.make(spec, base_path, tokenizer)
+    start = None
+    if spec.trainer == "grpo":
+        from lopt.experiments.compare.start import prepare_start
+
+        start = prepare_start(spec, str(base_path))
+    scorer = _Scorer.make(spec, base_path, tokenizer, start)
     path = os.path.join(spec.output_dir, BASE_RECORD)
     previous = _read_json(path) or {}
     same_scoring = (
@@ -194,12 +213,15 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
         before = evaluate_model(_scoring_device(model), tokenizer, scorer.sets)
         before.update(scorer.world.measure_base(model, tokenizer))
     measured = previous.get("activation", {}) if same_scoring else {}
+    # The activation meter measures an SFT step on one batch: a GRPO step (generation, the policy loss) is not that.
     activation = {
         name: measured[name] if name in measured else activation_peak_bytes(base_path, name, spec)
-        for name in map(_memory_name, spec.methods)
+        for name in (map(_memory_name, spec.methods) if spec.trainer == "sft" else ())
     }
     del model
     before.update(scorer.lm_eval(base_path))
+    if start is not None:
+        start = {**start, "scores": _score_start(scorer, start, previous if same_scoring else {})}
     sets = scorer.sets
     base = {
         "base_model": str(base_path),
@@ -217,10 +239,35 @@ def _measure_base(spec: CompareSpec) -> tuple[dict, _Scorer]:
             "cpu_threads": torch.get_num_threads(),
         },
     }
+    if start is not None:
+        base["start"] = start
     # Keep what earlier compares measured for other methods (a later --report_only may ask for the union).
     base["activation"] = {**measured, **activation}
     atomic_write_json(path, base)
     return base, scorer
+
+
+def _score_start(scorer: _Scorer, start: dict, previous: dict) -> dict:
+    """The SFT start's scores on both sides (every GRPO run's gain is over these), its knowledge kept against the base,
+    and its answers to the probe (each run's knowledge kept against the start reads them); reused from an earlier
+    compare in this folder when taken on the same start and rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = None
+    if previous.get("start", {}).get("trained_from") == start["trained_from"]:
+        scores = previous["start"]["scores"]
+    else:
+        model = _scoring_device(AutoModelForCausalLM.from_pretrained(start["path"]))
+        scores = {
+            **evaluate_model(model, scorer.tokenizer, scorer.sets),
+            **scorer.world(model, scorer.tokenizer),
+        }
+        scores.update(scorer.lm_eval(start["path"]))
+    if scorer.world_start.enabled:
+        scorer.world_start.base_correct(
+            model, scorer.tokenizer
+        )  # cached per checkpoint for the --jobs workers
+    return scores
 
 
 def _read_base(spec: CompareSpec) -> dict:
@@ -244,9 +291,22 @@ class _Scorer:
     lm_eval: object
     world: object  # lopt.experiments.compare.world_knowledge.CompareWorldKnowledge
     evaluation_key: str
+    start: (
+        dict | None
+    )  # a GRPO compare's start (lopt.experiments.compare.start.prepare_start); None in an SFT one
+    world_start: object  # the probe against the start: knowledge_kept_vs_start (disabled without a start)
+
+    @property
+    def trained_from(self) -> str:
+        """What every run trains from, as its records name it: the base, or the start (with its weights' digest)."""
+        return self.start["trained_from"] if self.start else self.base_path
+
+    @property
+    def start_path(self) -> str | None:
+        return self.start["path"] if self.start else None
 
     @classmethod
-    def make(cls, spec: CompareSpec, base_path: str, tokenizer=None) -> _Scorer:
+    def make(cls, spec: CompareSpec, base_path: str, tokenizer=None, start: dict | None = None) -> _Scorer:
         from transformers import AutoTokenizer
 
         from lopt.experiments.compare.world_knowledge import CompareWorldKnowledge
@@ -261,16 +321,17 @@ class _Scorer:
             probes["world_knowledge"] = [world.key]
         key = _evaluation_key({**sets, **probes})
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base_path)
-        return cls(spec, str(base_path), tokenizer, sets, lm_eval, world, key)
+        world_start = CompareWorldKnowledge(world.enabled and start is not None, start and start["path"])
+        return cls(spec, str(base_path), tokenizer, sets, lm_eval, world, key, start, world_start)
 
     def _where(self, seed: int, name: str, lr: float, steps: int) -> tuple[str, list[str]]:
-        """The run's folder and its `lopt sft` command."""
+        """The run's folder and its `lopt sft` (`lopt grpo`) command."""
         run_dir = os.path.join(self.spec.output_dir, "runs", run_name(name, lr, steps, seed))
-        return run_dir, _sft_command(self.spec, name, lr, steps, seed)
+        return run_dir, _run_command(self.spec, name, lr, steps, seed, self.start_path)
 
     def finished(self, seed: int, name: str, lr: float, steps: int) -> dict | None:
         """The record of this run if an earlier compare finished it under the same command and evaluation."""
-        return finished_run(*self._where(seed, name, lr, steps), self.base_path, self.evaluation_key)
+        return finished_run(*self._where(seed, name, lr, steps), self.trained_from, self.evaluation_key)
 
     def run(self, seed: int, name: str, lr: float, steps: int) -> dict:
         """Trains (unless a complete checkpoint of this command is there) and scores one run; returns its record."""
@@ -278,18 +339,21 @@ class _Scorer:
 
         run_dir, command = self._where(seed, name, lr, steps)
         # Training is redone unless its checkpoint is complete and made by this command (then only re-scored).
-        if not _checkpoint_complete(run_dir, command, self.base_path):
-            _train(command, self.base_path, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
+        if not _checkpoint_complete(run_dir, command, self.trained_from):
+            _train(command, self.trained_from, run_dir, f"{name} lr {lr:g}, {steps} steps, seed {seed}")
         trained = _scoring_device(AutoModelForCausalLM.from_pretrained(run_dir))
+        metrics = _rl_training_metrics if self.spec.trainer == "grpo" else _training_metrics
         record = {
             "command": command,
-            "base_model": self.base_path,
+            "base_model": self.trained_from,
             "evaluation_key": self.evaluation_key,
-            **_training_metrics(run_dir),
+            **metrics(run_dir),
             **evaluate_model(trained, self.tokenizer, self.sets),
             **self.world(trained, self.tokenizer),
             "seed": seed,
         }
+        if self.world_start.enabled:
+            record["knowledge_kept_vs_start"] = self.world_start.kept(trained, self.tokenizer)
         del trained
         record.update(self.lm_eval(run_dir))
         atomic_write_json(os.path.join(run_dir, RUN_RECORD), record)  # last: marks the run finished
@@ -304,11 +368,11 @@ def _scoring_device(model):
 _WORKER: _Scorer | None = None  # a --jobs worker process's scorer
 
 
-def _init_worker(spec: CompareSpec, base_path: str, threads: int) -> None:
+def _init_worker(spec: CompareSpec, base_path: str, threads: int, start: dict | None) -> None:
     global _WORKER
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the `lopt sft` subprocesses share the cores too
     torch.set_num_threads(threads)
-    _WORKER = _Scorer.make(spec, base_path)
+    _WORKER = _Scorer.make(spec, base_path, start=start)
 
 
 def _worker_run(seed: int, name: str, lr: float, steps: int) -> dict:
@@ -331,7 +395,7 @@ class _Pool:
                 spec.jobs,
                 mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot be forked
                 initializer=_init_worker,
-                initargs=(spec, str(base_path), threads),
+                initargs=(spec, str(base_path), threads, scorer.start),
             )
 
     def __enter__(self):
@@ -378,9 +442,20 @@ def _finished_record(
 ) -> dict | None:
     """The record of a finished run of this point under this compare's command, base model and scoring; else None."""
     record = _read_record(os.path.join(spec.output_dir, "runs", run_name(name, lr, steps, seed)))
-    command = _sft_command(spec, name, lr, steps, seed)
-    named = record is not None and record_names(record, command, base["base_model"], base["evaluation_key"])
+    start = base.get("start") if spec.trainer == "grpo" else None
+    command = _run_command(spec, name, lr, steps, seed, start and start["path"])
+    trained_from = start["trained_from"] if start else base["base_model"]
+    named = record is not None and record_names(record, command, trained_from, base["evaluation_key"])
     return record if named else None
+
+
+def _run_command(
+    spec: CompareSpec, name: str, lr: float, steps: int, seed: int, start_path: str | None
+) -> list[str]:
+    """One run's command: `lopt sft` from the base, or in a GRPO compare `lopt grpo` from the start."""
+    if spec.trainer == "grpo":
+        return _grpo_command(spec, name, lr, steps, seed, start_path)
+    return _sft_command(spec, name, lr, steps, seed)
 
 
 def _add_rates_that_ran(spec: CompareSpec, base: dict) -> None:
@@ -482,6 +557,8 @@ def _setup(spec: CompareSpec, base: dict, reused: int, total: int, finished: int
         "seeds": spec.seeds,
         "learning_rates": {name: spec.learning_rates_of(name) for name in spec.methods},
         "sft_args": spec.sft_args,
+        "trainer": spec.trainer,
+        "grpo_args": spec.grpo_args,
         "data": spec.train_file or f"built-in task {_task(spec)}",
         "retention_budgets": list(spec.retention_budgets),
         "accuracy_targets": list(spec.accuracy_targets),

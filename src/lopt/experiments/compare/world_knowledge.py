@@ -86,6 +86,14 @@ class CompareWorldKnowledge:
         }
         return {"world_knowledge": summary, **self._code_perplexity(model, tokenizer)}
 
+    def kept(self, model, tokenizer) -> float | None:
+        """The share of the items this probe's base (here: the model it was made with) answers right that `model`
+        still answers right; None when disabled or when the base answers none (a GRPO run against its SFT start)."""
+        if not self.enabled:
+            return None
+        known = [item for item, ok in zip(self.items, self.base_correct()) if ok]
+        return sum(world_knowledge_answers(model, tokenizer, known)) / len(known) if known else None
+
     def __call__(self, model, tokenizer) -> dict:
         """A trained model's record entries: ``knowledge_kept``, ``knowledge_kept_by_type`` and its code
         perplexity."""
@@ -103,7 +111,8 @@ class CompareWorldKnowledge:
 
 
 # Per-run entries averaged per (method, lr, steps) point by `add_world_knowledge`.
-_POINT_METRICS = ("knowledge_kept", "code_ppl", "validation_code_ppl")
+# knowledge_kept_vs_start: a GRPO run's share of what its SFT start answers right (lopt.experiments.compare.start).
+_POINT_METRICS = ("knowledge_kept", "knowledge_kept_vs_start", "code_ppl", "validation_code_ppl")
 
 
 def add_world_knowledge(results: dict, runs: dict[tuple, list[dict]]) -> None:
