@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from lopt.data.rows import check_messages, check_row_object, user_prompt
 from lopt.errors import DataError
 
 # (prompt field, answer field) pairs accepted in GRPO rows, tried in this order.
@@ -26,16 +27,7 @@ def message_list(value: Any, index: int, field: str) -> list[dict[str, str]]:
     """A list of {role, content} chat messages, validated (one-line DataError naming the row and field)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of chat messages")
-    messages = []
-    for j, message in enumerate(value):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if not isinstance(role, str) or not role or not isinstance(content, str):
-            raise DataError(
-                f"row {index}: {field}[{j}] must be an object with a string 'role' and a string 'content'"
-            )
-        messages.append({"role": role, "content": content})
-    return messages
+    return check_messages(value, index, field)
 
 
 def prompt_messages(
@@ -54,21 +46,14 @@ def prompt_messages(
         return messages
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"row {index}: field {key!r} (the prompt) must be a non-empty string or a chat list")
-    system = row.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(f"row {index}: field 'system' must be a string or absent")
-    text = f"{instruction}\n\n{value}" if instruction else value
-    return ([{"role": "system", "content": system}] if system and system.strip() else []) + [
-        {"role": "user", "content": text}
-    ]
+    return user_prompt(row, f"{instruction}\n\n{value}" if instruction else value, index)
 
 
 def to_prompt_answer(
     row: Any, index: int, instruction: str | None = None
 ) -> tuple[list[dict[str, str]], str]:
     """Normalise one GRPO row to (prompt messages, reference answer text)."""
-    if not isinstance(row, Mapping):
-        raise DataError(f"row {index}: expected an object with named fields, got {type(row).__name__}")
+    check_row_object(row, index)
     for prompt_key, answer_key in PROMPT_ANSWER_FIELDS:
         if prompt_key in row and answer_key in row:
             answer = row[answer_key]
@@ -135,8 +120,7 @@ def _completion(row: Mapping[str, Any], key: str, index: int) -> list[dict[str, 
 
 def to_preference(row: Any, index: int) -> tuple[list[dict[str, str]], list[dict], list[dict]]:
     """Normalise one row to (prompt messages, chosen messages, rejected messages)."""
-    if not isinstance(row, Mapping):
-        raise DataError(f"row {index}: expected an object with named fields, got {type(row).__name__}")
+    check_row_object(row, index)
     missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
     if missing:
         keys = ", ".join(repr(k) for k in row) or "none"

@@ -91,6 +91,11 @@ def check_flags(
             raise UserError(
                 f"--block_parallel is an sft option: lopt {command} trains data-parallel under torchrun."
             )
+        if training_args.eval_strategy != "no":
+            raise UserError(
+                f"--eval_strategy is not supported by lopt {command} (no eval set): a built-in task's test split is "
+                "scored after training (--eval_samples)."
+            )
         if command == "grpo":
             check_grpo_args(task_args, training_args)
         if command == "dpo":
@@ -229,21 +234,11 @@ def check_grpo_args(task_args, training_args) -> None:
         raise UserError(
             "--remove_unused_columns true would drop the `answer` column the reward reads: drop it."
         )
-    if training_args.eval_strategy != "no":
-        raise UserError(
-            "--eval_strategy is not supported by lopt grpo (no eval set): a built-in task's test split is scored "
-            "after training (--eval_samples)."
-        )
     if training_args.use_vllm:
         raise UserError("--use_vllm is not supported by lopt grpo: LoPT trains the model that generates.")
 
 
 def check_dpo_args(training_args) -> None:
-    if training_args.eval_strategy != "no":
-        raise UserError(
-            "--eval_strategy is not supported by lopt dpo (no eval set): the built-in task's test split is scored "
-            "after training (--eval_samples)."
-        )
     if training_args.beta <= 0:
         raise UserError(f"--beta {training_args.beta} must be positive.")
 
