@@ -123,3 +123,42 @@ def test_a_rule_shared_with_the_trainer_has_one_text():
         "--optimizer_in_backward steps after every backward: --gradient_accumulation_steps must be 1, not 4 (raise "
         "--per_device_train_batch_size instead)."
     )
+
+
+@pytest.mark.parametrize(
+    "command, argv, line",
+    [
+        (
+            "grpo",
+            ["--aux_objective", "recon+task"],
+            "--aux_objective recon+task needs labelled batches, which lopt grpo does not have: use --aux_objective "
+            "recon (or anchor, recon+anchor).",
+        ),
+        (
+            "sft",
+            ["--clip_per_block", "--optimizer_in_backward", "--max_grad_norm", "0"],
+            "--clip_per_block does not combine with --optimizer_in_backward, which clips each parameter by its own "
+            "norm.",
+        ),
+        (
+            "sft",
+            ["--method", "e2e", "--clip_per_block"],
+            "--clip_per_block only applies to LoPT methods, not --method e2e.",
+        ),
+    ],
+)
+def test_rules_shared_with_the_trainer_are_checked_from_the_flags(command, argv, line, monkeypatch, tmp_path):
+    """The mixin's rules, checked by check_flags before any model (the built-in model is not built: _build raises)."""
+    from lopt.builtin import base
+    from lopt.cli import grpo, sft
+    from lopt.training.checks import check_flags
+
+    monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(base, "_build", lambda *a, **k: pytest.fail("the built-in model was built"))
+    module = {"grpo": grpo, "sft": sft}[command]
+    parsed, set_fields = module.make_parser().parse(argv, module.recipe)
+    lopt_args, model_args, training_args = parsed[0], parsed[1], parsed[-1]
+    task_args = parsed[3] if command == "grpo" else None
+    with pytest.raises(UserError) as err:
+        check_flags(command, lopt_args, model_args, training_args, set_fields, task_args)
+    assert str(err.value) == line
