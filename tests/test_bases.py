@@ -214,18 +214,20 @@ def test_base_of_tells_the_three_worlds_and_follows_checkpoints(tmp_path):
     ],
 )
 def test_the_recipe_line_names_the_files_used(argv, recipe):
-    from lopt.cli import common, sft
+    from lopt.cli import sft
+    from lopt.training import recipes
 
     values, set_fields = sft.make_parser().parse_values(argv)
-    chosen, _ = common.command_recipe("sft", values, set_fields)
-    assert common.describe_recipe(chosen, values, set_fields) == recipe
+    chosen, _ = recipes.command_recipe("sft", values, set_fields)
+    assert recipes.describe_recipe(chosen, values, set_fields) == recipe
 
 
 @pytest.mark.parametrize("command", ["sft", "grpo"])
 def test_the_run_config_reparses_to_the_same_run(command, tmp_path):
     """recipe.yaml holds every flag the user or the recipe set, with the run's values; `--config recipe.yaml` gives
     the same parsed run (and nothing for the recipe left to fill)."""
-    from lopt.cli import common, grpo, sft
+    from lopt.cli import grpo, sft
+    from lopt.training import outputs
 
     module = {"sft": sft, "grpo": grpo}[command]
     argv = ["--model_name_or_path", SMOLLM2, "--task", "totals", "--lambda_aux", "2", "--seed", "3"]
@@ -234,7 +236,7 @@ def test_the_run_config_reparses_to_the_same_run(command, tmp_path):
     values, _ = parser.parse_values(argv)
     recipe_fields = set(module.recipe(values, set_fields))
     assert set(parser.effective) == {*set_fields, *recipe_fields} and "learning_rate" in recipe_fields
-    text = common.run_config(command, parser.effective, "smollm2-135m/x.yaml")
+    text = outputs.run_config(command, parser.effective, "smollm2-135m/x.yaml")
     assert text.startswith("# lopt ") and yaml.safe_load(text)["lambda_aux"] == 2.0
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
@@ -242,4 +244,4 @@ def test_the_run_config_reparses_to_the_same_run(command, tmp_path):
     again, again_set = again_parser.parse(["--config", str(path)], module.recipe)
     assert again_set == set(parser.effective)  # everything set: the recipe has nothing left to fill
     assert again_parser.effective == json.loads(json.dumps(parser.effective, default=str))
-    assert common.run_arguments(*again) == common.run_arguments(*parsed)
+    assert outputs.run_arguments(*again) == outputs.run_arguments(*parsed)

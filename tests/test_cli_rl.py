@@ -179,8 +179,8 @@ def test_grpo_from_a_checkpoint_takes_its_recorded_task(runs, builtin_tiny, tmp_
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0 and "knowledge_kept" not in summary  # not a real base
     assert read_metrics(out)[0]["lr_early"] == pytest.approx(read_metrics(out)[0]["lr_late"] / 20)
 
-    from lopt.cli.common import check_data
     from lopt.training.arguments import DataArguments
+    from lopt.training.checks import check_data
     from lopt.training.rl import recorded_task
 
     model = type("M", (), {"model_name_or_path": start})

@@ -323,14 +323,14 @@ def test_sft_task_flag_picks_a_builtin_task_and_refuses_unknown_ones():
     from trl import ModelConfig
 
     from lopt.builtin.tasks import BUILTIN_TASKS, builtin_task_rows
-    from lopt.cli import sft
-    from lopt.cli.common import check_data
     from lopt.training.arguments import DataArguments
+    from lopt.training.checks import check_data
+    from lopt.training.task_rows import sft_rows
 
     data = DataArguments(task="modules", max_samples=5)
     task = check_data("sft", ModelConfig(), data, tuple(BUILTIN_TASKS))
     assert task == "modules"
-    assert sft.training_rows(data, task, False) == builtin_task_rows("train", n=5, task="modules")
+    assert sft_rows(data, task, False) == builtin_task_rows("train", n=5, task="modules")
     with pytest.raises(UserError, match="--task 'nope' is not one of"):
         check_data("sft", ModelConfig(), DataArguments(task="nope"), tuple(BUILTIN_TASKS))
 

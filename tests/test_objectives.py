@@ -135,7 +135,7 @@ def test_trainers_without_labels_refuse_the_task_objective(trainer):
 
     cls = getattr(lopt.integrations, trainer)
     with pytest.raises(
-        ValueError, match=f"aux_objective='recon\\+task' needs labelled batches, which {trainer}"
+        ValueError, match=f"--aux_objective recon\\+task needs labelled batches, which {trainer}"
     ):
         cls(model=None, lopt_config=LoPTConfig(aux_objective="recon+task"))
 

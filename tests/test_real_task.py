@@ -191,6 +191,7 @@ def test_no_word_of_the_task_is_a_country_fact():
 def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     from lopt.builtin.hub_bases import METADATA_FILE
     from lopt.cli import grpo, sft
+    from lopt.training.rewards import reward_function
 
     assert base_of(None).default_task == "successor"
     assert base_of("smollm2-135m").default_task == EXTRACT_TASK and base_of("smollm2-135m").kind == "real"
@@ -231,7 +232,7 @@ def test_a_real_base_defaults_to_extract_and_its_recipe(tmp_path, monkeypatch):
     assert (parsed[-1].num_generations, parsed[-1].per_device_train_batch_size) == (4, 8)
     # GRPO batches have no labels: the real base's LoPT objective there is the anchor, clipped per block
     assert (parsed[0].aux_objective, parsed[0].clip_per_block) == ("anchor", True)
-    assert grpo.reward_function("auto", EXTRACT_TASK) is json_match_reward
+    assert reward_function("auto", EXTRACT_TASK) is json_match_reward
     for flags, objective, clip in (
         (["--lambda_aux", "3"], "recon", False),  # the user's objective: nothing of the bundle
         (["--method", "e2e"], "recon", False),
@@ -289,7 +290,7 @@ def test_default_precision_is_fp32_on_a_cpu_whatever_its_bf16_units(monkeypatch,
 
     import torch
 
-    from lopt.cli import common
+    from lopt.training import recipes
     from lopt.training.arguments import bf16_by_default
 
     module = importlib.import_module(f"lopt.cli.{command}")
@@ -305,16 +306,18 @@ def test_default_precision_is_fp32_on_a_cpu_whatever_its_bf16_units(monkeypatch,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert bf16_by_default()
     values = {"method": "lopt", "gradient_checkpointing": False, "model_name_or_path": "smollm2-135m"}
-    assert common.base_recipe(command, values, frozenset())["bf16"] is True  # a GPU: bf16 autocast
-    assert "bf16" not in common.base_recipe(command, values, frozenset({"fp16"}))  # the user's --fp16 instead
+    assert recipes.base_recipe(command, values, frozenset())["bf16"] is True  # a GPU: bf16 autocast
+    assert "bf16" not in recipes.base_recipe(
+        command, values, frozenset({"fp16"})
+    )  # the user's --fp16 instead
 
 
 def test_check_data_chooses_and_refuses_tasks_by_model():
     from types import SimpleNamespace
 
-    from lopt.cli.common import check_data
     from lopt.errors import UserError
     from lopt.training.arguments import DataArguments
+    from lopt.training.checks import check_data
 
     def check(model, tasks=tuple(BUILTIN_TASKS), **data):
         return check_data("sft", SimpleNamespace(model_name_or_path=model), DataArguments(**data), tasks)
@@ -337,10 +340,10 @@ def test_check_data_takes_the_task_a_checkpoint_records():
     from types import SimpleNamespace
 
     from lopt.builtin.bases import BUILTIN, REAL_BASE_OBJECTS
-    from lopt.cli.common import check_data
     from lopt.errors import UserError
     from lopt.evaluation.evaluate import ScoringDefaults
     from lopt.training.arguments import DataArguments
+    from lopt.training.checks import check_data
 
     def check(recorded, **data):
         model = SimpleNamespace(model_name_or_path="runs/sft-lopt")

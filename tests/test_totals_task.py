@@ -152,9 +152,10 @@ def test_sft_and_grpo_parse_totals_with_the_real_base_recipes():
     from types import SimpleNamespace
 
     from lopt.cli import grpo, sft
-    from lopt.cli.common import check_data
     from lopt.errors import UserError
     from lopt.training.arguments import DataArguments
+    from lopt.training.checks import check_data
+    from lopt.training.rewards import reward_function
 
     argv = ["--model_name_or_path", "smollm2-135m", "--task", TOTALS_TASK]
     parsed, _ = sft.make_parser().parse(argv, sft.recipe)
@@ -171,7 +172,7 @@ def test_sft_and_grpo_parse_totals_with_the_real_base_recipes():
     parsed, _ = grpo.make_parser().parse(argv, grpo.recipe)
     assert (parsed[-1].num_generations, parsed[-1].per_device_train_batch_size) == (4, 8)
     assert parsed[0].aux_objective == "anchor"  # no labels in GRPO batches: not sft's task+anchor
-    assert grpo.reward_function("auto", TOTALS_TASK) is json_match_reward
+    assert reward_function("auto", TOTALS_TASK) is json_match_reward
 
     def check(model, **data):
         return check_data(

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 # The records `lopt sft`, `grpo` and `dpo` write beside a checkpoint: every flag of the run
-# (lopt.cli.common.run_arguments); base_of follows them back to the base.
+# (lopt.training.outputs.run_arguments); base_of follows them back to the base.
 RUN_RECORDS = "lopt_args.json"
 # The recipes lopt ships: package data (pyproject.toml's [tool.setuptools.package-data]).
 RECIPES = files("lopt").joinpath("recipes")

@@ -124,99 +124,17 @@ def run(args: argparse.Namespace) -> int:
     if any(row.get("whole_step") for row in rows):
         print()
         print(
-            bench_report.format_whole_step(rows, planned_step_bytes(spec, rows, log), markdown=args.markdown)
+            bench_report.format_whole_step(
+                rows, bench_report.planned_step_bytes(spec, rows, log), markdown=args.markdown
+            )
         )
     if spec.model is not None and spec.num_layers < spec.full_num_layers:
         print()
-        print(full_depth_table(spec, rows, log))
+        print(bench_report.full_depth_table(spec, rows, log))
     if args.json:
         atomic_write_json(args.json, {"spec": vars(spec), "rows": rows, "targets": targets})
         print(f"\nwrote {args.json}")
     return 0
-
-
-def planned_step_bytes(spec: bench.BenchSpec, rows: list[dict], log=None) -> dict[str, int | None]:
-    """lopt plan's whole-step total (single GPU) for each measured config at the measured depth; None where the
-    planner does not plan that config (not in its PLAN_METHODS), and nothing in bfloat16, where its precision is not
-    what bench trains (the plan keeps fp32 master weights and AdamW state, bench trains bf16 weights directly)."""
-    from lopt.experiments import plan
-
-    if spec.dtype != "float32":
-        return {}
-    out: dict[str, int | None] = {}
-    for row in rows:
-        name = row["name"]
-        selective = bench.config_of(name).gc_layers is not None
-        if name not in plan.PLAN_METHODS and not selective:  # not planned (yet): no figure beside it
-            out[name] = None
-            continue
-        try:
-            planned = plan.make_plan(
-                spec.model_config(), spec.seq_len, spec.batch_size, spec.dtype, methods=[name]
-            )
-        except (KeyError, ValueError, NotImplementedError) as err:  # a config the planner does not know (yet)
-            if log:
-                log(f"[bench] lopt plan has no figure for {name}: {err}")
-            out[name] = None
-            continue
-        out[name] = planned["rows"][0]["total"]["single"]
-    return out
-
-
-def full_depth_table(spec: bench.BenchSpec, rows: list[dict], log=None) -> str:
-    """--num_layers cut the depth: lopt plan's figure at the measured depth (it must equal the measurement)
-    and at the model's full depth, with E2E's per-layer and fixed (embedding, LM head, loss) terms."""
-    from lopt.experiments import plan
-    from lopt.experiments.shapes import load_shape
-
-    cut, full = spec.model_config(), load_shape(spec.model)
-    lines = [
-        f"Full depth ({spec.full_num_layers} layers) from lopt plan, checked against the measurement at "
-        f"{spec.num_layers} layers:",
-        "| config | measured MB | plan MB (same depth) | plan MB (full depth) | x E2E | per layer MB | fixed MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    full_bytes = {}
-    for row in rows:
-        config = bench.config_of(row["name"])
-        if config.aux_objective != "recon":
-            continue  # the anchor's frozen copy is not planned
-        if log:
-            log(f"[bench] planning {row['name']} at {spec.num_layers} and {spec.full_num_layers} layers")
-        name = row["name"].replace("+oib", "")  # the step in the backward changes no activation
-        same = plan.activation_bytes(cut, name, spec.batch_size, spec.seq_len, spec.dtype)
-        at_full = plan.activation_bytes(full, name, spec.batch_size, spec.seq_len, spec.dtype)
-        full_bytes[row["name"]] = at_full
-        per_layer = fixed = "—"
-        if config.backward is None:  # E2E: affine in depth, so two shallow steps give both terms
-            one = plan.activation_bytes(
-                plan.with_depth(full, 1), name, spec.batch_size, spec.seq_len, spec.dtype
-            )
-            two = plan.activation_bytes(
-                plan.with_depth(full, 2), name, spec.batch_size, spec.seq_len, spec.dtype
-            )
-            per_layer, fixed = f"{(two - one) / bench.MB:.1f}", f"{(2 * one - two) / bench.MB:.1f}"
-        row.update(plan_same_depth_bytes=same, plan_full_depth_bytes=at_full)
-        e2e = "e2e" + ("-hf" if config.head == "hf" else "") + ("+gc" if config.gc else "")
-        ratio = at_full / full_bytes[e2e] if e2e in full_bytes else None
-        lines.append(
-            f"| {row['label']}{' + GC' if config.gc else ''} | {row['act_peak_bytes'] / bench.MB:.1f} | "
-            f"{same / bench.MB:.1f} | {at_full / bench.MB:.1f} | {'—' if ratio is None else f'{ratio:.2f}'} | "
-            f"{per_layer} | {fixed} |"
-        )
-    worst = max(
-        (
-            abs(r["plan_same_depth_bytes"] - r["act_peak_bytes"]) / r["act_peak_bytes"]
-            for r in rows
-            if "plan_same_depth_bytes" in r
-        ),
-        default=0.0,
-    )
-    verdict = "PASS" if worst <= 0.01 else "MISS"
-    lines.append(
-        f"\n[{verdict}] plan == measured at {spec.num_layers} layers within 1%: largest difference {worst:.2%}"
-    )
-    return "\n".join(lines)
 
 
 def run_race(args: argparse.Namespace, spec: bench.BenchSpec, log) -> int:

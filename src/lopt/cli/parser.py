@@ -98,7 +98,7 @@ class LoPTParser(TrlParser):
                     values[name] = value
                 used.add(name)
         # The flags the run uses beyond the dataclass defaults, as given (before the dataclasses' own conversions):
-        # written beside the checkpoint as a --config that re-runs it (lopt.cli.common.run_config).
+        # written beside the checkpoint as a --config that re-runs it (lopt.training.outputs.run_config).
         self.effective = {name: values[name] for name in sorted(used)}
         return self.build(values), set_fields
 

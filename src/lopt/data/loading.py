@@ -24,6 +24,39 @@ def check_model_path(model_name_or_path: str | None) -> None:
             )
 
 
+def model_depth(
+    model_name_or_path: str | None, trust_remote_code: bool = False, revision: str | None = None
+) -> int | None:
+    """The decoder layers of the model a run would load, read from its config without building, converting or
+    loading any weights: the built-in model's preset (and the built-in SFT checkpoints made from it), a real base's
+    converted folder, a folder's or hub id's config.json. None when only building or loading would tell (a real base
+    not converted yet, a config that cannot be read or names no depth): the trainer checks the loaded model then."""
+    from lopt.builtin.hub_bases import REAL_BASES, is_complete
+    from lopt.io import cache_root
+
+    if model_name_or_path is None:
+        from lopt.builtin.base import preset_config
+
+        return preset_config().num_hidden_layers
+    path = model_name_or_path
+    if model_name_or_path in REAL_BASES and not os.path.exists(model_name_or_path):
+        folder = cache_root() / REAL_BASES[model_name_or_path].folder_name
+        if not is_complete(folder):
+            return None
+        path = str(folder)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError):
+        return None  # loading it says why, in its own words (load_model_and_tokenizer)
+    for part in (config, getattr(config, "text_config", None)):
+        layers = getattr(part, "num_hidden_layers", None)
+        if isinstance(layers, int):
+            return layers
+    return None
+
+
 def load_model_and_tokenizer(
     model_name_or_path: str | None,
     trust_remote_code: bool = False,

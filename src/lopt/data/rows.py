@@ -262,29 +262,28 @@ def to_prompt_completion(row: Mapping[str, Any], index: int) -> PromptCompletion
     """
     if isinstance(row, PromptCompletion):
         return row
-    if not isinstance(row, Mapping):
-        raise DataError(f"row {index}: expected an object with named fields, got a {_json_type(row)}")
+    check_row_object(row, index)
 
     if "messages" in row:
-        messages = _check_messages(row["messages"], index, "messages")
+        messages = check_messages(row["messages"], index, "messages")
         return _split_final_assistant(messages, index, "messages")
 
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):  # TRL conversational prompt-completion
             if isinstance(prompt, list):
-                prompt_msgs = _check_messages(prompt, index, "prompt", allow_empty=True)
+                prompt_msgs = check_messages(prompt, index, "prompt", allow_empty=True)
             else:
-                prompt_msgs = _user_prompt(row, _string_field(row, "prompt", index), index)
+                prompt_msgs = user_prompt(row, _string_field(row, "prompt", index), index)
             if isinstance(completion, list):
-                completion_msgs = _check_messages(completion, index, "completion")
+                completion_msgs = check_messages(completion, index, "completion")
             else:
                 completion_msgs = [
                     {"role": "assistant", "content": _completion_field(row, "completion", index)}
                 ]
             return _split_final_assistant(prompt_msgs + completion_msgs, index, "completion")
         return PromptCompletion(
-            _user_prompt(row, _string_field(row, "prompt", index), index),
+            user_prompt(row, _string_field(row, "prompt", index), index),
             _completion_field(row, "completion", index),
         )
 
@@ -296,12 +295,12 @@ def to_prompt_completion(row: Mapping[str, Any], index: int) -> PromptCompletion
                 f"row {index}: field 'input' must be a string or absent, got a {_json_type(extra)}"
             )
         text = instruction + "\n\n" + extra if extra and extra.strip() else instruction
-        return PromptCompletion(_user_prompt(row, text, index), _completion_field(row, "output", index))
+        return PromptCompletion(user_prompt(row, text, index), _completion_field(row, "output", index))
 
     for prompt_key, completion_key in _STRING_PAIRS:
         if prompt_key in row and completion_key in row:
             return PromptCompletion(
-                _user_prompt(row, _string_field(row, prompt_key, index), index),
+                user_prompt(row, _string_field(row, prompt_key, index), index),
                 _completion_field(row, completion_key, index),
             )
 
@@ -332,7 +331,14 @@ def _completion_field(row: Mapping[str, Any], key: str, index: int) -> str:
     return value
 
 
-def _user_prompt(row: Mapping[str, Any], text: str, index: int) -> list[dict[str, str]]:
+def check_row_object(row: Any, index: int) -> None:
+    """A row is an object with named fields (every command's rows)."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"row {index}: expected an object with named fields, got a {_json_type(row)}")
+
+
+def user_prompt(row: Mapping[str, Any], text: str, index: int) -> list[dict[str, str]]:
+    """`text` as a user message, after the row's `system` string if it has one (every command's plain prompts)."""
     system = row.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError(f"row {index}: field 'system' must be a string or absent, got a {_json_type(system)}")
@@ -341,7 +347,8 @@ def _user_prompt(row: Mapping[str, Any], text: str, index: int) -> list[dict[str
     return messages
 
 
-def _check_messages(value: Any, index: int, field: str, allow_empty: bool = False) -> list[dict[str, str]]:
+def check_messages(value: Any, index: int, field: str, allow_empty: bool = False) -> list[dict[str, str]]:
+    """The {role, content} chat messages of a row's field, each checked (every command's chat rows)."""
     if not isinstance(value, list):
         raise DataError(
             f"row {index}: field {field!r} must be a list of {{role, content}} messages, got a {_json_type(value)}"

@@ -60,6 +60,7 @@ from lopt.engine.distributed import (
 from lopt.engine.in_backward import OptimizerInBackward
 from lopt.engine.model import AUX_HEADS_NAME, get_lopt_model
 from lopt.engine.optim import param_groups
+from lopt.integrations import checks
 
 
 class LoPTTrainerMixin:
@@ -83,10 +84,12 @@ class LoPTTrainerMixin:
         checkpoint_layers: int | float | str | list[int] | None = None,
         **kwargs,
     ):
-        if lopt_config is not None and lopt_config.uses_task and not self.lopt_batches_have_labels:
-            raise ValueError(
-                f"aux_objective={lopt_config.aux_objective!r} needs labelled batches, which {type(self).__name__} "
-                "does not have: use aux_objective='recon' (or 'anchor', 'recon+anchor')."
+        if lopt_config is not None:
+            checks.check_objective_has_labels(
+                lopt_config.aux_objective,
+                lopt_config.uses_task,
+                self.lopt_batches_have_labels,
+                type(self).__name__,
             )
         super().__init__(*args, **kwargs)
         self.early_learning_rate = early_learning_rate
@@ -97,10 +100,9 @@ class LoPTTrainerMixin:
             self._check_fsdp(lopt_config)
         self.lopt_optimizer_in_backward = optimizer_in_backward
         self.lopt_clip_per_block = clip_per_block
-        if clip_per_block and (lopt_config is None or fsdp or optimizer_in_backward):
-            raise ValueError(
-                "clip_per_block applies to LoPT without FSDP and without the optimizer step in the backward (which "
-                "clips per parameter)."
+        if clip_per_block:
+            checks.check_clip_per_block(
+                lopt=lopt_config is not None, fsdp=fsdp, optimizer_in_backward=optimizer_in_backward
             )
         self._lopt_in_backward: OptimizerInBackward | None = None
         self._lopt_grad_norm = None  # the last step's norm, measured part by part as they were stepped
@@ -132,21 +134,14 @@ class LoPTTrainerMixin:
     def _select_checkpointed_layers(self, checkpoint_layers) -> None:
         """--checkpoint_layers: checked against the model's depth now; train() enables checkpointing on every layer
         (activation_checkpointing), then a callback keeps it on the chosen ones only."""
-        if not self.args.activation_checkpointing:
-            raise ValueError(
-                f"checkpoint_layers={checkpoint_layers!r} needs activation_checkpointing=True in the training "
-                "arguments (lopt's commands set it): set it, or drop checkpoint_layers."
-            )
+        checks.check_checkpoint_layers(checkpoint_layers, self.args.activation_checkpointing)
         layers = parse_checkpoint_layers(checkpoint_layers, find_decoder_parts(self.model).num_layers)
         self.add_callback(_SelectCheckpointedLayers(self.model, layers))
 
     def _check_fsdp(self, lopt_config: LoPTConfig | None) -> None:
         """What `fsdp=True` needs, checked before the model is touched."""
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "--fsdp shards the model over the processes of a torchrun launch: start it with `torchrun "
-                "--nproc_per_node N -m lopt sft --fsdp ...`."
-            )
+        anchor = lopt_config.aux_objective if lopt_config is not None and lopt_config.uses_anchor else None
+        checks.check_fsdp(launched=dist.is_available() and dist.is_initialized(), anchor_objective=anchor)
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
                 "--fsdp shards the model itself: drop the accelerate FSDP / DeepSpeed settings (or drop --fsdp)."
@@ -154,11 +149,6 @@ class LoPTTrainerMixin:
         if unwrap_peft(self.model) is not self.model:
             raise ValueError(
                 "--fsdp with a PEFT (LoRA) model is not supported yet: train LoRA without --fsdp (DDP)."
-            )
-        if lopt_config is not None and lopt_config.uses_anchor:
-            raise ValueError(
-                f"--aux_objective {lopt_config.aux_objective} is not supported with --fsdp (its frozen pretrained "
-                "reference is not sharded): use --aux_objective recon, or train without --fsdp (DDP)."
             )
 
     def _check_distributed_backend(self, lopt_config: LoPTConfig) -> None:
@@ -183,34 +173,16 @@ class LoPTTrainerMixin:
     def _check_optimizer_in_backward(self, lopt_config: LoPTConfig | None) -> None:
         """What the optimizer step in the backward cannot do, refused before training (one line each)."""
         args = self.args
-        if lopt_config is not None and lopt_config.backward != "local":
-            raise ValueError(
-                "optimizer_in_backward needs LoPT's local backward (--method lopt), not the joint one: an early "
-                "block's gradient is final only at the end of the joint backward."
-            )
-        if args.gradient_accumulation_steps > 1:
-            raise ValueError(
-                f"optimizer_in_backward steps after every backward: gradient_accumulation_steps must be 1, not "
-                f"{args.gradient_accumulation_steps} (raise the batch size instead)."
-            )
-        if args.fp16:
-            raise ValueError(
-                "optimizer_in_backward cannot use fp16's grad scaler (it checks every gradient before the step): "
-                "use bf16 or fp32."
-            )
-        if self.lopt_fsdp or is_distributed() or args.world_size > 1:
-            raise ValueError(
-                "optimizer_in_backward runs in one process: gradients are averaged over processes after the backward, "
-                "and it steps before that (drop torchrun/--fsdp, or optimizer_in_backward)."
-            )
+        checks.check_optimizer_in_backward(
+            joint_backward=lopt_config is not None and lopt_config.backward != "local",
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            fp16=args.fp16,
+            processes=max(args.world_size, 2 if is_distributed() else 1),
+            fsdp=self.lopt_fsdp,
+            optim=args.optim,
+        )
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ValueError("optimizer_in_backward is not supported under DeepSpeed or FSDP.")
-        optim = str(getattr(args.optim, "value", args.optim))
-        if optim in ("lomo", "adalomo"):
-            raise ValueError(
-                f"optimizer_in_backward does not combine with optim={optim!r}, which already fuses its update into "
-                "the backward."
-            )
 
     # --- optimizer: the two LoPT groups --------------------------------------------------------
     def create_optimizer(self, model=None):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from lopt.engine.config import ANCHOR_DTYPES, AUX_OBJECTIVES, LoPTConfig
 from lopt.errors import UserError
 from lopt.training.methods import METHODS
+from lopt.training.rewards import REWARDS
 
 LOPT_METHODS = ("lopt", "ll", "lopt_joint")
 
@@ -170,7 +171,8 @@ class LoPTArguments:
             ) from None
 
     def check(self, set_fields: frozenset[str] = frozenset()) -> None:
-        """One-line errors for LoPT flags that do not fit together (LoPTConfig checks each value on its own)."""
+        """One-line errors for LoPT flags that do not fit together (LoPTConfig checks each value on its own). The
+        rules shared with the trainer mixin, and those that need the trainer's flags, are in lopt.training.checks."""
         if not self.is_lopt:
             if self.lr_k1 is not None:
                 raise UserError(f"--lr_k1 only applies to LoPT methods, not --method {self.method}.")
@@ -185,8 +187,6 @@ class LoPTArguments:
                 raise UserError(
                     f"--aux_warmup_steps only applies to LoPT methods, not --method {self.method}."
                 )
-            if self.clip_per_block:
-                raise UserError(f"--clip_per_block only applies to LoPT methods, not --method {self.method}.")
             if self.untie_embeddings:
                 raise UserError(
                     f"--untie_embeddings only applies to LoPT methods, not --method {self.method} (freeze always "
@@ -195,19 +195,10 @@ class LoPTArguments:
         if self.num_blocks < 2:
             raise UserError(f"--num_blocks {self.num_blocks} is invalid: LoPT needs at least 2 blocks.")
         if self.optimizer_in_backward:
-            why = {
-                "lopt_joint": "its one joint backward completes every gradient at the end: use --method lopt",
-                "lora": "the adapters' gradients are small: there is little to free",
-            }
-            if self.method in why:
+            if self.method == "lora":  # lopt_joint: lopt.integrations.checks.check_optimizer_in_backward
                 raise UserError(
-                    f"--optimizer_in_backward works with --method lopt, e2e and freeze, not {self.method} "
-                    f"({why[self.method]})."
-                )
-            if self.clip_per_block:
-                raise UserError(
-                    "--clip_per_block does not combine with --optimizer_in_backward, which clips each parameter by its "
-                    "own norm."
+                    "--optimizer_in_backward works with --method lopt, e2e and freeze, not lora (the adapters' "
+                    "gradients are small: there is little to free)."
                 )
             if self.round_to_bfloat16:
                 raise UserError(
@@ -297,3 +288,29 @@ class DataArguments:
             raise UserError(f"--max_samples {self.max_samples} must be a positive integer.")
         if self.eval_samples < 0:
             raise UserError(f"--eval_samples {self.eval_samples} must be 0 or more.")
+
+
+@dataclass
+class GRPOTaskArguments:
+    """What `lopt grpo` adds to TRL's GRPOConfig: the reward, a prompt-length filter and a plot."""
+
+    reward: str = field(
+        default="auto",
+        metadata={
+            "help": "math: final answer (\\boxed{} > '####' > last number) compared by value; exact_match: the "
+            "whole completion equals the answer after normalisation; json_match: the completion is exactly the "
+            "answer's JSON object. auto: the built-in task's scorer (json_match for extract and totals, else "
+            "exact_match), else math.",
+            "choices": REWARDS,
+        },
+    )
+    max_prompt_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Rows whose prompt is longer (in tokens) are skipped. Default 128 built-in task / 1024."
+        },
+    )
+    plot: bool = field(
+        default=False,
+        metadata={"help": "Write reward_curve.png (mean reward per logged step) to output_dir."},
+    )

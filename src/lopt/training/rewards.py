@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 __all__ = [
+    "REWARDS",
     "REWARD_FUNCTIONS",
     "answers_match",
     "completion_text",
@@ -35,6 +36,7 @@ __all__ = [
     "math_reward",
     "normalize_math_answer",
     "parse_number",
+    "reward_function",
 ]
 
 # A number: optional sign, then either digit groups with thousands separators ("1,234,567.5"), plain digits with an
@@ -266,3 +268,16 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
     "exact_match": exact_match_reward,
     "json_match": json_match_reward,
 }
+
+# --reward of `lopt grpo`: auto picks by task (reward_function).
+REWARDS = ("auto", *REWARD_FUNCTIONS)
+
+
+def reward_function(name: str, task: str | None) -> Callable[..., list[float]]:
+    """The reward `--reward NAME` gives on `task`; auto: the built-in task's scorer (json_match for a real base's tasks,
+    else exact_match), else math (the user's data, the hub tasks)."""
+    if name == "auto":
+        from lopt.builtin.tasks import BUILTIN_TASKS, REAL_BASE_TASKS
+
+        name = "json_match" if task in REAL_BASE_TASKS else "exact_match" if task in BUILTIN_TASKS else "math"
+    return REWARD_FUNCTIONS[name]
