@@ -44,18 +44,27 @@ def held_out_cosine(lopt_model, eval_batches) -> float:
 
 def run(args, lr: float, train_batches, eval_batches) -> dict:
     model, _, _ = load_model_and_tokenizer(args.model_name_or_path, progress=False)
-    model.requires_grad_(False)  # the base is the fixed target: only the predictor learns
+    model.requires_grad_(False)  # the base is the fixed target: only the predictor learns ...
     model.train()
     torch.manual_seed(0)
     lopt_model = get_lopt_model(model, LoPTConfig(aux_objective="synth"))
     predictor = lopt_model.aux_heads[0]
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
+    groups = [{"params": list(predictor.parameters()), "lr": lr}]
+    if args.late_lr:  # ... or the last block trains too (the early half held), as in a run's aux warm-up
+        late = [p for module in lopt_model.late_modules() for p in module.parameters()]
+        for param in late:
+            param.requires_grad_(True)
+        groups.append({"params": late, "lr": args.late_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     curve, start = [], time.time()
     for step in range(1, args.steps + 1):
         batch = train_batches[(step - 1) % len(train_batches)]
         lopt_model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        train_cosine = lopt_model.synthetic_gradient_stats.take()["synth_cosine_0"]
+        if args.print_train:
+            print(f"lr {lr:g} step {step}: training-batch cosine {train_cosine:.4f}", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             cosine = held_out_cosine(lopt_model, eval_batches)
             curve.append([step, round(cosine, 4)])
@@ -73,6 +82,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--eval_batches", type=int, default=4)
+    parser.add_argument("--late_lr", type=float, default=0.0, help="also train the last block at this rate")
+    parser.add_argument("--print_train", action="store_true", help="print each training batch's cosine")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     _, tokenizer, _ = load_model_and_tokenizer(args.model_name_or_path, progress=False)
