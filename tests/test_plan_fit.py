@@ -4,7 +4,7 @@ fewest checkpointed layers that fit, the GPUs each method needs where nothing fi
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig
+from test_plan import _config as _plan_config
 
 from lopt.cli.main import main
 from lopt.experiments import plan, plan_fit
@@ -24,17 +24,7 @@ METHODS = [
 
 
 def _config(num_layers: int = 9):
-    return AutoConfig.for_model(
-        "llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    return _plan_config("llama", num_layers)
 
 
 SEQ, BATCH = 256, 4  # activations dominate: checkpointing decides what fits
