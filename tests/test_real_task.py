@@ -266,7 +266,7 @@ def test_the_end_of_run_line_states_shares_with_their_counts():
         "knowledge_kept": Score(181, 208),
     }
     assert summary_line(summary) == (
-        "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) · train loss 0.4123 · 40 steps"
+        "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) · 40 steps"
     )
     record = summary_record(summary)  # summary.json keeps the shares, as lopt compare reads them
     assert record["heldout_exact_match"] == 0.94 and record["knowledge_kept"] == 181 / 208

@@ -273,7 +273,8 @@ def summary_record(summary: dict) -> dict:
 
 def summary_line(summary: dict) -> str:
     """One readable line of a run's summary, e.g. "test accuracy 94.0% (188/200) · knowledge kept 87.0% (181/208) ·
-    train loss 0.412 · 40 steps"; every field stays in summary.json."""
+    40 steps"; every field stays in summary.json. The training loss is left out: under LoPT it is the whole
+    objective (the task plus the local losses), which reads as a task loss it is not."""
 
     def share(value) -> str:
         if isinstance(value, Score):
@@ -288,8 +289,6 @@ def summary_line(summary: dict) -> str:
         parts.append(f"reward {number(summary['reward_first_log'])} -> {number(summary['reward_last_log'])}")
     if "reward_accuracy_last_log" in summary:
         parts.append(f"reward accuracy {share(summary['reward_accuracy_last_log'])} (last log)")
-    if isinstance(summary.get("train_loss"), (int, float)):
-        parts.append(f"train loss {number(summary['train_loss'])}")
     if "steps" in summary:
         parts.append(f"{summary['steps']} steps")
     return " · ".join(parts)

@@ -584,7 +584,10 @@ def _aggregate(runs: list[dict], activation: int, before: dict) -> dict:
             if len(values) > 1:
                 entry[f"{key}_std"] = statistics.stdev(values)
     entry["seeds"] = len(runs)
-    entry["per_seed"] = [{k: r.get(k) for k in ("seed", *METRICS[1:])} for r in runs]
+    # A GRPO run's rewards only where it logged them (an SFT compare's records keep their shape).
+    entry["per_seed"] = [
+        {k: r.get(k) for k in ("seed", *METRICS[1:]) if not k.startswith("reward_") or k in r} for r in runs
+    ]
     steps = [s for s, _ in runs[0]["curve"]]
     entry["curve"] = [[s, statistics.fmean(r["curve"][i][1] for r in runs)] for i, s in enumerate(steps)]
     return entry

@@ -134,7 +134,14 @@ def add_world_knowledge(results: dict, runs: dict[tuple, list[dict]]) -> None:
         by_seed = {r.get("seed"): r for r in point_runs}
         for entry in point.get("per_seed", []):
             run = by_seed.get(entry.get("seed"), {})
-            entry.update({key: run.get(key) for key in _POINT_METRICS})
+            # knowledge_kept_vs_start only where a GRPO run measured it (an SFT compare's records keep their shape).
+            entry.update(
+                {
+                    key: run.get(key)
+                    for key in _POINT_METRICS
+                    if key != "knowledge_kept_vs_start" or key in run
+                }
+            )
         by_type: dict[str, list[float]] = {}
         for r in point_runs:
             for name, value in r.get("knowledge_kept_by_type", {}).items():
