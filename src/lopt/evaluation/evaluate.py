@@ -290,5 +290,5 @@ def summary_line(summary: dict) -> str:
     if "reward_accuracy_last_log" in summary:
         parts.append(f"reward accuracy {share(summary['reward_accuracy_last_log'])} (last log)")
     if "steps" in summary:
-        parts.append(f"{summary['steps']} steps")
+        parts.append(f"{summary['steps']} step" + ("" if summary["steps"] == 1 else "s"))
     return " · ".join(parts)
